@@ -1,0 +1,14 @@
+"""peftkern: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning, as PyTorch layers."""
+
+from .backends import cuda_backend_status, use_backend
+from .nn import LoRALinear
+from .ops import lora_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALinear",
+    "cuda_backend_status",
+    "lora_linear",
+    "use_backend",
+]

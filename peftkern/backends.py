@@ -1,0 +1,93 @@
+"""Backend choice: ``"torch"`` | ``"triton"`` | ``"cuda"``.
+
+Precedence: an explicit ``backend=`` argument > the innermost ``use_backend()`` context > the environment
+variable ``PEFTKERN_BACKEND`` > the default for the tensor's device (CUDA tensors: the fastest measured
+backend; CPU tensors: ``"torch"``). The choice is made in Python before an op is called, so
+``torch.compile`` sees it as a constant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+# Measured default per op on CUDA tensors (benchmarks/results/). Ops not listed use DEFAULT_CUDA_BACKEND.
+DEFAULT_CUDA_BACKEND = "triton"
+DEFAULT_CUDA_BACKEND_PER_OP: dict[str, str] = {}
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftkern_backend", default=None)
+
+
+def _validate(name: str, source: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside this block on backend ``name`` (thread- and task-local)."""
+    token = _override.set(_validate(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def cuda_backend_status() -> str:
+    """Why the CUDA C++ backend can or cannot run here, in one line."""
+    return "unavailable: the CUDA C++ extension peftkern._C is not part of this build"
+
+
+def cuda_backend_available() -> bool:
+    return False
+
+
+def resolve_backend(device: torch.device, op: str, backend: str | None = None) -> str:
+    """The backend an op runs on for tensors on ``device``; raises if it cannot run there."""
+    if backend is not None:
+        name = _validate(backend, "backend")
+    elif _override.get() is not None:
+        name = _override.get()
+    elif os.environ.get("PEFTKERN_BACKEND"):
+        name = _validate(os.environ["PEFTKERN_BACKEND"], "environment variable PEFTKERN_BACKEND")
+    elif device.type == "cuda":
+        name = DEFAULT_CUDA_BACKEND_PER_OP.get(op, DEFAULT_CUDA_BACKEND)
+        if name == "cuda" and not cuda_backend_available():
+            name = "triton"
+        if name == "triton" and not _triton_installed():
+            name = "torch"
+    else:
+        name = "torch"
+
+    if name == "triton":
+        if not _triton_installed():
+            raise RuntimeError(f"{op}: backend 'triton' was chosen but triton is not installed")
+        if device.type != "cuda" and not triton_interpreting():
+            raise ValueError(
+                f"{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                f"imported, to run the interpreter on CPU), got tensors on {device}"
+            )
+    elif name == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got tensors on {device}")
+        if not cuda_backend_available():
+            raise RuntimeError(f"{op}: backend 'cuda' cannot run: {cuda_backend_status()}")
+    return name

@@ -1,0 +1,151 @@
+"""``LoRALinear``: a frozen ``nn.Linear`` plus a trainable low-rank update, computed by ``peftkern.lora_linear``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..backends import resolve_backend
+from ..ops.lora import lora_linear
+
+__all__ = ["LoRALinear"]
+
+_INITS = ("default", "gaussian", "zeros")
+
+
+class LoRALinear(nn.Module):
+    """``y = base_layer(x) + scaling * B(A(dropout(x)))`` with the frozen ``base_layer``.
+
+    Parameters: ``lora_A`` [r, in_features] and ``lora_B`` [out_features, r] (trainable), and the base
+    layer's own ``weight``/``bias`` (frozen; kept as the same Parameter objects, so FSDP and optimisers
+    see one copy). ``scaling`` is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA, as in ``peft``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "default",
+        dtype: torch.dtype | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer: expected torch.nn.Linear, got {type(base_layer).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r: expected a positive int, got {r!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        if init not in _INITS:
+            raise ValueError(f"init: expected one of {_INITS}, got {init!r}")
+        if not math.isfinite(float(alpha)):
+            raise ValueError(f"alpha: expected a finite number, got {alpha!r}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.backend = backend
+        self.merged = False
+        weight = base_layer.weight
+        if dtype is None:
+            # As peft's autocast_adapter_dtype: fp32 adapters beside a 16-bit base, else the base's dtype.
+            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        factory = {"device": weight.device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        base_layer.requires_grad_(False)
+        self.reset_lora_parameters(init)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "default",
+        **kwargs,
+    ) -> LoRALinear:
+        """Wrap ``linear`` (frozen in place) with a rank-``r`` adapter."""
+        return cls(linear, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, **kwargs)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: str = "default") -> None:
+        """``default``: A Kaiming-uniform (a=sqrt(5)), B zeros, as ``peft`` (the layer starts as the base);
+        ``gaussian``: A ~ N(0, 1/r), B zeros; ``zeros``: both zero, for weights about to be loaded."""
+        if init == "default":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.zeros_(self.lora_A)
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The adapter's update to the base weight, ``scaling * B @ A`` [out, in], in fp32 or wider."""
+        compute = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return (self.lora_B.to(compute) @ self.lora_A.to(compute)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (inference); ``unmerge`` undoes it."""
+        if self.merged:
+            return
+        weight, delta = self.base_layer.weight, self.delta_weight()
+        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight, delta = self.base_layer.weight, self.delta_weight()
+        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return lora_linear(
+            x,
+            self.base_layer.weight,
+            self.base_layer.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.dropout,
+            self.training,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        try:
+            backend = resolve_backend(self.lora_A.device, "lora_linear", self.backend)
+        except (ValueError, RuntimeError) as error:
+            backend = f"unavailable ({error})"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+            f"rslora={self.use_rslora}, merged={self.merged}, backend={backend}"
+        )

@@ -1,0 +1,5 @@
+"""One module per op: input checks, backend dispatch, and the ``torch.library`` custom op registration."""
+
+from .lora import lora_linear
+
+__all__ = ["lora_linear"]

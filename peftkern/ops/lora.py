@@ -1,0 +1,273 @@
+"""``peftkern.lora_linear``: checks, backend dispatch, and the ``peftkern::lora_linear`` custom op with its
+fake implementation and autograd formula.
+
+The op works on 2-D x [M, K]; the public function flattens leading dims. Forward returns (y, s) where
+s = dropout(x) @ A.T / (1 - p) is the [M, r] intermediate (fp32, float64 for float64 inputs) saved for
+backward with x: no dropout mask and no dropped copy of x is stored; the mask is regenerated from the seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..backends import resolve_backend
+from ._checks import (
+    check_backend_dtypes,
+    check_finite_scalar,
+    check_probability,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+
+__all__ = ["lora_linear", "new_dropout_seed"]
+
+OP = "lora_linear"
+
+
+def _intermediate_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _keep_mask(seed: torch.Tensor | None, shape: tuple[int, int], dropout_p: float, device) -> torch.Tensor | None:
+    if seed is None or dropout_p == 0.0:
+        return None
+    return reference.dropout_mask(seed, shape, dropout_p, device=device)
+
+
+# ---- torch backend: plain torch ops, the same math and the same dropout stream as the kernels ----------
+
+
+def _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    compute = _intermediate_dtype(x.dtype, lora_a.dtype)
+    dropped = x.to(compute)
+    keep = _keep_mask(seed, tuple(x.shape), dropout_p, x.device)
+    if keep is not None:
+        dropped = dropped * keep.to(compute)
+    s = dropped @ lora_a.to(compute).T
+    if keep is not None:
+        s = s / (1.0 - dropout_p)
+    lora = (s @ lora_b.to(compute).T) * scaling
+    y = (F.linear(x, weight, bias).to(compute) + lora).to(x.dtype)
+    return y, s
+
+
+def _torch_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx):
+    compute = s.dtype
+    dy = grad_y.to(compute)
+    grad_s = (dy @ lora_b.to(compute)) * scaling
+    grad_b = ((dy.T @ s) * scaling).to(lora_b.dtype)
+    keep = _keep_mask(seed, tuple(x.shape), dropout_p, x.device)
+    factor = None if keep is None else keep.to(compute) / (1.0 - dropout_p)
+    dropped = x.to(compute) if factor is None else x.to(compute) * factor
+    grad_a = (grad_s.T @ dropped).to(lora_a.dtype)
+    grad_x = None
+    if need_dx:
+        lora = grad_s @ lora_a.to(compute)
+        if factor is not None:
+            lora = lora * factor
+        grad_x = ((grad_y @ weight).to(compute) + lora).to(x.dtype)
+    return grad_x, grad_a, grad_b
+
+
+# ---- the custom ops ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("peftkern::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from ..triton_kernels.lora import lora_forward
+
+        return lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    if backend == "cuda":
+        from ._cuda import lora_forward as cuda_lora_forward
+
+        return cuda_lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    return _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    s = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=_intermediate_dtype(x.dtype, lora_a.dtype))
+    return y, s
+
+
+@torch.library.custom_op("peftkern::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    need_dx: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dX, dA, dB); dX is an empty [0] tensor when ``need_dx`` is False."""
+    grad_y = grad_y.contiguous() if grad_y.stride(-1) == 0 else grad_y  # expanded grads (e.g. from sum())
+    if backend == "triton":
+        from ..triton_kernels.lora import lora_backward
+
+        grad_x, grad_a, grad_b = lora_backward(
+            grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx
+        )
+    elif backend == "cuda":
+        from ._cuda import lora_backward as cuda_lora_backward
+
+        grad_x, grad_a, grad_b = cuda_lora_backward(
+            grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx
+        )
+    else:
+        grad_x, grad_a, grad_b = _torch_backward(
+            grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx
+        )
+    return (grad_x if grad_x is not None else x.new_empty(0)), grad_a, grad_b
+
+
+@_lora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, backend):
+    grad_x = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend = inputs
+    _, s = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, s, seed)
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    ctx.mark_non_differentiable(s)
+
+
+def _backward(ctx, grad_y, _grad_s):
+    x, weight, lora_a, lora_b, s, seed = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    grad_x = grad_w = grad_bias = grad_a = grad_b = None
+    if need_x or need_a or need_b:
+        grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_backward(
+            grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, seed, need_x, ctx.backend
+        )
+        grad_x = grad_x if need_x else None
+        grad_a = grad_a if need_a else None
+        grad_b = grad_b if need_b else None
+    # The frozen base gets gradients only when it asks for them (full fine-tuning next to LoRA).
+    if need_w:
+        grad_w = (grad_y.T @ x.to(grad_y.dtype)).to(weight.dtype)
+    if need_bias:
+        grad_bias = grad_y.sum(0).to(weight.dtype)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the public function ----------------------------------------------------------------------------------
+
+
+def new_dropout_seed(device: torch.device | str) -> torch.Tensor:
+    """A fresh dropout seed drawn from torch's generator on ``device`` (no host sync; reproducible under
+    ``torch.manual_seed`` and replayed by activation checkpointing, which restores the RNG state)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def _check_inputs(x, weight, bias, lora_a, lora_b):
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_a", lora_a, ndim=2)
+    check_tensor("lora_b", lora_b, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    out_features, in_features = weight.shape
+    rank = lora_a.shape[0]
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x: expected last dimension {in_features} (weight is [N={out_features}, K={in_features}]), "
+            f"got shape {tuple(x.shape)}"
+        )
+    check_shape("lora_a", lora_a, (None, in_features), "[r, K] with K = weight.shape[1]")
+    if rank == 0:
+        raise ValueError("lora_a: expected rank r >= 1, got shape with r = 0")
+    check_shape("lora_b", lora_b, (out_features, rank), "[N, r] with N = weight.shape[0], r = lora_a.shape[0]")
+    if bias is not None:
+        check_shape("bias", bias, (out_features,), "[N]")
+    check_same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
+    if lora_b.dtype != lora_a.dtype:
+        raise TypeError(f"lora_b: expected the dtype of lora_a ({lora_a.dtype}), got {lora_b.dtype}")
+    if lora_a.dtype not in (x.dtype, torch.float32, torch.float64):
+        raise TypeError(
+            f"lora_a: expected the dtype of x ({x.dtype}) or float32 (fp32 adapters), got {lora_a.dtype}"
+        )
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    *,
+    seed: int | torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Fused LoRA linear: ``x @ W.T + b + scaling * (dropout(x) @ A.T) @ B.T``.
+
+    Args:
+        x: [..., K] activations (fp16, bf16, fp32; float64 on the torch backend).
+        weight: [N, K] frozen base weight, x's dtype. bias: [N] or None.
+        lora_a: [r, K]; lora_b: [N, r]: x's dtype or float32 (fp32 adapters with 16-bit activations).
+        scaling: alpha / r (or alpha / sqrt(r) with rsLoRA).
+        dropout_p: dropout on the low-rank path's input, in [0, 1); active only when ``training``.
+        seed: dropout seed (int or int64 tensor); drawn from torch's generator when None.
+        backend: "torch" | "triton" | "cuda"; see :mod:`peftkern.backends` for the default.
+    Returns:
+        [..., N] in x's dtype. Gradients flow to x, lora_a, lora_b, and to weight/bias only if they
+        require grad.
+    """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Behave like F.linear under autocast: the base runs in the autocast dtype; adapters keep theirs.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        weight = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
+    _check_inputs(x, weight, bias, lora_a, lora_b)
+    scaling = check_finite_scalar("scaling", scaling)
+    dropout_p = check_probability("dropout_p", dropout_p)
+    name = resolve_backend(x.device, OP, backend)
+    check_backend_dtypes(OP, name, x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+
+    if not training or dropout_p == 0.0:
+        dropout_p, seed_tensor = 0.0, None
+    elif seed is None:
+        seed_tensor = new_dropout_seed(x.device)
+    elif isinstance(seed, torch.Tensor):
+        check_tensor("seed", seed, dtypes=(torch.int64,))
+        if seed.numel() != 1:
+            raise ValueError(f"seed: expected a single int64 value, got shape {tuple(seed.shape)}")
+        check_same_device("x", x, seed=seed)
+        seed_tensor = seed.reshape(1)
+    else:
+        seed_tensor = torch.tensor([int(seed)], dtype=torch.int64, device=x.device)
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y, _ = torch.ops.peftkern.lora_linear(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed_tensor, name)
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,77 @@
+"""Pieces shared by the Triton kernels: dtype switches, dropout, tile helpers. Imports triton and torch only."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``, set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_in_fp32(*dtypes: torch.dtype) -> bool:
+    """Whether a tile product over operands of these dtypes must run in fp32.
+
+    It must when any operand is fp32 (mixed fp32 adapters with 16-bit activations), and under the
+    interpreter whenever any is bf16: its ``tl.dot`` gives wrong bf16 results, while loads, stores and
+    ``.to(tl.float32)`` are right. On a GPU bf16/fp16 tiles stay native for the tensor cores.
+    """
+    if torch.float32 in dtypes:
+        return True
+    return interpreting() and torch.bfloat16 in dtypes
+
+
+def fp32_precision() -> str:
+    """``tl.dot`` input precision for fp32 operands: follows ``torch.backends.cuda.matmul.allow_tf32``."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def rank_block(rank: int) -> int:
+    """Padded tile width for the rank dimension: a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+@triton.jit
+def mma(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += a @ b with an fp32 accumulator; operands upcast to fp32 when DOT_FP32, else b cast to a's type."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(a, b.to(a.dtype), acc)
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, n_cols, p_drop):
+    """Dropout keep-mask (bool) for the tile (rows x cols) of a row-major [*, n_cols] matrix.
+
+    Counter = row * n_cols + col in int64: the stream of ``peftkern.reference.dropout_mask``. Callers
+    multiply by the mask (exact in any dtype, and NaN stays NaN as in torch) and apply 1/(1-p) to the
+    fp32 accumulator, so the 16-bit operands are never rounded twice.
+    """
+    offsets = rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :]
+    return tl.rand(seed, offsets) >= p_drop
+
+
+@triton.jit
+def apply_keep(x, keep):
+    """x * keep (bool tile) in x's dtype: exact, and NaN stays NaN where dropped, as with torch dropout.
+
+    Computed in fp32 (exact for a 0/1 factor): the interpreter has no bf16 arithmetic.
+    """
+    return (x.to(tl.float32) * keep.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def grouped_tile(pid, n_rows_tiles, n_cols_tiles, GROUP: tl.constexpr):
+    """Map a linear program id to (row tile, column tile), GROUP row tiles at a time, for L2 reuse."""
+    tiles_per_group = GROUP * n_cols_tiles
+    group = pid // tiles_per_group
+    first_row = group * GROUP
+    group_rows = tl.minimum(n_rows_tiles - first_row, GROUP)
+    row_tile = first_row + (pid % tiles_per_group) % group_rows
+    col_tile = (pid % tiles_per_group) // group_rows
+    return row_tile, col_tile

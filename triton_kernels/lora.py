@@ -1,0 +1,394 @@
+"""Fused LoRA linear kernels and their launchers. Imports triton and torch only.
+
+Forward, two launches:
+  shrink   S = dropout(X) @ A.T                      [M, r] fp32, the only saved intermediate
+  fused    Y = X @ W.T + b + scaling * S @ B.T       the rank-r expand rides in the base GEMM's epilogue
+Backward, three launches (and cuBLAS for dW, db when the frozen weight does require grad):
+  dy       dS = scaling * dY @ B, dB = scaling * dY.T @ S     from one read of dY
+  dx       dX = dY @ W + (dS @ A) * mask / (1 - p)            the mask regenerated from the seed
+  da       dA = dS.T @ (X * mask / (1 - p))
+Partial sums over row chunks go to small fp32 workspaces reduced in a fixed order: deterministic.
+
+Shapes follow torch.nn.Linear: X [M, K], W [N, K], A [r, K], B [N, r]. Any strides; offsets in int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import apply_keep, dot_in_fp32, dropout_keep, fp32_precision, grouped_tile, interpreting, mma, rank_block
+
+__all__ = ["lora_forward", "lora_backward"]
+
+
+def _gemm_configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 256, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 128, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+            (32, 64, 64, 4, 4),
+            (16, 64, 128, 4, 4),
+        ]
+    ]
+
+
+def _row_block() -> int:
+    return 16 if interpreting() else 64
+
+
+def _col_block() -> int:
+    return 16 if interpreting() else 128
+
+
+# --------------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    X, A, S, SEED,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    p_drop, inv_keep,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """S[M, R] (fp32, contiguous) = dropout(X) @ A.T; one program per BLOCK_M rows."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    rank_ok = ranks < R
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        col_ok = cols < K
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = apply_keep(x, dropout_keep(seed, rows, cols, K, p_drop))
+        a_t = tl.load(A + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+                      mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = mma(x, a_t, acc, DOT_FP32, PRECISION)
+    if HAS_DROPOUT:
+        acc *= inv_keep
+    tl.store(S + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
+@triton.jit
+def _lora_fwd_kernel(
+    X, W, BIAS, S, B, Y,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_ym, stride_yn,
+    scaling,
+    HAS_BIAS: tl.constexpr, BASE_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Y = X @ W.T + bias + scaling * S @ B.T, one (BLOCK_M x BLOCK_N) tile per program."""
+    tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = ks < K
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(W + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(x, w_t, acc, BASE_FP32, PRECISION)
+    # Epilogue: the rank-r expand, a single [BLOCK_M, r] x [r, BLOCK_N] product.
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < R
+    s = tl.load(S + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    b_t = tl.load(B + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
+                  mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    lora = mma(s, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
+    acc += scaling * lora
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_bwd_dy_kernel(
+    DY, B, S, DS_PART, DB_PART,
+    M, N, R, rows_per_chunk, cols_per_split,
+    stride_dym, stride_dyn, stride_bn, stride_br,
+    LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Both rank-r products of dY from one read of it.
+
+    Program (chunk, split) owns rows [chunk * rows_per_chunk, ...) and columns [split * cols_per_split, ...):
+      DS_PART[split, rows]  = dY[rows, cols] @ B[cols]       (summed over splits by the host)
+      DB_PART[chunk, cols]  = dY[rows, cols].T @ S[rows]     (summed over chunks by the host)
+    Every program writes only its own slices: no atomics.
+    """
+    chunk = tl.program_id(0)
+    split = tl.program_id(1)
+    row_start = chunk.to(tl.int64) * rows_per_chunk
+    row_end = tl.minimum(row_start + rows_per_chunk, M)
+    col_start = split.to(tl.int64) * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, N)
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < R
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        s = tl.load(S + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(col_start, col_end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < col_end
+            dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            b = tl.load(B + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
+                        mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+            ds = mma(dy, b, ds, LORA_FP32, PRECISION)
+            db = mma(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PRECISION)
+            db_ptrs = DB_PART + chunk.to(tl.int64) * N * R + cols[:, None] * R + ranks[None, :]
+            db_mask = col_ok[:, None] & rank_ok[None, :]
+            # The workspace starts zeroed; only this program touches this slice, so read-add-write is race-free.
+            db += tl.load(db_ptrs, mask=db_mask, other=0.0)
+            tl.store(db_ptrs, db, mask=db_mask)
+        tl.store(DS_PART + split.to(tl.int64) * M * R + rows[:, None] * R + ranks[None, :], ds,
+                 mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
+@triton.jit
+def _lora_bwd_dx_kernel(
+    DY, W, DS, A, DX, SEED,
+    M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    p_drop, inv_keep,
+    HAS_DROPOUT: tl.constexpr, BASE_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """dX = dY @ W + (dS @ A) * mask / (1 - p).
+
+    Shares the forward's autotune configs: dX tiles are BLOCK_M x BLOCK_N over (M x K), and the reduction
+    over N runs in steps of BLOCK_K.
+    """
+    tile_m, tile_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP)
+    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        n_ok = ns < N
+        dy = tl.load(DY + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(W + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
+                    mask=n_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(dy, w, acc, BASE_FP32, PRECISION)
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < R
+    ds = tl.load(DS + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    a = tl.load(A + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    lora = mma(ds, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
+    if HAS_DROPOUT:
+        lora = apply_keep(lora, dropout_keep(tl.load(SEED), rows, cols, K, p_drop)) * inv_keep
+    acc += lora
+    tl.store(DX + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _lora_bwd_da_kernel(
+    X, DS, DA_PART, SEED,
+    M, K, R, rows_per_chunk,
+    stride_xm, stride_xk,
+    p_drop, inv_keep,
+    HAS_DROPOUT: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """DA_PART[chunk, :, cols] = dS[rows].T @ (X[rows, cols] * mask / (1 - p)) over the chunk's rows."""
+    tile_k = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = tile_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < R
+    row_start = chunk.to(tl.int64) * rows_per_chunk
+    row_end = tl.minimum(row_start + rows_per_chunk, M)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = apply_keep(x, dropout_keep(seed, rows, cols, K, p_drop))
+        ds = tl.load(DS + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = mma(tl.trans(ds), x, acc, LORA_FP32, PRECISION)
+    if HAS_DROPOUT:
+        acc *= inv_keep
+    tl.store(DA_PART + chunk.to(tl.int64) * R * K + ranks[:, None] * K + cols[None, :], acc,
+             mask=rank_ok[:, None] & col_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _m_bucket(m: int) -> int:
+    # Autotune per power-of-two bucket of M, not per exact M: token counts vary every step.
+    return triton.next_power_of_2(max(m, 1))
+
+
+def _dropout_args(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor):
+    if seed is None or dropout_p == 0.0:
+        return like, False, 0.0, 1.0  # SEED is never read without dropout; any pointer will do
+    return seed, True, float(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (Y [M, N] in x's dtype, S [M, r] fp32). x: [M, K] (any strides); inputs already checked."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    s = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return y, s
+    seed_arg, has_dropout, p_drop, inv_keep = _dropout_args(seed, dropout_p, s)
+    block_r = rank_block(R)
+    precision = fp32_precision()
+    lora_fp32 = dot_in_fp32(x.dtype, lora_a.dtype, lora_b.dtype)
+    block_m = _row_block()
+    _lora_shrink_kernel[(triton.cdiv(M, block_m),)](
+        x, lora_a, s, seed_arg, M, K, R,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+        p_drop, inv_keep,
+        HAS_DROPOUT=has_dropout, DOT_FP32=lora_fp32, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_K=16 if interpreting() else 64, BLOCK_R=block_r,
+    )
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _lora_fwd_kernel[grid](
+        x, weight, bias if bias is not None else y, s, lora_b, y,
+        M, N, K, R, _m_bucket(M),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        float(scaling),
+        HAS_BIAS=bias is not None, BASE_FP32=dot_in_fp32(x.dtype, weight.dtype), LORA_FP32=True,
+        PRECISION=precision, BLOCK_R=block_r,
+    )
+    return y, s
+
+
+def _chunks(total: int, block: int, max_chunks: int) -> tuple[int, int]:
+    """Split ``total`` rows into at most ``max_chunks`` chunks of whole blocks: (n_chunks, rows_per_chunk)."""
+    blocks = triton.cdiv(total, block)
+    n_chunks = max(1, min(blocks, max_chunks))
+    rows_per_chunk = triton.cdiv(blocks, n_chunks) * block
+    return triton.cdiv(total, rows_per_chunk), rows_per_chunk
+
+
+def lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    need_dx: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Returns (dX [M, K] or None, dA [r, K], dB [N, r]) in the dtypes of x, A and B.
+
+    grad_y: [M, N]; x: [M, K]; s: [M, r] fp32 (from the forward). dW and db are left to the caller.
+    """
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
+    if M == 0:
+        return dx, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+    device = x.device
+    seed_arg, has_dropout, p_drop, inv_keep = _dropout_args(seed, dropout_p, s)
+    block_r = rank_block(R)
+    precision = fp32_precision()
+    lora_fp32 = dot_in_fp32(grad_y.dtype, lora_a.dtype, lora_b.dtype)
+    block_m, block_n = _row_block(), _col_block()
+
+    # dS and dB from one read of dY: a grid of row chunks x column splits with fixed-order partial sums.
+    n_chunks, rows_per_chunk = _chunks(M, block_m, 16)
+    n_splits, cols_per_split = _chunks(N, block_n, 8)
+    ds_part = torch.empty((n_splits, M, R), device=device, dtype=torch.float32)
+    db_part = torch.zeros((n_chunks, N, R), device=device, dtype=torch.float32)
+    _lora_bwd_dy_kernel[(n_chunks, n_splits)](
+        grad_y, lora_b, s, ds_part, db_part,
+        M, N, R, rows_per_chunk, cols_per_split,
+        grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
+        LORA_FP32=lora_fp32, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+    )
+    ds = ds_part.sum(0).mul_(scaling)
+    grad_b = db_part.sum(0).mul_(scaling).to(lora_b.dtype)
+
+    if need_dx:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+        _lora_bwd_dx_kernel[grid](
+            grad_y, weight, ds, lora_a, dx, seed_arg,
+            M, N, K, R, _m_bucket(M),
+            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+            lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
+            p_drop, inv_keep,
+            HAS_DROPOUT=has_dropout, BASE_FP32=dot_in_fp32(grad_y.dtype, weight.dtype), LORA_FP32=True,
+            PRECISION=precision, BLOCK_R=block_r,
+        )
+
+    block_k = 16 if interpreting() else 64
+    n_k_tiles = triton.cdiv(K, block_k)
+    # Enough programs to fill the device, few enough partials to keep the workspace small.
+    n_chunks, rows_per_chunk = _chunks(M, block_m, max(1, 512 // n_k_tiles))
+    da_part = torch.empty((n_chunks, R, K), device=device, dtype=torch.float32)
+    _lora_bwd_da_kernel[(n_k_tiles, n_chunks)](
+        x, ds, da_part, seed_arg,
+        M, K, R, rows_per_chunk,
+        x.stride(0), x.stride(1),
+        p_drop, inv_keep,
+        HAS_DROPOUT=has_dropout, LORA_FP32=True, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+    )
+    grad_a = da_part.sum(0).to(lora_a.dtype)
+    return dx, grad_a, grad_b
