@@ -54,6 +54,11 @@ from typing import Any
 
 import torch
 
+# Without a GPU, Triton runs only through its interpreter, which reads TRITON_INTERPRET when triton is
+# imported: set it before any bench script imports triton (as tests/conftest.py does for the tests).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 MODES = ("forward", "backward", "full")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -291,6 +296,10 @@ def drop_missing(values: dict[str, float | None]) -> dict[str, float]:
     return {key: float(value) for key, value in values.items() if value is not None and math.isfinite(value)}
 
 
+def _subset(small: dict, large: dict) -> bool:
+    return all(k in large and large[k] == v for k, v in small.items())
+
+
 def add_ratios(
     rows: list[dict],
     baseline_provider: str,
@@ -298,24 +307,29 @@ def add_ratios(
     name: str | None = None,
     baseline_mode: str | None = None,
     providers: Iterable[str] | None = None,
+    modes: Iterable[str] | None = None,
 ) -> None:
     """Set ``ratios[name]`` = row median / baseline median (and ``ratios[name + "_mem"]`` for peak memory)
-    on every row with a baseline row of the same op, shapes and dtype, whose params are a subset of the
-    row's (a dropout-free base matches every dropout), and whose mode is ``baseline_mode`` or the row's own.
+    on every row with a baseline row of the same op and dtype whose shapes and params are subsets of the
+    row's (a base GEMM timed once per (tokens, hidden) matches every rank and dropout), and whose mode is
+    ``baseline_mode`` or the row's own. ``providers`` / ``modes`` restrict the rows that get the ratio.
     """
     name = name or f"vs_{baseline_provider}"
     wanted = None if providers is None else set(providers)
+    wanted_modes = None if modes is None else set(modes)
     baselines = [row for row in rows if row["provider"] == baseline_provider]
     for row in rows:
         if wanted is not None and row["provider"] not in wanted:
+            continue
+        if wanted_modes is not None and row["mode"] not in wanted_modes:
             continue
         mode = baseline_mode or row["mode"]
         for base in baselines:
             if base is row or base["mode"] != mode or base["op"] != row["op"]:
                 continue
-            if base["shapes"] != row["shapes"] or base["dtype"] != row["dtype"]:
+            if base["dtype"] != row["dtype"]:
                 continue
-            if any(row["params"].get(k, object()) != v for k, v in base["params"].items()):
+            if not (_subset(base["shapes"], row["shapes"]) and _subset(base["params"], row["params"])):
                 continue
             if base["median_ms"]:
                 row["ratios"][name] = row["median_ms"] / base["median_ms"]
@@ -476,6 +490,28 @@ class Bench:
             self.skip(provider, str(error), shapes)
         return new
 
+    def time_provider(
+        self,
+        provider: str,
+        build: Callable[[], tuple[Callable[[], torch.Tensor], Sequence[torch.Tensor]]],
+        shapes: dict,
+        dtype: torch.dtype | str,
+        params: dict | None = None,
+        modes: Sequence[str] | None = None,
+        bytes_moved: dict[str, int] | None = None,
+    ) -> list[dict]:
+        """``build()`` returns ``(forward, grads)`` for one provider and case, or raises
+        ProviderUnavailable (recorded as skipped); then as :meth:`time_modes`. Unwanted providers
+        (``--providers``) are not built."""
+        if not self.wants(provider):
+            return []
+        try:
+            forward, grads = build()
+        except ProviderUnavailable as error:
+            self.skip(provider, str(error), shapes)
+            return []
+        return self.time_modes(provider, forward, shapes, dtype, params, grads, modes, bytes_moved)
+
     def _timer_options(self) -> dict:
         return {
             "warmup_ms": getattr(self.options, "warmup_ms", 25),
@@ -550,6 +586,8 @@ def check_device(device: torch.device, smoke: bool) -> None:
 def make_bench(op: str, args: argparse.Namespace, device: torch.device | None = None) -> Bench:
     device = device or default_device()
     check_device(device, args.smoke)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # CPU smoke shares a small machine: no thread oversubscription noise
     modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:

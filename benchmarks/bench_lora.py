@@ -1,0 +1,233 @@
+"""LoRA linear: ``x @ W.T + scaling * (dropout(x) @ A.T) @ B.T`` against the baselines a user would run.
+
+Providers (all on the same x [tokens, hidden], W [hidden, hidden], A [rank, hidden], B [hidden, rank]):
+  base            F.linear(x, W) alone, the floor (x requires grad, W frozen: backward is dY @ W only)
+  base_two_gemms  x @ W.T and dY @ W without autograd: the frozen base's two GEMMs in training (full mode)
+  torch_unfused   the PEFT-style module computation written out: dropout, lora_A, lora_B, scaling, add
+  peft            peft.tuners.lora.Linear itself (when peft is importable)
+  torch_compile   torch.compile of peftkern.reference.lora_linear (static shapes, compiled per case)
+  triton          peftkern.lora_linear(..., backend="triton")
+  cuda            peftkern.lora_linear(..., backend="cuda") when the CUDA C++ extension is built
+
+Sweep: tokens {1024, 4096, 8192, 16384} x hidden {4096, 8192} x rank {8, 16, 64} x dropout {0, 0.1},
+bf16 activations, weights and adapters. ``--smoke``: one tiny case on CPU (Triton through its
+interpreter; torch.compile left out unless ``--smoke-compile``, its CPU compile alone takes minutes).
+
+    python3 benchmarks/bench_lora.py                     # the full sweep (GPU)
+    python3 benchmarks/bench_lora.py --headline          # 8192 x 4096 x r16 only
+    python3 benchmarks/bench_lora.py --smoke --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+from collections.abc import Callable, Sequence
+
+import harness
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OP = "lora"
+TOKENS = (1024, 4096, 8192, 16384)
+HIDDEN = (4096, 8192)
+RANKS = (8, 16, 64)
+DROPOUTS = (0.0, 0.1)
+HEADLINE = {"tokens": 8192, "hidden": 4096, "rank": 16}
+SMOKE = {"tokens": 32, "hidden": 32, "rank": 8}
+ALPHA_OVER_RANK = 2.0  # lora_alpha = 2 * r, a common choice; the scaling value does not change the timing
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--headline", action="store_true", help=f"only the headline shape {HEADLINE}")
+    parser.add_argument("--tokens", default=None, help="comma-separated subset of the token counts")
+    parser.add_argument("--hidden", default=None, help="comma-separated subset of the hidden sizes")
+    parser.add_argument("--rank", default=None, help="comma-separated subset of the ranks")
+    parser.add_argument("--dropout", default=None, help="comma-separated subset of the dropout values")
+    parser.add_argument("--smoke-compile", action="store_true", help="time torch.compile in --smoke too")
+
+
+def _pick(option: str | None, values: Sequence, cast: Callable) -> tuple:
+    return tuple(values) if option is None else tuple(cast(v) for v in option.split(","))
+
+
+def cases(bench: harness.Bench) -> list[tuple[int, int, int, float]]:
+    """(tokens, hidden, rank, dropout_p) in run order: all ranks and dropouts of one (tokens, hidden)
+    together, so that its base rows serve them all."""
+    if bench.smoke:
+        return [(SMOKE["tokens"], SMOKE["hidden"], SMOKE["rank"], p) for p in DROPOUTS]
+    opts = bench.options
+    if getattr(opts, "headline", False):
+        return [(HEADLINE["tokens"], HEADLINE["hidden"], HEADLINE["rank"], p) for p in DROPOUTS]
+    tokens = _pick(getattr(opts, "tokens", None), TOKENS, int)
+    hidden = _pick(getattr(opts, "hidden", None), HIDDEN, int)
+    ranks = _pick(getattr(opts, "rank", None), RANKS, int)
+    dropouts = _pick(getattr(opts, "dropout", None), DROPOUTS, float)
+    return list(itertools.product(tokens, hidden, ranks, dropouts))
+
+
+def _unfused(weight, lora_a, lora_b, scaling, dropout_p):
+    """The PEFT-style computation: an nn.Dropout (Identity at p=0, as peft), two bias-free nn.Linear, a
+    scaled add onto the base output."""
+    rank, hidden = lora_a.shape
+    dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
+    down = nn.Linear(hidden, rank, bias=False, device=weight.device, dtype=lora_a.dtype)
+    up = nn.Linear(rank, weight.shape[0], bias=False, device=weight.device, dtype=lora_b.dtype)
+    with torch.no_grad():
+        down.weight.copy_(lora_a)
+        up.weight.copy_(lora_b)
+    dropout.train()
+
+    def forward(x):
+        return F.linear(x, weight) + up(down(dropout(x))) * scaling
+
+    return forward, [down.weight, up.weight]
+
+
+def _peft_layer(weight, lora_a, lora_b, alpha, dropout_p):
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLinear
+    except ImportError as error:
+        raise harness.ProviderUnavailable(f"peft is not importable: {error}") from error
+    rank, hidden = lora_a.shape
+    base = nn.Linear(hidden, weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    base.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    kwargs = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout_p}
+    if "config" in inspect.signature(PeftLinear.__init__).parameters:  # peft >= 0.15 takes the config too
+        kwargs["config"] = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout_p)
+    layer = PeftLinear(base, "default", **kwargs)
+    layer.to(device=weight.device)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_a)
+        layer.lora_B["default"].weight.copy_(lora_b)
+    layer.train()
+    return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+
+def run(bench: harness.Bench) -> None:
+    torch.manual_seed(0)
+    timed_base = None
+    for tokens, hidden, rank, dropout_p in cases(bench):
+        if timed_base != (tokens, hidden):  # the base does not depend on rank or dropout: time it once
+            timed_base = (tokens, hidden)
+            _run_base(bench, tokens, hidden)
+        _run_case(bench, tokens, hidden, rank, dropout_p)
+    bench.add_ratios("base")
+    bench.add_ratios("base_two_gemms", providers=_LORA_PROVIDERS, modes=("full",))
+    bench.add_ratios("torch_unfused")
+    bench.add_ratios("peft")
+
+
+def _inputs(device: torch.device, tokens: int, hidden: int, rank: int, dtype: torch.dtype):
+    """x [tokens, hidden] (requires grad), frozen W [hidden, hidden], A [rank, hidden], B [hidden, rank]."""
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype).requires_grad_(True)
+    weight = torch.randn(hidden, hidden, device=device, dtype=dtype) / hidden**0.5
+    lora_a = (torch.randn(rank, hidden, device=device, dtype=dtype) / hidden**0.5).requires_grad_(True)
+    lora_b = (torch.randn(hidden, rank, device=device, dtype=dtype) / rank**0.5).requires_grad_(True)
+    return x, weight, lora_a, lora_b
+
+
+def _run_base(bench: harness.Bench, tokens: int, hidden: int) -> None:
+    dtype, shapes = torch.bfloat16, {"tokens": tokens, "hidden": hidden}
+    x, weight, _, _ = _inputs(bench.device, tokens, hidden, 1, dtype)
+    bench.time_modes("base", lambda: F.linear(x, weight), shapes, dtype, grads=[x])
+    if bench.wants("base_two_gemms") and "full" in bench.modes:
+        x_frozen, grad_y = x.detach(), torch.randn_like(x)
+        two_gemms = lambda: (F.linear(x_frozen, weight), grad_y @ weight)
+        bench.time("base_two_gemms", "full", two_gemms, shapes, dtype)
+
+
+def _run_case(bench: harness.Bench, tokens: int, hidden: int, rank: int, dropout_p: float) -> None:
+    import peftkern
+    from peftkern import reference
+    from peftkern.backends import cuda_backend_available, cuda_backend_status, triton_interpreting
+
+    device, dtype = bench.device, torch.bfloat16
+    shapes, params = {"tokens": tokens, "hidden": hidden, "rank": rank}, {"dropout_p": dropout_p}
+    alpha = ALPHA_OVER_RANK * rank
+    scaling = alpha / rank
+    x, weight, lora_a, lora_b = _inputs(device, tokens, hidden, rank, dtype)
+
+    def build_unfused():
+        forward, grads = _unfused(weight, lora_a.detach(), lora_b.detach(), scaling, dropout_p)
+        return (lambda: forward(x)), [x, *grads]
+
+    def build_peft():
+        layer, grads = _peft_layer(weight, lora_a.detach(), lora_b.detach(), alpha, dropout_p)
+        return (lambda: layer(x)), [x, *grads]
+
+    def build_compile():
+        if bench.smoke and device.type != "cuda" and not getattr(bench.options, "smoke_compile", False):
+            raise harness.ProviderUnavailable(
+                "left out of --smoke on CPU (inductor's CPU compile takes minutes); add --smoke-compile"
+            )
+        torch._dynamo.reset()  # one static-shape compile per case, never a silent eager fallback
+        compiled = torch.compile(reference.lora_linear, fullgraph=True)
+        forward = lambda: compiled(x, weight, None, lora_a, lora_b, scaling, dropout_p, True)
+        return forward, [x, lora_a, lora_b]
+
+    def build_ours(backend: str):
+        def build():
+            if backend == "triton" and device.type != "cuda" and not triton_interpreting():
+                raise harness.ProviderUnavailable("triton needs a GPU or TRITON_INTERPRET=1")
+            if backend == "cuda" and not cuda_backend_available():
+                raise harness.ProviderUnavailable(cuda_backend_status())
+            forward = lambda: peftkern.lora_linear(
+                x, weight, None, lora_a, lora_b, scaling, dropout_p, True, backend=backend
+            )
+            return forward, [x, lora_a, lora_b]
+
+        return build
+
+    bench.time_provider("torch_unfused", build_unfused, shapes, dtype, params)
+    bench.time_provider("peft", build_peft, shapes, dtype, params)
+    bench.time_provider("torch_compile", build_compile, shapes, dtype, params)
+    bench.time_provider("triton", build_ours("triton"), shapes, dtype, params)
+    bench.time_provider("cuda", build_ours("cuda"), shapes, dtype, params)
+
+
+_LORA_PROVIDERS = ("torch_unfused", "peft", "torch_compile", "triton", "cuda")
+
+
+def ours(rows: list[dict]) -> str:
+    """The backend peftkern picks for lora_linear on CUDA tensors, where it was measured."""
+    from peftkern.backends import DEFAULT_CUDA_BACKEND, DEFAULT_CUDA_BACKEND_PER_OP
+
+    default = DEFAULT_CUDA_BACKEND_PER_OP.get("lora_linear", DEFAULT_CUDA_BACKEND)
+    measured = {row["provider"] for row in rows}
+    return default if default in measured else "triton"
+
+
+def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
+    """issue 8's LoRA keys, at the headline shape (the smoke case in --smoke), from this run's rows."""
+    shapes = SMOKE if smoke else HEADLINE
+    base_shapes = {"tokens": shapes["tokens"], "hidden": shapes["hidden"]}
+    rows = harness.find_rows(rows, op=OP, dtype="bfloat16")
+    ours_provider = ours(rows)
+
+    def sel(provider: str, mode: str, dropout_p: float | None = None) -> dict:
+        if provider in ("base", "base_two_gemms"):
+            return {"provider": provider, "mode": mode, "shapes": base_shapes}
+        return {"provider": provider, "mode": mode, "shapes": shapes, "params": {"dropout_p": dropout_p}}
+
+    return harness.drop_missing({
+        "lora_fwd_vs_base": harness.ratio_of(
+            rows, sel(ours_provider, "forward", 0.0), sel("base", "forward")
+        ),
+        "lora_train_speedup_vs_peft": harness.ratio_of(
+            rows, sel("torch_unfused", "full", 0.1), sel(ours_provider, "full", 0.1)
+        ),
+        "lora_train_vs_base": harness.ratio_of(
+            rows, sel(ours_provider, "full", 0.1), sel("base_two_gemms", "full")
+        ),
+        "lora_memory_ratio_vs_peft": harness.ratio_of(
+            rows, sel(ours_provider, "full", 0.1), sel("torch_unfused", "full", 0.1), field="peak_mem_bytes"
+        ),
+    })
+
+
+if __name__ == "__main__":
+    harness.main(OP, run, summarize, add_arguments)

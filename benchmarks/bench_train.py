@@ -1,0 +1,178 @@
+"""End-to-end LoRA training: ``peft`` against ``peftkern.from_peft`` of the same model.
+
+A Llama-shaped model built from a ``transformers`` config with random weights (hidden 2048, 16 layers,
+sequence 2048, bf16; no downloads), LoRA rank 16 / alpha 32 on every linear layer (``all-linear``),
+dropout 0.1, AdamW over the adapter parameters. Both providers start from identical weights (same seed,
+same device), see the same token batches, and take ``--steps`` steps (50). Rows (mode ``full``: forward,
+backward and optimizer step) give the median step time with its 20/80 quantiles, tokens/s, the peak
+memory above the resident model (GPU), and the loss curve; the ``peftkern`` row also says whether its
+loss stays within 1% of peft's at every step. The two use different dropout random streams (torch's and
+peftkern's Philox), so the curves agree statistically, not bit for bit.
+
+    python3 benchmarks/bench_train.py                  # GPU
+    python3 benchmarks/bench_train.py --smoke --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import harness
+import torch
+
+OP = "train"
+FULL = {
+    "hidden": 2048, "intermediate": 5632, "layers": 16, "heads": 16, "vocab": 32000, "seq": 2048, "batch": 1,
+}
+SMOKE = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "vocab": 128, "seq": 32, "batch": 2}
+RANK, ALPHA, DROPOUT_P, LR, SEED = 16, 32, 0.1, 2e-4, 0
+LOSS_RTOL = 0.01  # issue 8: the two loss curves agree within 1% per step
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 50; 4 in --smoke)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed first steps (default 5; 1)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step")
+
+
+def _from_peft():
+    """peftkern.from_peft, imported lazily: it lives in peftkern/model.py, written separately."""
+    import peftkern
+
+    convert = getattr(peftkern, "from_peft", None)
+    if convert is None:
+        try:
+            from peftkern.model import from_peft as convert
+        except ImportError as error:
+            raise harness.ProviderUnavailable(
+                "peftkern.from_peft is not available in this checkout (peftkern/model.py missing or "
+                f"incomplete: {error}); the peftkern provider needs it"
+            ) from error
+    return convert
+
+
+def build_peft_model(config: dict, device: torch.device, dtype: torch.dtype):
+    """A randomly initialised LlamaForCausalLM wrapped by peft's get_peft_model (LoRA on all linears).
+    Initialised on ``device`` under a fixed seed, so two calls give identical weights."""
+    try:
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as error:
+        raise harness.ProviderUnavailable(f"peft and transformers are needed: {error}") from error
+    llama = LlamaConfig(
+        hidden_size=config["hidden"],
+        intermediate_size=config["intermediate"],
+        num_hidden_layers=config["layers"],
+        num_attention_heads=config["heads"],
+        num_key_value_heads=config["heads"],
+        vocab_size=config["vocab"],
+        max_position_embeddings=config["seq"],
+    )
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        model = LlamaForCausalLM(llama).to(dtype)
+        lora = LoraConfig(
+            r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT_P, target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
+
+
+def train(model, batches: torch.Tensor, warmup_steps: int, device: torch.device) -> dict:
+    """AdamW steps over ``batches`` [steps, batch, seq]; per-step times (s), losses, peak memory."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    model.train()
+    torch.manual_seed(SEED + 1)  # the dropout stream starts from the same state for both providers
+    losses, seconds = [], []
+    harness.synchronize(device)
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for input_ids in batches:
+        start = time.perf_counter()
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        harness.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+    peak = torch.cuda.max_memory_allocated(device) - resident if device.type == "cuda" else None
+    timed = seconds[warmup_steps:] or seconds
+    return {"losses": losses, "seconds": timed, "peak_mem_bytes": peak}
+
+
+def _quantiles_ms(seconds: list[float]) -> tuple[float, float, float]:
+    ms = sorted(s * 1e3 for s in seconds)
+    if len(ms) == 1:
+        return ms[0], ms[0], ms[0]
+    cuts = statistics.quantiles(ms, n=10, method="inclusive")  # deciles: cuts[1] = p20, cuts[7] = p80
+    return statistics.median(ms), cuts[1], cuts[7]
+
+
+def run(bench: harness.Bench) -> None:
+    device, dtype = bench.device, torch.bfloat16
+    config = dict(SMOKE if bench.smoke else FULL)
+    opts = bench.options
+    config["batch"] = getattr(opts, "batch", None) or config["batch"]
+    steps = getattr(opts, "steps", None) or (4 if bench.smoke else 50)
+    warmup = getattr(opts, "warmup_steps", None)
+    warmup = min(warmup if warmup is not None else (1 if bench.smoke else 5), steps - 1)
+    shapes = {k: config[k] for k in ("hidden", "layers", "seq", "batch", "vocab")} | {"rank": RANK}
+    params = {"dropout_p": DROPOUT_P, "lr": LR, "steps": steps, "warmup_steps": warmup}
+    generator = torch.Generator().manual_seed(SEED)
+    batches = torch.randint(0, config["vocab"], (steps, config["batch"], config["seq"]), generator=generator)
+    batches = batches.to(device)
+    tokens_per_step = config["batch"] * config["seq"]
+
+    results: dict[str, dict] = {}
+    for provider in ("peft", "peftkern"):
+        if not bench.wants(provider):
+            continue
+        try:
+            convert = _from_peft() if provider == "peftkern" else None
+            model = build_peft_model(config, device, dtype)
+        except harness.ProviderUnavailable as error:
+            bench.skip(provider, str(error))
+            continue
+        if convert is not None:
+            converted = convert(model)
+            model = converted if converted is not None else model  # in place or returned: either works
+        result = train(model, batches, warmup, device)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results[provider] = result
+        metrics = {
+            "tokens_per_s": tokens_per_step * len(result["seconds"]) / sum(result["seconds"]),
+            "losses": result["losses"],
+        }
+        if provider == "peftkern" and "peft" in results:
+            reference = results["peft"]["losses"]
+            rel = [abs(a - b) / abs(b) for a, b in zip(result["losses"], reference)]
+            metrics["loss_max_rel_diff_vs_peft"] = max(rel)
+            metrics["loss_curves_agree"] = max(rel) <= LOSS_RTOL
+        bench.record(bench.row(
+            provider, "full", shapes, dtype, params, _quantiles_ms(result["seconds"]),
+            result["peak_mem_bytes"], metrics=metrics,
+        ))
+    bench.add_ratios("peft", providers=("peftkern",))
+
+
+def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
+    """issue 8's end-to-end keys from this run's rows."""
+    rows = harness.find_rows(rows, op=OP, mode="full")
+    ours, peft = {"provider": "peftkern"}, {"provider": "peft"}
+    return harness.drop_missing({
+        "train_e2e_speedup_vs_peft": harness.ratio_of(rows, ours, peft, field="metrics.tokens_per_s"),
+        "train_e2e_memory_ratio_vs_peft": harness.ratio_of(rows, ours, peft, field="peak_mem_bytes"),
+    })
+
+
+if __name__ == "__main__":
+    harness.main(OP, run, summarize, add_arguments)
