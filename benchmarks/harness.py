@@ -142,7 +142,8 @@ def environment(device: torch.device, smoke: bool) -> dict[str, Any]:
         "timer": CUDA_TIMER if device.type == "cuda" else CPU_SMOKE_TIMER,
         "smoke": bool(smoke),
         "device": device_name(device),
-        "device_slug": device_slug(device),
+        # A GPU smoke run never lands beside (or overwrites) a full run's results.
+        "device_slug": device_slug(device) + ("-smoke" if smoke and device.type == "cuda" else ""),
         "torch_version": torch.__version__,
         "triton_version": triton_version,
         "cuda_version": torch.version.cuda,
