@@ -9,7 +9,7 @@ else
 TEST_ENV := TRITON_INTERPRET=1
 endif
 
-.PHONY: install test gpu-test demo bench lint
+.PHONY: install test gpu-test demo bench bench-smoke lint
 
 install:
 	@# Never let a dependency pull a multi-GB CUDA torch: install the CPU build first where none exists.
@@ -22,8 +22,13 @@ test:
 gpu-test:
 	$(PYTHON) -m pytest -q -m gpu tests
 
+# Every benchmark, on a GPU: JSON rows, summary.json, summary.md and plots/ in benchmarks/results/<device>/.
 bench:
-	$(PYTHON) benchmarks/bench_lora.py
+	$(PYTHON) benchmarks/run_all.py --out benchmarks/results --plot
+
+# The same plumbing on tiny shapes (CPU: Triton's interpreter); results go to a scratch directory.
+bench-smoke:
+	$(TEST_ENV) $(PYTHON) benchmarks/run_all.py --smoke --out $${TMPDIR:-/tmp}/peftkern-bench-smoke
 
 lint:
 	$(PYTHON) -m ruff check .

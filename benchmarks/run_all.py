@@ -6,8 +6,9 @@
     <out>/<device-slug>/summary.md     the same with targets, plus every row as a Markdown table
     <out>/<device-slug>/run.json       what ran, what was skipped and why, versions
 
-    python3 benchmarks/run_all.py --out benchmarks/results          # GPU (make bench)
+    python3 benchmarks/run_all.py --out benchmarks/results --plot   # GPU (make bench)
     python3 benchmarks/run_all.py --smoke --out /tmp/bench          # CPU plumbing check (make bench-smoke)
+    python3 benchmarks/run_all.py --only lora --headline            # options a bench defines pass through
 
 A bench module defines ``OP`` and ``run(bench)``, and optionally ``summarize(rows, smoke)`` and
 ``add_arguments(parser)``. A module that cannot be imported because the op it measures is not part of this
@@ -48,8 +49,9 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 
 
-def discover(only: set[str] | None, skip: set[str]) -> list[str]:
-    names = sorted(path.stem for path in BENCH_DIR.glob("bench_*.py"))
+def discover(only: set[str] | None, skip: set[str], bench_dir: Path = BENCH_DIR) -> list[str]:
+    """Module names of the bench scripts in ``bench_dir``, in run order, filtered by op name."""
+    names = sorted(path.stem for path in bench_dir.glob("bench_*.py"))
     rank = {name: i for i, name in enumerate(ORDER)}
     names.sort(key=lambda n: (n in LAST, rank.get(n, len(ORDER)), n))
     selected = []
@@ -67,13 +69,14 @@ def holds(key: str, value: float) -> bool | None:
     return {"<=": value <= threshold, "<": value < threshold, ">=": value >= threshold}[comparison]
 
 
-def _module_options(module, args: argparse.Namespace) -> argparse.Namespace:
-    """The module's own option defaults, overlaid with the run-wide options."""
+def _module_options(module, args: argparse.Namespace, extra: list[str]) -> argparse.Namespace:
+    """The module's own options (from ``extra``, the arguments run_all does not know; those the module
+    does not know either are ignored), overlaid with the run-wide options."""
     parser = argparse.ArgumentParser()
     harness.common_arguments(parser)
     if hasattr(module, "add_arguments"):
         module.add_arguments(parser)
-    options = parser.parse_args([])
+    options, _ = parser.parse_known_args(extra)
     for key, value in vars(args).items():
         setattr(options, key, value)
     return options
@@ -137,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     harness.common_arguments(parser)
     parser.add_argument("--only", default=None, help="comma-separated ops (lora, train, ...) to run")
     parser.add_argument("--skip", default="", help="comma-separated ops to leave out")
-    args = parser.parse_args(argv)
+    parser.add_argument("--plot", action="store_true", help="also write PNGs (plot.py) into <dir>/plots")
+    parser.add_argument("--bench-dir", type=Path, default=BENCH_DIR, help=argparse.SUPPRESS)  # tests
+    args, extra = parser.parse_known_args(argv)
+    bench_dir = args.bench_dir.resolve()
+    if str(bench_dir) not in sys.path:
+        sys.path.insert(0, str(bench_dir))
     only = None if not args.only else {name.strip() for name in args.only.split(",")}
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
 
@@ -150,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
     all_rows: list[dict] = list(limits.rows)
     summary: dict[str, float] = {}
-    for name in discover(only, skip):
+    for name in discover(only, skip, bench_dir):
         try:
             module = importlib.import_module(name)
-            bench = harness.make_bench(module.OP, _module_options(module, args))
+            bench = harness.make_bench(module.OP, _module_options(module, args, extra))
             module.run(bench)
         except (ImportError, harness.ProviderUnavailable) as error:
             reason = f"{type(error).__name__}: {error}"
@@ -169,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest["files"].append(str(bench.write(args.out)))
         all_rows.extend(bench.rows)
         if hasattr(module, "summarize"):
-            summary.update(module.summarize(bench.rows, bench.smoke))
+            # A key whose rows were not measured is left out, never invented.
+            summary.update(harness.drop_missing(module.summarize(bench.rows, bench.smoke)))
 
     ordered = {key: summary[key] for key in TARGETS if key in summary}
     ordered.update({key: value for key, value in summary.items() if key not in ordered})
@@ -178,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "summary.md").write_text(markdown(ordered, all_rows, env, manifest))
     (out_dir / "run.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"[run_all] {len(all_rows)} rows, {len(ordered)} summary keys -> {out_dir}")
+    if args.plot:
+        try:
+            import plot
+        except ImportError as error:  # matplotlib is an optional extra ([bench])
+            print(f"[run_all] no plots: {error}", file=sys.stderr)
+        else:
+            for path in plot.plot_directory(out_dir):
+                print(f"[run_all] plot {path}")
     for key, value in ordered.items():
         print(f"[run_all] {key} = {value:.4g}" + (" (CPU smoke)" if env["smoke"] else ""))
     return 1 if manifest["errors"] else 0

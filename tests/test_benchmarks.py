@@ -1,0 +1,174 @@
+"""The benchmark suite's plumbing on CPU: ``run_all.py --smoke`` and ``plot.py`` end to end, the row
+schema, summary.json holding only what was measured, and the harness's ratio helpers.
+
+These tests check the harness, never performance: CPU smoke timings are not GPU results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import harness  # noqa: E402 (benchmarks/ is a directory of scripts, not a package)
+import run_all  # noqa: E402
+
+
+def _cpu_env() -> dict:
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    result = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "run_all.py"), "--smoke", "--out", str(out)],
+        env=_cpu_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out / "cpu"
+
+
+def _rows(directory: Path) -> list[dict]:
+    rows = []
+    for name in ("limits", "lora", "train"):
+        document = json.loads((directory / f"{name}.json").read_text())
+        assert set(document) == {"op", "env", "skipped", "rows"}
+        assert document["op"] == name
+        rows += document["rows"]
+    return rows
+
+
+def test_smoke_rows_follow_the_schema(smoke_run):
+    rows = _rows(smoke_run)
+    for row in rows:
+        harness.validate_row(row)
+        assert row["smoke"] is True and row["timer"] == harness.CPU_SMOKE_TIMER
+        assert row["device_slug"] == "cpu" and row["cuda_version"] == torch.version.cuda
+        assert row["peak_mem_bytes"] is None  # no memory mode on CPU
+    lora = harness.find_rows(rows, op="lora")
+    providers = {row["provider"] for row in lora}
+    assert {"base", "base_two_gemms", "torch_unfused", "triton"} <= providers
+    assert {row["mode"] for row in lora} == set(harness.MODES)
+    for provider in ("torch_unfused", "triton"):
+        for mode in harness.MODES:
+            for dropout_p in (0.0, 0.1):
+                row = harness.find_row(lora, provider=provider, mode=mode, params={"dropout_p": dropout_p})
+                assert row is not None, (provider, mode, dropout_p)
+                assert row["ratios"]["vs_base"] > 0
+                assert ("vs_base_two_gemms" in row["ratios"]) == (mode == "full")
+    copy = harness.find_row(rows, op="limits", provider="d2d_copy")
+    assert copy["bandwidth_gbps"] > 0 and copy["bytes_moved"] == 2 * copy["shapes"]["bytes"]
+
+
+def test_summary_holds_only_measured_keys(smoke_run):
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert all(isinstance(value, float) for value in summary.values())
+    assert set(summary) <= set(run_all.TARGETS)
+    rows = _rows(smoke_run)
+    import bench_lora
+    import bench_train
+
+    recomputed = {**bench_lora.summarize(rows, True), **bench_train.summarize(rows, True)}
+    assert summary == pytest.approx(recomputed)
+    # Measured from this run's rows: the LoRA timing ratios. Not measurable on CPU: peak memory.
+    assert {"lora_fwd_vs_base", "lora_train_speedup_vs_peft", "lora_train_vs_base"} <= set(summary)
+    assert "lora_memory_ratio_vs_peft" not in summary
+    assert not any(key.startswith(("multi_lora", "prompt")) for key in summary)
+    has_ours = harness.find_row(rows, op="train", provider="peftkern") is not None
+    assert ("train_e2e_speedup_vs_peft" in summary) == has_ours
+    manifest = json.loads((smoke_run / "run.json").read_text())
+    assert manifest["errors"] == [] and manifest["env"]["smoke"] is True
+    assert "CPU smoke run" in (smoke_run / "summary.md").read_text()
+
+
+def test_plot_writes_pngs(smoke_run, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "plot.py"), str(smoke_run), "--out", str(tmp_path)],
+        env=_cpu_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert tmp_path / "lora_speedup_vs_tokens_full.png" in pngs
+    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in pngs)
+
+
+def test_run_all_tolerates_missing_ops_and_reports_errors(tmp_path, monkeypatch):
+    fake = tmp_path / "benches"
+    fake.mkdir()
+    (fake / "bench_not_merged.py").write_text("from peftkern import op_not_written_yet\nOP = 'x'\n")
+    (fake / "bench_broken.py").write_text("OP = 'broken'\n\ndef run(bench):\n    raise RuntimeError('x')\n")
+    (fake / "bench_ok.py").write_text(
+        "import harness\nimport torch\nOP = 'ok'\n\n"
+        "def run(bench):\n"
+        "    x = torch.ones(4, requires_grad=True)\n"
+        "    bench.time_modes('p', lambda: x * 2, {'n': 4}, torch.float32, grads=[x])\n\n"
+        "def summarize(rows, smoke):\n    return {'ok_key': 1.5, 'unmeasured': None}\n"
+    )
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: False)
+    threads = torch.get_num_threads()
+    try:
+        status = run_all.main(["--smoke", "--out", str(tmp_path / "out"), "--bench-dir", str(fake)])
+    finally:
+        torch.set_num_threads(threads)
+        for name in ("bench_not_merged", "bench_broken", "bench_ok"):
+            sys.modules.pop(name, None)
+    assert status == 1  # the broken bench is an error; the others still wrote their results
+    out = tmp_path / "out" / "cpu"
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["ran"] == ["bench_ok"]
+    assert [e["module"] for e in manifest["errors"]] == ["bench_broken"]
+    assert [e["op"] for e in manifest["skipped"]] == ["not_merged"]
+    assert json.loads((out / "summary.json").read_text()) == {"ok_key": 1.5}
+    assert len(json.loads((out / "ok.json").read_text())["rows"]) == 3
+
+
+def _row(bench, provider, mode, shapes, params, median, peak=None):
+    return bench.record(bench.row(provider, mode, shapes, "bfloat16", params, (median, median, median), peak))
+
+
+def test_ratios_match_baselines_by_subset():
+    bench = harness.Bench("lora", torch.device("cpu"), smoke=True)
+    _row(bench, "base", "full", {"tokens": 8, "hidden": 4}, {}, 2.0)
+    _row(bench, "base", "full", {"tokens": 16, "hidden": 4}, {}, 4.0)
+    ours = _row(bench, "triton", "full", {"tokens": 8, "hidden": 4, "rank": 2}, {"dropout_p": 0.1}, 3.0)
+    other = _row(bench, "triton", "forward", {"tokens": 8, "hidden": 4, "rank": 2}, {"dropout_p": 0.1}, 1.0)
+    bench.add_ratios("base")
+    assert ours["ratios"] == {"vs_base": 1.5}
+    assert other["ratios"] == {}  # no forward baseline was measured: no ratio invented
+    bench.add_ratios("base", name="vs_full_base", baseline_mode="full", modes=("forward",))
+    assert other["ratios"] == {"vs_full_base": 0.5}
+    rows = bench.rows
+    assert harness.ratio_of(rows, {"provider": "triton", "mode": "full"}, {
+        "provider": "base", "mode": "full", "shapes": {"tokens": 8}}) == 1.5
+    assert harness.ratio_of(rows, {"provider": "cuda"}, {"provider": "base", "shapes": {"tokens": 8}}) is None
+    assert harness.drop_missing({"a": None, "b": 2.0, "c": float("nan")}) == {"b": 2.0}
+    with pytest.raises(ValueError, match="matches 2 rows"):
+        harness.find_row(rows, provider="base")
+
+
+def test_validate_row_rejects_bad_rows():
+    bench = harness.Bench("lora", torch.device("cpu"), smoke=True)
+    good = bench.row("p", "full", {"n": 1}, torch.float32, timing=(1.0, 0.5, 2.0))
+    harness.validate_row(good)
+    with pytest.raises(ValueError, match="must be marked smoke"):
+        harness.validate_row({**good, "smoke": False})
+    with pytest.raises(ValueError, match="p20 <= median <= p80"):
+        harness.validate_row({**good, "p20_ms": 3.0})
+    with pytest.raises(ValueError, match="row keys"):
+        harness.validate_row({k: v for k, v in good.items() if k != "timestamp"})
+
+
+def test_full_runs_refuse_cpu():
+    with pytest.raises(SystemExit, match="--smoke"):
+        harness.check_device(torch.device("cpu"), smoke=False)
