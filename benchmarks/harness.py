@@ -1,24 +1,40 @@
 """Shared benchmark harness: providers side by side, one row schema, JSON under ``results/<device>/``.
 
-A bench script is one short file (see ``bench_lora.py``)::
+A bench script is one short file ``benchmarks/bench_<op>.py`` (see ``bench_lora.py``); ``run_all.py``
+finds it by name::
 
-    import harness
+    import harness                       # first: sets TRITON_INTERPRET=1 when no GPU is visible
+    import torch
 
-    OP = "my_op"
+    OP = "my_op"                         # -> results/<device>/my_op.json
 
     def run(bench: harness.Bench) -> None:
-        for case in cases(bench.smoke):
-            shapes, params = {"tokens": m, "hidden": k}, {"dropout_p": p}
-            x = ...                                    # build inputs on bench.device
-            bench.time_modes("base", lambda: F.linear(x, w), shapes, dtype, grads=[x])
-            bench.time_modes("triton", lambda: ours(x, ...), shapes, dtype, params, grads=[x, a, b])
-        bench.add_ratios("base")                       # ratios["vs_base"] on every matching row
+        for tokens in ((64,) if bench.smoke else (1024, 8192)):
+            shapes, params = {"tokens": tokens, "hidden": 4096}, {"dropout_p": 0.0}
+            x = torch.randn(tokens, 4096, device=bench.device, requires_grad=True)
+            bench.time_modes("base", lambda: F.linear(x, w), shapes, torch.bfloat16, grads=[x])
 
-    def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:   # optional, for summary.json
-        return harness.drop_missing({"my_key": harness.ratio_of(rows, {...}, {...})})
+            def build():                 # raise harness.ProviderUnavailable(reason) to skip
+                from peftkern import my_op
+                return (lambda: my_op(x, ...)), [x, a]
+            bench.time_provider("triton", build, shapes, torch.bfloat16, params, expected=reference_out)
+        bench.add_ratios("base")         # ratios["vs_base"] on every row with a matching base row
+
+    def summarize(rows: list[dict], smoke: bool) -> dict[str, float | None]:   # optional
+        return {"my_key": harness.ratio_of(rows, {"provider": "triton", "mode": "forward"},
+                                           {"provider": "base", "mode": "forward"})}   # None: left out
+
+    def add_arguments(parser) -> None: ...   # optional extra options (run_all passes unknown ones on)
 
     if __name__ == "__main__":
-        harness.main(OP, run, summarize)
+        harness.main(OP, run, summarize, add_arguments)
+
+Conventions, so that ratios, plots and summaries line up: ``shapes`` holds sizes (``tokens``, ``hidden``,
+``rank``, ``adapters``, ...), ``params`` everything else (``dropout_p``, ...). A baseline row matches every
+row whose shapes and params contain its own (``base`` timed at {tokens, hidden} serves every rank).
+Memory-bound ops pass ``bytes_moved={"forward": n, ...}`` and compare ``bandwidth_gbps`` with
+``bench.copy_bandwidth()``. Other measurements: ``bench.time(provider, mode, fn, ...)`` for any callable,
+``bench.record(bench.row(..., metrics={...}))`` for what is not a kernel time (bench_train.py).
 
 Timing: on CUDA ``triton.testing.do_bench`` (median with 20/80 quantiles, ``grad_to_none`` reset between
 calls), after one untimed call so that compilation (torch.compile, Triton autotuning) is not timed.
@@ -30,6 +46,9 @@ Modes, for a workload given as a ``forward() -> Tensor`` callable and the tensor
 ``full`` (forward + backward). Memory: on CUDA every row carries ``peak_mem_bytes``, the peak of
 ``torch.cuda.max_memory_allocated`` above what was allocated before one call of the timed function
 (inputs excluded; activations, outputs and gradients included); ``None`` on CPU.
+
+A provider that computes something other than ``expected`` (checked once before timing), or raises, is
+recorded in ``bench.errors`` (exit status 1) and the sweep goes on; ``ProviderUnavailable`` is a skip.
 
 Physical limits measured in the same run: ``Bench.copy_bandwidth()`` (device-to-device copy, bytes read +
 written per second) and the base ``F.linear`` rows of the LoRA bench. ``add_ratios`` and ``ratio_of``
@@ -339,6 +358,24 @@ def add_ratios(
             break
 
 
+class ProviderWrong(AssertionError):
+    """A provider's output differs from the expected one: its timing would be meaningless."""
+
+
+def check_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:
+    """Raise ProviderWrong unless ``|actual - expected| <= atol + rtol * |expected|`` everywhere."""
+    if actual.shape != expected.shape:
+        raise ProviderWrong(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    a, e = actual.detach().float(), expected.detach().float()
+    excess = (a - e).abs() - (atol + rtol * e.abs())
+    if not bool((excess <= 0).all()):  # NaN fails too
+        worst = int(torch.nan_to_num(excess, nan=float("inf")).argmax())
+        raise ProviderWrong(
+            f"{name}: output differs from the expected one (atol={atol:g}, rtol={rtol:g}): worst at flat "
+            f"index {worst}: got {a.flatten()[worst].item():.6g}, expected {e.flatten()[worst].item():.6g}"
+        )
+
+
 def validate_row(row: dict) -> None:
     """Raise ValueError when ``row`` does not follow the schema (used by tests and before writing)."""
     if tuple(row) != ROW_KEYS:
@@ -392,6 +429,7 @@ class Bench:
         self.env = environment(device, smoke)
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
+        self.errors: list[dict] = []
         self._copy_bandwidth: float | None = None
 
     def wants(self, provider: str) -> bool:
@@ -477,19 +515,12 @@ class Bench:
         bytes_moved: dict[str, int] | None = None,
     ) -> list[dict]:
         """Time the workload ``forward() -> y`` in each mode of ``modes`` (default: the run's modes);
-        ``grads`` are the tensors that receive gradients (reset between calls). Returns the new rows;
-        a provider that raises ProviderUnavailable is recorded as skipped."""
-        if not self.wants(provider):
-            return []
-        wanted = [mode for mode in (modes or self.modes) if mode in self.modes]
-        new = []
-        try:
-            for mode, fn in mode_callables(forward, wanted, grads).items():
-                moved = None if bytes_moved is None else bytes_moved.get(mode)
-                new.append(self.time(provider, mode, fn, shapes, dtype, params, grads, moved))
-        except ProviderUnavailable as error:
-            self.skip(provider, str(error), shapes)
-        return new
+        ``grads`` are the tensors that receive gradients (reset between calls). Returns the new rows.
+        ProviderUnavailable is recorded as skipped, any other exception as an error of this provider and
+        case (the run goes on with the next one)."""
+        return self.time_provider(
+            provider, lambda: (forward, grads), shapes, dtype, params, modes, bytes_moved
+        )
 
     def time_provider(
         self,
@@ -500,18 +531,41 @@ class Bench:
         params: dict | None = None,
         modes: Sequence[str] | None = None,
         bytes_moved: dict[str, int] | None = None,
+        expected: torch.Tensor | None = None,
+        tolerance: tuple[float, float] = (2e-2, 2e-2),
     ) -> list[dict]:
         """``build()`` returns ``(forward, grads)`` for one provider and case, or raises
-        ProviderUnavailable (recorded as skipped); then as :meth:`time_modes`. Unwanted providers
-        (``--providers``) are not built."""
+        ProviderUnavailable (recorded as skipped); unwanted providers (``--providers``) are not built.
+        With ``expected``, one ``forward()`` is first checked against it (``check_close`` with
+        ``tolerance`` = (atol, rtol)): a provider that computes something else is an error, not a time.
+        Then as :meth:`time_modes`."""
         if not self.wants(provider):
             return []
+        wanted = [mode for mode in (modes or self.modes) if mode in self.modes]
+        new: list[dict] = []
         try:
             forward, grads = build()
+            if expected is not None:
+                with torch.no_grad():
+                    check_close(f"{self.op}/{provider}", forward(), expected, *tolerance)
+            for mode, fn in mode_callables(forward, wanted, grads).items():
+                moved = None if bytes_moved is None else bytes_moved.get(mode)
+                new.append(self.time(provider, mode, fn, shapes, dtype, params, grads, moved))
         except ProviderUnavailable as error:
             self.skip(provider, str(error), shapes)
-            return []
-        return self.time_modes(provider, forward, shapes, dtype, params, grads, modes, bytes_moved)
+        except Exception as error:  # an OOM or a wrong result in one case must not lose the sweep
+            self.fail(provider, error, shapes, params)
+        return new
+
+    def fail(self, provider: str, error: BaseException, shapes: dict | None, params: dict | None) -> None:
+        """Record that ``provider`` raised ``error`` on one case; the run's exit status becomes 1."""
+        message = f"{type(error).__name__}: {error}"
+        self.errors.append({
+            "op": self.op, "provider": provider, "shapes": shapes, "params": params, "error": message[:2000],
+        })
+        print(f"[{self.op}] ERROR {provider} {shapes} {params}: {message[:500]}", file=sys.stderr)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _timer_options(self) -> dict:
         return {
@@ -532,7 +586,9 @@ class Bench:
         add_ratios(self.rows, baseline_provider, **kwargs)
 
     def document(self) -> dict:
-        return {"op": self.op, "env": self.env, "skipped": self.skipped, "rows": self.rows}
+        return {
+            "op": self.op, "env": self.env, "skipped": self.skipped, "errors": self.errors, "rows": self.rows,
+        }
 
     def write(self, out_dir: Path) -> Path:
         """Write ``<out_dir>/<device-slug>/<op>.json``; returns its path."""
@@ -617,6 +673,8 @@ def main(
     if summarize is not None:
         for key, value in summarize(bench.rows, bench.smoke).items():
             print(f"[{op}] {key} = {value:.4g}")
+    if bench.errors:
+        raise SystemExit(f"[{op}] {len(bench.errors)} provider/case errors (listed in {path})")
     if bench.providers is not None and not bench.rows and bench.skipped:
         raise SystemExit(f"[{op}] nothing ran: " + "; ".join(s["reason"] for s in bench.skipped))
     return bench

@@ -118,7 +118,8 @@ def markdown(summary: dict[str, float], rows: list[dict], env: dict, manifest: d
     for entry in manifest["skipped"]:
         lines.append(f"- skipped {entry.get('op')} / {entry.get('provider', '-')}: {entry['reason']}")
     for entry in manifest["errors"]:
-        lines.append(f"- error in {entry['module']}: {entry['error']}")
+        where = " ".join(_format(entry.get(k)) for k in ("provider", "shapes", "params") if entry.get(k))
+        lines.append(f"- error in {entry['module']} {where}: {entry['error']}")
     lines += [
         "", "## Rows", "",
         "| op | provider | mode | shapes | params | dtype | median ms | p20-p80 ms | peak MiB | ratios |",
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         manifest["ran"].append(name)
         manifest["skipped"].extend(bench.skipped)
+        manifest["errors"].extend({"module": name, **entry} for entry in bench.errors)
         manifest["files"].append(str(bench.write(args.out)))
         all_rows.extend(bench.rows)
         if hasattr(module, "summarize"):

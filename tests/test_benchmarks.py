@@ -43,7 +43,8 @@ def _rows(directory: Path) -> list[dict]:
     rows = []
     for name in ("limits", "lora", "train"):
         document = json.loads((directory / f"{name}.json").read_text())
-        assert set(document) == {"op", "env", "skipped", "rows"}
+        assert set(document) == {"op", "env", "skipped", "errors", "rows"}
+        assert document["errors"] == []
         assert document["op"] == name
         rows += document["rows"]
     return rows
@@ -155,6 +156,24 @@ def test_ratios_match_baselines_by_subset():
     assert harness.drop_missing({"a": None, "b": 2.0, "c": float("nan")}) == {"b": 2.0}
     with pytest.raises(ValueError, match="matches 2 rows"):
         harness.find_row(rows, provider="base")
+
+
+def test_wrong_or_failing_providers_are_errors_not_times():
+    bench = harness.Bench("t", torch.device("cpu"), smoke=True)
+    x = torch.ones(4, requires_grad=True)
+    expected = torch.full((4,), 2.0)
+    assert len(bench.time_provider("right", lambda: ((lambda: x * 2), [x]), {"n": 4}, "float32",
+                                   expected=expected)) == 3
+    assert bench.time_provider("wrong", lambda: ((lambda: x * 3), [x]), {"n": 4}, "float32",
+                               expected=expected) == []
+
+    def broken():
+        raise RuntimeError("out of memory")
+
+    assert bench.time_provider("broken", broken, {"n": 4}, "float32") == []
+    assert [e["provider"] for e in bench.errors] == ["wrong", "broken"]
+    assert "ProviderWrong" in bench.errors[0]["error"] and "got 3" in bench.errors[0]["error"]
+    assert {row["provider"] for row in bench.rows} == {"right"}
 
 
 def test_validate_row_rejects_bad_rows():
