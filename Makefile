@@ -9,7 +9,7 @@ else
 TEST_ENV := TRITON_INTERPRET=1
 endif
 
-.PHONY: install test gpu-test demo bench bench-smoke lint
+.PHONY: install test gpu-test demo bench lint
 
 install:
 	@# Never let a dependency pull a multi-GB CUDA torch: install the CPU build first where none exists.
@@ -27,6 +27,7 @@ bench:
 	$(PYTHON) benchmarks/run_all.py --out benchmarks/results --plot
 
 # The same plumbing on tiny shapes (CPU: Triton's interpreter); results go to a scratch directory.
+.PHONY: bench-smoke
 bench-smoke:
 	$(TEST_ENV) $(PYTHON) benchmarks/run_all.py --smoke --out $${TMPDIR:-/tmp}/peftkern-bench-smoke
 
