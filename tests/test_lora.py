@@ -294,3 +294,23 @@ def test_reference_equals_peft_lora_linear():
     )
     assert layer.scaling["default"] == pytest.approx(12 / 4**0.5)
     assert torch.allclose(got, expected, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton"])
+def test_offsets_past_2_31_elements(backend):
+    """x with more than 2**31 elements: int64 offsets give the right rows at the far end."""
+    K, N, r = 4096, 32, 8
+    M = 2**31 // K + 64
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    lora_a = torch.randn(r, K, device="cuda") / K**0.5
+    lora_b = torch.randn(N, r, device="cuda")
+    y = peftkern.lora_linear(x, weight, None, lora_a, lora_b, 1.0, 0.1, seed=5, backend=backend)
+    tail = slice(M - 96, M)
+    offsets = torch.arange((M - 96) * K, M * K, device="cuda", dtype=torch.int64).reshape(96, K)
+    mask = reference.philox_uniform(5, offsets) >= 0.1
+    expected = reference.lora_linear(
+        x[tail].double(), weight.double(), None, lora_a.double(), lora_b.double(), 1.0, 0.1, keep_mask=mask
+    )
+    assert_close(y[tail], expected, "y tail", torch.bfloat16)
