@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import assert_close
+from hypothesis import given
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from _helpers import assert_close  # noqa: E402
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import peftkern  # noqa: E402
-from peftkern import reference  # noqa: E402
-from peftkern.backends import triton_interpreting  # noqa: E402
+import peftkern
+from peftkern import reference
+from peftkern.backends import triton_interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch"] + (["triton"] if DEVICE == "cuda" or triton_interpreting() else [])
