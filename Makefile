@@ -9,7 +9,7 @@ else
 TEST_ENV := TRITON_INTERPRET=1
 endif
 
-.PHONY: install test gpu-test demo bench lint
+.PHONY: install test gpu-test demo bench lint fuzz
 
 install:
 	@# Never let a dependency pull a multi-GB CUDA torch: install the CPU build first where none exists.
@@ -33,3 +33,6 @@ bench-smoke:
 
 lint:
 	$(PYTHON) -m ruff check .
+
+fuzz:
+	HYPOTHESIS_PROFILE=long $(TEST_ENV) $(PYTHON) -m pytest -q tests/test_fuzz.py

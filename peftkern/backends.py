@@ -46,7 +46,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

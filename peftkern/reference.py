@@ -85,13 +85,13 @@ def lora_linear(
     dropout_p: float = 0.0,
     training: bool = True,
     seed: int | torch.Tensor | None = None,
-    dropout_mask_: torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LoRA linear: ``x @ W.T + b + scaling * (dropout(x) @ A.T) @ B.T``.
 
     x: [..., K]; weight W: [N, K]; bias b: [N] or None; lora_a A: [r, K]; lora_b B: [N, r].
     Dropout (inverted, drop probability ``dropout_p``) touches only the low-rank path and only when
-    ``training``. Its keep-mask over x viewed as [M, K] is ``dropout_mask_`` if given, else the Philox
+    ``training``. Its keep-mask over x viewed as [M, K] is ``keep_mask`` if given, else the Philox
     stream of ``seed`` (see :func:`dropout_mask`), else a fresh ``torch`` draw.
     Computes in the promoted dtype of its inputs; returns [..., N].
     """
@@ -102,11 +102,11 @@ def lora_linear(
         out = out + bias
     dropped = x2
     if training and dropout_p > 0.0:
-        if dropout_mask_ is None and seed is not None:
-            dropout_mask_ = dropout_mask(seed, tuple(x2.shape), dropout_p, device=x.device)
-        if dropout_mask_ is None:
+        if keep_mask is None and seed is not None:
+            keep_mask = dropout_mask(seed, tuple(x2.shape), dropout_p, device=x.device)
+        if keep_mask is None:
             dropped = torch.nn.functional.dropout(x2, dropout_p, training=True)
         else:
-            dropped = x2 * dropout_mask_.reshape(x2.shape).to(x2.dtype) / (1.0 - dropout_p)
+            dropped = x2 * keep_mask.reshape(x2.shape).to(x2.dtype) / (1.0 - dropout_p)
     out = out + scaling * ((dropped @ lora_a.T) @ lora_b.T)
     return out.reshape(*lead, weight.shape[0])

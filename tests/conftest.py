@@ -27,3 +27,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Property-based tests: a bounded profile for CI (the default) and a long one for `make fuzz`.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test extra; the fuzz tests import it themselves
+    pass
+else:
+    _suppress = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+    settings.register_profile("ci", max_examples=30, deadline=None, suppress_health_check=_suppress)
+    settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=_suppress)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -18,7 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import apply_keep, dot_in_fp32, dropout_keep, fp32_precision, grouped_tile, interpreting, mma, rank_block
+from ._common import (
+    apply_keep,
+    dot_in_fp32,
+    dropout_keep,
+    fp32_precision,
+    grouped_tile,
+    interpreting,
+    mma,
+    rank_block,
+)
 
 __all__ = ["lora_forward", "lora_backward"]
 

@@ -43,7 +43,8 @@ def check_shape(name: str, value: torch.Tensor, expected: Sequence[int | None], 
     actual = tuple(value.shape)
     ok = len(actual) == len(expected) and all(e is None or a == e for a, e in zip(actual, expected))
     if not ok:
-        shown = tuple("*" if e is None else e for e in expected)
+        sizes = ["*" if e is None else str(e) for e in expected]
+        shown = "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
         suffix = f" ({meaning})" if meaning else ""
         raise ValueError(f"{name}: expected shape {shown}{suffix}, got {actual}")
 
@@ -63,7 +64,8 @@ def check_finite_scalar(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # A chained comparison rather than math.isfinite: torch.compile traces it for symbolic floats too.
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name}: expected a finite number, got {value}")
     return value
 

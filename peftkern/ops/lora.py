@@ -120,7 +120,6 @@ def _lora_linear_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dX, dA, dB); dX is an empty [0] tensor when ``need_dx`` is False."""
-    grad_y = grad_y.contiguous() if grad_y.stride(-1) == 0 else grad_y  # expanded grads (e.g. from sum())
     if backend == "triton":
         from ..triton_kernels.lora import lora_backward
 

@@ -1,0 +1,316 @@
+"""peftkern.lora_linear on every backend available here against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import DTYPES, assert_close, cast
+
+import peftkern
+from peftkern import reference
+from peftkern.backends import triton_interpreting
+
+BACKENDS = ["torch", "triton"]
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = "cpu"
+    if not triton_interpreting():
+        BACKENDS = ["torch"]
+
+# (M, K, N, r): odd sizes, not multiples of any block, rank 1 to 16.
+SHAPES = [(1, 17, 33, 4), (17, 33, 17, 8), (33, 65, 65, 16), (65, 16, 1, 1)]
+
+
+def make_inputs(M, K, N, r, dtype, adapter_dtype=None, bias=True, device=DEVICE):
+    adapter_dtype = adapter_dtype or dtype
+    x = torch.randn(M, K, device=device)
+    weight = torch.randn(N, K, device=device) / K**0.5
+    b = torch.randn(N, device=device) if bias else None
+    lora_a = torch.randn(r, K, device=device) / K**0.5
+    lora_b = torch.randn(N, r, device=device) / r**0.5
+    return (
+        cast(x, dtype, True),
+        cast(weight, dtype),
+        None if b is None else cast(b, dtype),
+        cast(lora_a, adapter_dtype, True),
+        cast(lora_b, adapter_dtype, True),
+    )
+
+
+def run_and_compare(x, weight, bias, lora_a, lora_b, scaling, dropout_p, backend, seed=1234, grad_scale=1.0):
+    """Forward and backward on ``backend`` and in float64 through the reference; compare all of it."""
+    y = peftkern.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed=seed, backend=backend)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+
+    leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, weight, lora_a, lora_b)]
+    x64, w64, a64, b64 = leaves
+    bias64 = None if bias is None else bias.detach().double().requires_grad_(bias.requires_grad)
+    y64 = reference.lora_linear(x64, w64, bias64, a64, b64, scaling, dropout_p, seed=seed)
+    y64.backward(grad.double())
+
+    dtype = x.dtype
+    assert y.dtype == x.dtype
+    assert_close(y, y64, "y", dtype)
+    assert_close(x.grad, x64.grad, "dx", dtype)
+    # Adapter grads reduce over all M rows: judge them by the activations' precision.
+    assert_close(lora_a.grad, a64.grad, "dA", dtype, scale=grad_scale)
+    assert_close(lora_b.grad, b64.grad, "dB", dtype, scale=grad_scale)
+    if weight.requires_grad:
+        assert_close(weight.grad, w64.grad, "dW", dtype, scale=grad_scale)
+    if bias is not None and bias.requires_grad:
+        assert_close(bias.grad, bias64.grad, "dbias", dtype, scale=grad_scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_matches_reference(backend, dtype, shape, dropout_p):
+    run_and_compare(*make_inputs(*shape, dtype), scaling=0.7, dropout_p=dropout_p, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_adapters_with_16bit_activations(backend, dtype):
+    inputs = make_inputs(33, 40, 24, 8, dtype, adapter_dtype=torch.float32)
+    run_and_compare(*inputs, scaling=2.0, dropout_p=0.1, backend=backend)
+    assert inputs[3].grad.dtype == torch.float32 and inputs[0].grad.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_and_bias_get_gradients_only_when_asked(backend):
+    x, weight, bias, lora_a, lora_b = make_inputs(9, 20, 12, 4, torch.float32)
+    y = peftkern.lora_linear(x, weight, bias, lora_a, lora_b, 1.0, backend=backend)
+    y.sum().backward()
+    assert weight.grad is None and bias.grad is None
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    x.grad = lora_a.grad = lora_b.grad = None
+    run_and_compare(x, weight, bias, lora_a, lora_b, 0.5, 0.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x, weight, bias, lora_a, lora_b = make_inputs(0, 16, 8, 4, torch.float32)
+    y = peftkern.lora_linear(x.reshape(2, 0, 16), weight, bias, lora_a, lora_b, 1.0, 0.2, backend=backend)
+    assert y.shape == (2, 0, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(lora_a.grad, torch.zeros_like(lora_a))
+    assert torch.equal(lora_b.grad, torch.zeros_like(lora_b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_non_contiguous_x_and_transposed_weight(backend):
+    big = torch.randn(3, 10, 2 * 24, device=DEVICE)
+    x = big[:, :, ::2].detach().requires_grad_(True)  # [3, 10, 24], stride 2 in the last dim
+    assert not x.is_contiguous()
+    weight = torch.randn(24, 18, device=DEVICE).T  # [18, 24] transposed view
+    assert not weight.is_contiguous()
+    lora_a = torch.randn(5, 24, device=DEVICE).requires_grad_(True)
+    lora_b = torch.randn(18, 5, device=DEVICE).requires_grad_(True)
+    run_and_compare(x, weight, None, lora_a, lora_b, 0.25, 0.2, backend)
+
+
+def test_reference_leading_dims_equal_flattened():
+    x, weight, bias, lora_a, lora_b = make_inputs(12, 8, 6, 2, torch.float64, device="cpu")
+    flat = reference.lora_linear(x, weight, bias, lora_a, lora_b, 1.5, 0.3, seed=7)
+    shaped = reference.lora_linear(x.reshape(3, 4, 8), weight, bias, lora_a, lora_b, 1.5, 0.3, seed=7)
+    assert torch.equal(flat.reshape(3, 4, 6), shaped)
+
+
+# ---- dropout ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_is_seeded_and_backends_share_the_mask(backend):
+    x, weight, bias, lora_a, lora_b = make_inputs(16, 32, 8, 4, torch.float32)
+    args = (x, weight, bias, lora_a, lora_b, 1.0, 0.5)
+    first = peftkern.lora_linear(*args, seed=99, backend=backend)
+    again = peftkern.lora_linear(*args, seed=99, backend=backend)
+    other = peftkern.lora_linear(*args, seed=100, backend=backend)
+    torch_backend = peftkern.lora_linear(*args, seed=99, backend="torch")
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    assert_close(first, torch_backend, "same seed across backends", torch.float32)
+
+
+def test_dropout_keep_fraction_and_eval_mode():
+    mask = reference.dropout_mask(2024, (256, 256), 0.3)
+    assert abs(mask.float().mean().item() - 0.7) < 0.01
+    x, weight, bias, lora_a, lora_b = make_inputs(8, 16, 8, 4, torch.float32)
+    evaluated = peftkern.lora_linear(x, weight, bias, lora_a, lora_b, 1.0, 0.9, training=False)
+    no_dropout = peftkern.lora_linear(x, weight, bias, lora_a, lora_b, 1.0, 0.0)
+    assert torch.equal(evaluated, no_dropout)
+
+
+def test_unseeded_dropout_follows_torch_manual_seed():
+    x, weight, bias, lora_a, lora_b = make_inputs(8, 16, 8, 4, torch.float32)
+    torch.manual_seed(5)
+    first = peftkern.lora_linear(x, weight, bias, lora_a, lora_b, 1.0, 0.5)
+    torch.manual_seed(5)
+    second = peftkern.lora_linear(x, weight, bias, lora_a, lora_b, 1.0, 0.5)
+    assert torch.equal(first, second)
+
+
+def test_philox_stream_matches_triton_rand():
+    triton = pytest.importorskip("triton")
+    if DEVICE == "cpu" and not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    import triton.language as tl
+
+    @triton.jit
+    def draw(OUT, SEED, base, BLOCK: tl.constexpr):
+        offsets = base + tl.arange(0, BLOCK).to(tl.int64)
+        tl.store(OUT + tl.arange(0, BLOCK), tl.rand(tl.load(SEED), offsets))
+
+    for seed, base in [(0, 0), (12345, 2**31 - 40), (2**40 + 7, 2**33 + 3), (2**62 - 1, 5)]:
+        out = torch.empty(64, device=DEVICE)
+        draw[(1,)](out, torch.tensor([seed], device=DEVICE), base, BLOCK=64)
+        expected = reference.philox_uniform(seed, torch.arange(64, dtype=torch.int64, device=DEVICE) + base)
+        assert torch.equal(out, expected), (seed, base)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_activations_are_x_and_the_rank_r_intermediate_only(backend):
+    M, K, N, r = 32, 48, 40, 4
+    x, weight, bias, lora_a, lora_b = make_inputs(M, K, N, r, torch.float32)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        peftkern.lora_linear(x, weight, bias, lora_a, lora_b, 1.0, 0.3, backend=backend)
+    parameters = {id(t) for t in (weight, lora_a, lora_b)}
+    activation_elements = sum(t.numel() for t in saved if id(t) not in parameters)
+    # x, the [M, r] intermediate and the one-element seed: no mask, no dropped copy of x.
+    assert activation_elements <= M * K + M * r + 1, [tuple(t.shape) for t in saved]
+
+
+# ---- registration: opcheck, gradcheck, torch.compile ------------------------------------------------------
+
+
+def test_opcheck_torch_backend():
+    x, weight, bias, lora_a, lora_b = make_inputs(5, 12, 7, 3, torch.float32, device="cpu")
+    seed = torch.tensor([3], dtype=torch.int64)
+    torch.library.opcheck(
+        torch.ops.peftkern.lora_linear.default, (x, weight, bias, lora_a, lora_b, 0.5, 0.2, seed, "torch")
+    )
+
+
+@pytest.mark.skipif(not triton_interpreting() and DEVICE == "cpu", reason="needs the Triton interpreter")
+def test_opcheck_triton_backend():
+    x, weight, bias, lora_a, lora_b = make_inputs(5, 12, 7, 3, torch.float32)
+    seed = torch.tensor([3], dtype=torch.int64, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.peftkern.lora_linear.default,
+        (x, weight, bias, lora_a, lora_b, 0.5, 0.2, seed, "triton"),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_gradcheck_float64():
+    x, weight, bias, lora_a, lora_b = make_inputs(4, 6, 5, 2, torch.float64, device="cpu")
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+
+    def fn(x, weight, bias, lora_a, lora_b):
+        return peftkern.lora_linear(x, weight, bias, lora_a, lora_b, 0.8, 0.25, seed=11, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, lora_a, lora_b))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    layer = peftkern.LoRALinear.from_linear(torch.nn.Linear(16, 12), r=4, alpha=8, dropout=0.1, backend="torch")
+    torch.nn.init.normal_(layer.lora_B)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    torch.manual_seed(1)
+    eager_out = layer(x)
+    eager_out.sum().backward()
+    eager_grads = [x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    torch.manual_seed(1)
+    compiled_out = compiled(x)
+    compiled_out.sum().backward()
+    assert torch.allclose(compiled_out, eager_out, atol=1e-6)
+    for got, expected in zip([x.grad, layer.lora_A.grad, layer.lora_B.grad], eager_grads):
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_torch_compile_inductor_fullgraph():
+    layer = peftkern.LoRALinear.from_linear(torch.nn.Linear(16, 12), r=4, alpha=8, backend="torch")
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 16)
+    compiled = torch.compile(layer, fullgraph=True)
+    assert torch.allclose(compiled(x), layer(x), atol=1e-5)
+
+
+# ---- backend selection ------------------------------------------------------------------------------------
+
+
+def test_backend_selection(monkeypatch):
+    from peftkern.backends import resolve_backend
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("PEFTKERN_BACKEND", raising=False)
+    assert resolve_backend(cpu, "lora_linear") == "torch"
+    monkeypatch.setenv("PEFTKERN_BACKEND", "torch")
+    assert resolve_backend(cpu, "lora_linear") == "torch"
+    if "triton" in BACKENDS:
+        with peftkern.use_backend("triton"):
+            assert resolve_backend(cpu, "lora_linear") == "triton"
+            assert resolve_backend(cpu, "lora_linear", "torch") == "torch"
+    monkeypatch.setenv("PEFTKERN_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="PEFTKERN_BACKEND.*'tpu'"):
+        resolve_backend(cpu, "lora_linear")
+    with pytest.raises(ValueError, match="use_backend"):
+        with peftkern.use_backend("numpy"):
+            pass
+    with pytest.raises((ValueError, RuntimeError), match="cuda"):
+        resolve_backend(cpu, "lora_linear", "cuda")
+
+
+# ---- peft parity --------------------------------------------------------------------------------------------
+
+
+def test_reference_equals_peft_lora_linear():
+    peft = pytest.importorskip("peft")
+    model = torch.nn.Sequential(torch.nn.Linear(20, 14)).double()
+    config = peft.LoraConfig(r=4, lora_alpha=12, lora_dropout=0.0, use_rslora=True, target_modules=["0"])
+    peft_model = peft.get_peft_model(model, config)
+    layer = peft_model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 5, 20, dtype=torch.float64)
+    expected = peft_model(x)
+    base = layer.base_layer
+    got = reference.lora_linear(
+        x, base.weight, base.bias, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+        layer.scaling["default"], 0.0,
+    )
+    assert layer.scaling["default"] == pytest.approx(12 / 4**0.5)
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton"])
+def test_offsets_past_2_31_elements(backend):
+    """x with more than 2**31 elements: int64 offsets give the right rows at the far end."""
+    K, N, r = 4096, 32, 8
+    M = 2**31 // K + 64
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    lora_a = torch.randn(r, K, device="cuda") / K**0.5
+    lora_b = torch.randn(N, r, device="cuda")
+    y = peftkern.lora_linear(x, weight, None, lora_a, lora_b, 1.0, 0.1, seed=5, backend=backend)
+    tail = slice(M - 96, M)
+    offsets = torch.arange((M - 96) * K, M * K, device="cuda", dtype=torch.int64).reshape(96, K)
+    mask = reference.philox_uniform(5, offsets) >= 0.1
+    expected = reference.lora_linear(
+        x[tail].double(), weight.double(), None, lora_a.double(), lora_b.double(), 1.0, 0.1, keep_mask=mask
+    )
+    assert_close(y[tail], expected, "y tail", torch.bfloat16)
