@@ -50,6 +50,7 @@ def _rows(directory: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_smoke_rows_follow_the_schema(smoke_run):
     rows = _rows(smoke_run)
     for row in rows:
@@ -72,6 +73,7 @@ def test_smoke_rows_follow_the_schema(smoke_run):
     assert copy["bandwidth_gbps"] > 0 and copy["bytes_moved"] == 2 * copy["shapes"]["bytes"]
 
 
+@pytest.mark.slow
 def test_summary_holds_only_measured_keys(smoke_run):
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert all(isinstance(value, float) for value in summary.values())
@@ -93,7 +95,9 @@ def test_summary_holds_only_measured_keys(smoke_run):
     assert "CPU smoke run" in (smoke_run / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_plot_writes_pngs(smoke_run, tmp_path):
+    pytest.importorskip("matplotlib", reason="plot.py needs matplotlib (extras [test] / [bench])")
     result = subprocess.run(
         [sys.executable, str(BENCH_DIR / "plot.py"), str(smoke_run), "--out", str(tmp_path)],
         env=_cpu_env(), capture_output=True, text=True, timeout=120,
