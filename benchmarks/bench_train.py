@@ -157,6 +157,12 @@ def run(bench: harness.Bench) -> None:
             rel = [abs(a - b) / abs(b) for a, b in zip(result["losses"], reference)]
             metrics["loss_max_rel_diff_vs_peft"] = max(rel)
             metrics["loss_curves_agree"] = max(rel) <= LOSS_RTOL
+            if not metrics["loss_curves_agree"]:  # the times stand, but the run must not pass quietly
+                step = rel.index(max(rel))
+                bench.fail(provider, AssertionError(
+                    f"loss at step {step} differs from peft's by {max(rel):.3%} (allowed {LOSS_RTOL:.0%}): "
+                    f"{result['losses'][step]:.6g} vs {reference[step]:.6g}"
+                ), shapes, params)
         bench.record(bench.row(
             provider, "full", shapes, dtype, params, _quantiles_ms(result["seconds"]),
             result["peak_mem_bytes"], metrics=metrics,

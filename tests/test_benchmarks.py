@@ -6,6 +6,7 @@ These tests check the harness, never performance: CPU smoke timings are not GPU 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -136,6 +137,33 @@ def test_run_all_tolerates_missing_ops_and_reports_errors(tmp_path, monkeypatch)
     assert [e["op"] for e in manifest["skipped"]] == ["not_merged"]
     assert json.loads((out / "summary.json").read_text()) == {"ok_key": 1.5}
     assert len(json.loads((out / "ok.json").read_text())["rows"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_train_compares_loss_curves(monkeypatch):
+    """bench_train's peft-vs-peftkern plumbing (this checks the bench, not from_peft: an identity stand-in
+    replaces from_peft where this checkout lacks it): both runs see the same weights, data and seed, so the
+    loss curves agree within 1% per step."""
+    import bench_train
+
+    import peftkern
+
+    if not hasattr(peftkern, "from_peft"):
+        monkeypatch.setattr(peftkern, "from_peft", lambda model: model, raising=False)
+    bench = harness.Bench("train", torch.device("cpu"), smoke=True, options=argparse.Namespace(steps=3))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        bench_train.run(bench)
+    finally:
+        torch.set_num_threads(threads)
+    ours = harness.find_row(bench.rows, provider="peftkern")
+    peft = harness.find_row(bench.rows, provider="peft")
+    assert len(ours["metrics"]["losses"]) == len(peft["metrics"]["losses"]) == 3
+    assert ours["metrics"]["loss_curves_agree"] is True and bench.errors == []
+    assert ours["ratios"]["vs_peft"] > 0
+    assert set(bench_train.summarize(bench.rows, True)) == {"train_e2e_speedup_vs_peft"}  # no memory on CPU
 
 
 def _row(bench, provider, mode, shapes, params, median, peak=None):
