@@ -74,7 +74,8 @@ def plot_speedup(rows: list[dict], op: str, sweep: str, out_dir: Path) -> list[P
             settings = _settings(row)
             if all(settings.get(k) == v for k, v in held.items() if k in settings):
                 lines[row["provider"]].append((settings[sweep], 1.0 / row["ratios"][ratio_key]))
-        if not lines:
+        swept = {point[0] for points in lines.values() for point in points}
+        if not lines or (len(swept) < 2 and not mode_rows[0]["smoke"]):  # not swept in this run: no plot
             continue
         figure, axis = plt.subplots(figsize=(6.4, 4.2))
         for provider, points in sorted(lines.items()):

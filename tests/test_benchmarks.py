@@ -139,6 +139,26 @@ def test_run_all_tolerates_missing_ops_and_reports_errors(tmp_path, monkeypatch)
     assert len(json.loads((out / "ok.json").read_text())["rows"]) == 3
 
 
+def test_plot_sweeps_adapters_and_bandwidth(tmp_path):
+    """Rows shaped as a multi-adapter, memory-bound bench would write them (synthetic, in a temp dir)."""
+    pytest.importorskip("matplotlib", reason="plot.py needs matplotlib (extras [test] / [bench])")
+    import plot
+
+    bench = harness.Bench("multi_lora", torch.device("cpu"), smoke=True)
+    copy = bench.record(bench.row("d2d_copy", "forward", {"bytes": 1000}, "bfloat16", timing=(1e-3,) * 3,
+                                  bytes_moved=2000))
+    for adapters in (1, 8, 64):
+        shapes = {"tokens": 64, "hidden": 32, "rank": 16, "adapters": adapters}
+        bench.record(bench.row("peft", "forward", shapes, "bfloat16", timing=(1.0 * adapters,) * 3))
+        bench.record(bench.row("triton", "forward", shapes, "bfloat16", timing=(0.5,) * 3, bytes_moved=500))
+    bench.add_ratios("peft")
+    bench.write(tmp_path)
+    written = plot.plot_directory(tmp_path / "cpu", tmp_path / "png")
+    names = {path.name for path in written}
+    assert {"multi_lora_speedup_vs_adapters_forward.png", "bandwidth_fraction.png"} <= names
+    assert copy["bandwidth_gbps"] == pytest.approx(2000 / 1e-6 / 1e9)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_train_compares_loss_curves(monkeypatch):
