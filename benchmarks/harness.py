@@ -590,15 +590,30 @@ class Bench:
             "op": self.op, "env": self.env, "skipped": self.skipped, "errors": self.errors, "rows": self.rows,
         }
 
-    def write(self, out_dir: Path) -> Path:
-        """Write ``<out_dir>/<device-slug>/<op>.json``; returns its path."""
+    def write(self, out_dir: Path, merge: bool | None = None) -> Path:
+        """Write ``<out_dir>/<device-slug>/<op>.json``; returns its path. With ``merge`` (default: the
+        ``--merge`` option), rows already in the file that this run did not measure again are kept, so a
+        sweep split over several invocations ends up in one file (each row keeps its own timestamp; ratios
+        are only ever taken within one invocation)."""
         directory = Path(out_dir) / self.env["device_slug"]
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.op}.json"
+        document = self.document()
+        if merge is None:
+            merge = bool(getattr(self.options, "merge", False))
+        if merge and path.exists():
+            fresh = {_row_key(row) for row in self.rows}
+            kept = [row for row in json.loads(path.read_text())["rows"] if _row_key(row) not in fresh]
+            document = {**document, "rows": kept + self.rows}
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.document(), indent=1) + "\n")
+        tmp.write_text(json.dumps(document, indent=1) + "\n")
         os.replace(tmp, path)
         return path
+
+
+def _row_key(row: dict) -> str:
+    # What a row measured, without when or how fast: a re-measured case replaces the old row.
+    return json.dumps([row[k] for k in ("op", "provider", "mode", "shapes", "params", "dtype")], sort_keys=True)
 
 
 def measure_copy(bench: Bench, nbytes: int | None = None) -> dict:
@@ -628,6 +643,7 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="subset of forward,backward,full")
     parser.add_argument("--providers", default=None, help="comma-separated providers (default: all)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--merge", action="store_true", help="keep rows of earlier runs not measured again")
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
 

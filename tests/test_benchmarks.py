@@ -228,6 +228,20 @@ def test_wrong_or_failing_providers_are_errors_not_times():
     assert {row["provider"] for row in bench.rows} == {"right"}
 
 
+def test_write_replaces_or_merges(tmp_path):
+    first = harness.Bench("t", torch.device("cpu"), smoke=True)
+    for tokens in (1, 2):
+        first.record(first.row("p", "full", {"tokens": tokens}, "float32", timing=(1.0,) * 3))
+    first.write(tmp_path)
+    second = harness.Bench("t", torch.device("cpu"), smoke=True)
+    second.record(second.row("p", "full", {"tokens": 2}, "float32", timing=(2.0,) * 3))
+    path = second.write(tmp_path, merge=True)
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["shapes"]["tokens"], r["median_ms"]) for r in rows] == [(1, 1.0), (2, 2.0)]
+    second.write(tmp_path)
+    assert len(json.loads(path.read_text())["rows"]) == 1
+
+
 def test_validate_row_rejects_bad_rows():
     bench = harness.Bench("lora", torch.device("cpu"), smoke=True)
     good = bench.row("p", "full", {"n": 1}, torch.float32, timing=(1.0, 0.5, 2.0))
