@@ -32,8 +32,9 @@ finds it by name::
 Conventions, so that ratios, plots and summaries line up: ``shapes`` holds sizes (``tokens``, ``hidden``,
 ``rank``, ``adapters``, ...), ``params`` everything else (``dropout_p``, ...). A baseline row matches every
 row whose shapes and params contain its own (``base`` timed at {tokens, hidden} serves every rank).
-Memory-bound ops pass ``bytes_moved={"forward": n, ...}`` and compare ``bandwidth_gbps`` with
-``bench.copy_bandwidth()``. Other measurements: ``bench.time(provider, mode, fn, ...)`` for any callable,
+Memory-bound ops pass ``bytes_moved={"forward": n, ...}`` and call ``bench.add_bandwidth_ratios()``
+(``ratios["vs_floor"]``, ``ratios["bandwidth_fraction"]`` against this run's ``bench.copy_bandwidth()``).
+Other measurements: ``bench.time(provider, mode, fn, ...)`` for any callable, and
 ``bench.record(bench.row(..., metrics={...}))`` for what is not a kernel time (bench_train.py).
 
 Timing: on CUDA ``triton.testing.do_bench`` (median with 20/80 quantiles, ``grad_to_none`` reset between
@@ -584,6 +585,20 @@ class Bench:
 
     def add_ratios(self, baseline_provider: str, **kwargs: Any) -> None:
         add_ratios(self.rows, baseline_provider, **kwargs)
+
+    def floor_ms(self, bytes_moved: int) -> float:
+        """The memory-bound floor: time to move ``bytes_moved`` at this run's copy bandwidth."""
+        return bytes_moved / (self.copy_bandwidth() * 1e9) * 1e3
+
+    def add_bandwidth_ratios(self) -> None:
+        """On every row with ``bytes_moved`` (the copy row aside): ``ratios["vs_floor"]`` = median / floor
+        and ``ratios["bandwidth_fraction"]`` = achieved / copy bandwidth, both from this run's copy."""
+        for row in self.rows:
+            if row["provider"] == "d2d_copy" or not row["bytes_moved"] or not row["median_ms"]:
+                continue
+            floor = self.floor_ms(row["bytes_moved"])
+            row["ratios"]["vs_floor"] = row["median_ms"] / floor
+            row["ratios"]["bandwidth_fraction"] = floor / row["median_ms"]
 
     def document(self) -> dict:
         return {

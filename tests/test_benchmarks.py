@@ -228,6 +228,18 @@ def test_wrong_or_failing_providers_are_errors_not_times():
     assert {row["provider"] for row in bench.rows} == {"right"}
 
 
+def test_bandwidth_ratios_use_the_runs_copy():
+    bench = harness.Bench("t", torch.device("cpu"), smoke=True)
+    copy = bench.copy_bandwidth(nbytes=1 << 16)
+    assert harness.find_row(bench.rows, provider="d2d_copy")["bandwidth_gbps"] == copy
+    floor = bench.floor_ms(1 << 20)
+    row = bench.record(bench.row("p", "forward", {"n": 1}, "bfloat16", timing=(2 * floor,) * 3,
+                                 bytes_moved=1 << 20))
+    bench.add_bandwidth_ratios()
+    assert row["ratios"] == pytest.approx({"vs_floor": 2.0, "bandwidth_fraction": 0.5})
+    assert row["bandwidth_gbps"] == pytest.approx(copy / 2)
+
+
 def test_write_replaces_or_merges(tmp_path):
     first = harness.Bench("t", torch.device("cpu"), smoke=True)
     for tokens in (1, 2):
