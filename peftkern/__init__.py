@@ -2,12 +2,13 @@
 
 from .backends import cuda_backend_status, use_backend
 from .nn import LoRALinear
-from .ops import lora_linear
+from .ops import bottleneck_adapter, lora_linear
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRALinear",
+    "bottleneck_adapter",
     "cuda_backend_status",
     "lora_linear",
     "use_backend",
