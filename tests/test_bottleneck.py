@@ -165,6 +165,17 @@ def test_frozen_adapter_still_gives_dx(backend):
     assert_close(x.grad, x_ref.grad, "grad x")
 
 
+def test_autocast_runs_in_the_autocast_dtype_with_fp32_adapters():
+    inputs = make_inputs((6,), 16, 4)
+    x = inputs["x"].float()
+    weights = [inputs[n].float() for n in NAMES[1:5]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bottleneck_adapter(x, *weights, activation="relu", backend="torch")
+    assert out.dtype == torch.bfloat16
+    expected = reference.bottleneck_adapter(x.bfloat16().double(), *(inputs[n] for n in NAMES[1:5]))
+    assert_close(out, expected, "y")
+
+
 def test_triton_backward_is_deterministic():
     lead = (40,)
     inputs = make_inputs(lead, 20, 6, num_adapters=3)
@@ -300,6 +311,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_gpu_triton_matches_reference(dtype, activation):
     lead = (3, 301)
-    inputs = {k: (v.cuda() if v is not None else None) for k, v in make_inputs(lead, 768, 48, 4).items()}
+    masters = make_inputs(lead, 768, 48, 4, scale=0.05)
+    inputs = {name: (value.cuda() if value is not None else None) for name, value in masters.items()}
     ids = mixed_ids(lead, 4).cuda()
     run_and_compare(inputs, dtype, "triton", activation, adapter_ids=ids, grad_scale=4.0)
