@@ -69,7 +69,7 @@ def _tanh(u):
 def activate(h, ACT: tl.constexpr):
     """act(h): 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu, 4 tanh."""
     if ACT == 0:
-        out = tl.where(h > 0.0, h, 0.0)
+        out = tl.where(h < 0.0, 0.0, h)  # NaN stays NaN, as torch.relu
     elif ACT == 1:
         out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     elif ACT == 2:
