@@ -259,6 +259,17 @@ def test_bad_input(change, error, message):
         bottleneck_adapter(**kwargs, backend="torch")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unvalidated_out_of_range_ids_mean_no_adapter(backend):
+    """validate_ids=False (the default for GPU ids, to avoid a host sync): ids outside [0, L) pass through."""
+    kwargs = _good()
+    kwargs["adapter_ids"] = torch.tensor([0, 5, -3, 1])
+    out = bottleneck_adapter(**kwargs, backend=backend, validate_ids=False)
+    kwargs["adapter_ids"] = torch.tensor([0, -1, -1, 1])
+    assert_close(out, reference.bottleneck_adapter(**kwargs), "y", dtype=torch.float32)
+    assert torch.equal(out[1:3], kwargs["x"][1:3])
+
+
 def test_single_adapter_rejects_stacked_weights_without_ids():
     kwargs = {**_good(), "adapter_ids": None}
     with pytest.raises(ValueError, match="down_weight: expected 2 dimensions"):

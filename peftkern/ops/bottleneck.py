@@ -303,11 +303,14 @@ def _check_inputs(x, down_weight, down_bias, up_weight, up_bias, residual, adapt
         raise ValueError(f"activation: expected one of {reference.ACTIVATIONS}, got {activation!r}")
 
 
-def _check_id_values(adapter_ids: torch.Tensor, num_adapters: int) -> None:
-    """Ids lie in [-1, L). Reads two numbers back (a host sync), so it is skipped while torch.compile traces
-    and during CUDA graph capture; the kernels stay in bounds whatever the ids hold (out-of-range rows get no
-    adapter)."""
-    if adapter_ids.numel() == 0 or torch.compiler.is_compiling():
+def _check_id_values(adapter_ids: torch.Tensor, num_adapters: int, validate_ids: bool | None) -> None:
+    """Ids lie in [-1, L). Reading them is a host sync on a GPU, so by default (``validate_ids`` None) only
+    ids on the CPU are checked; True checks anywhere, False nowhere. Never while torch.compile traces or a
+    CUDA graph is captured. Unchecked ids are still safe: every backend gives rows whose id lies outside
+    [0, L) no adapter, and no kernel addresses memory with an id."""
+    if validate_ids is None:
+        validate_ids = adapter_ids.device.type == "cpu"
+    if not validate_ids or adapter_ids.numel() == 0 or torch.compiler.is_compiling():
         return
     if adapter_ids.is_cuda and torch.cuda.is_current_stream_capturing():
         return
@@ -332,6 +335,7 @@ def bottleneck_adapter(
     adapter_ids: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    validate_ids: bool | None = None,
 ) -> torch.Tensor:
     """Fused bottleneck adapter: ``residual + scaling * up(act(down(x)))``, residual defaulting to x.
 
@@ -345,6 +349,8 @@ def bottleneck_adapter(
         adapter_ids: [...] = x.shape[:-1] or [rows], int32/int64: row t uses adapter ``adapter_ids[t]``; -1
             passes the row through (output = residual).
         backend: "torch" | "triton" | "cuda"; see :mod:`peftkern.backends` for the default.
+        validate_ids: raise ``ValueError`` for ids outside [-1, L): None (default) checks CPU ids only,
+            as checking GPU ids costs a host sync; True always; False never (such rows get no adapter).
     Returns:
         [..., D] in x's dtype. Gradients flow to x, residual, and the four adapter tensors.
     """
@@ -365,7 +371,7 @@ def bottleneck_adapter(
         up_bias = up_bias.unsqueeze(0) if up_bias is not None else None
         ids = None
     else:
-        _check_id_values(adapter_ids, down_weight.shape[0])
+        _check_id_values(adapter_ids, down_weight.shape[0], validate_ids)
         ids = adapter_ids.reshape(-1)
 
     dim = x.shape[-1]
