@@ -30,8 +30,9 @@ def use_adapter_ids(adapter_ids: torch.Tensor | None) -> Iterator[None]:
     """Inside this block, every ``BottleneckAdapter`` called without ``adapter_ids`` uses these.
 
     ``adapter_ids``: [B] (one id per sequence of a [B, T, D] batch) or one id per row of the layer's input;
-    -1 means no adapter for that row. Read at forward time only: the backward pass needs no context (with
-    activation checkpointing, recomputation must run inside the same block).
+    -1 means no adapter for that row. Read at forward time only; the backward pass needs no context.
+    Activation checkpointing recomputes forwards during backward, where this block may no longer be current
+    (autograd's device threads do not see it): layers with several adapters then raise for the missing ids.
     """
     if adapter_ids is not None and not isinstance(adapter_ids, torch.Tensor):
         raise TypeError(f"adapter_ids: expected a torch.Tensor or None, got {type(adapter_ids).__name__}")
