@@ -17,6 +17,9 @@ __all__ = [
     "philox_uniform",
     "dropout_mask",
     "lora_linear",
+    "ACTIVATIONS",
+    "apply_activation",
+    "bottleneck_adapter",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -110,3 +113,65 @@ def lora_linear(
             dropped = x2 * keep_mask.reshape(x2.shape).to(x2.dtype) / (1.0 - dropout_p)
     out = out + scaling * ((dropped @ lora_a.T) @ lora_b.T)
     return out.reshape(*lead, weight.shape[0])
+
+
+# Names accepted by ``bottleneck_adapter``; "swish" is another name for "silu".
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "tanh")
+
+
+def apply_activation(name: str, h: torch.Tensor) -> torch.Tensor:
+    """The bottleneck adapter's nonlinearity: relu, gelu (exact, erf), gelu_tanh, silu/swish, tanh."""
+    if name == "relu":
+        return torch.relu(h)
+    if name == "gelu":
+        return torch.nn.functional.gelu(h, approximate="none")
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(h, approximate="tanh")
+    if name in ("silu", "swish"):
+        return torch.nn.functional.silu(h)
+    if name == "tanh":
+        return torch.tanh(h)
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
+
+
+def bottleneck_adapter(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    activation: str = "relu",
+    scaling: float = 1.0,
+    residual: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bottleneck adapter: ``residual + scaling * up(act(down(x)))``, residual defaulting to x.
+
+    x: [..., D]. One adapter (``adapter_ids`` None): down_weight [Bn, D], down_bias [Bn] or None,
+    up_weight [D, Bn], up_bias [D] or None. Several (``adapter_ids`` [rows], rows = x.numel() // D, or
+    x.shape[:-1]): the same shapes stacked as [L, ...]; row t uses adapter ``adapter_ids[t]``, and id -1
+    passes the row through (output = residual). residual: x's shape. Returns x's shape.
+    """
+    dim = x.shape[-1]
+    x2 = x.reshape(-1, dim)
+    res = (x if residual is None else residual).reshape(-1, dim)
+    if adapter_ids is None:
+        h = x2 @ down_weight.T
+        if down_bias is not None:
+            h = h + down_bias
+        out = apply_activation(activation, h) @ up_weight.T
+        if up_bias is not None:
+            out = out + up_bias
+        return (res + scaling * out).reshape(x.shape)
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    active = ids >= 0
+    safe = torch.where(active, ids, torch.zeros_like(ids))
+    # Gather each row's own weights: [rows, Bn, D] and [rows, D, Bn]. Slow and clear.
+    h = torch.einsum("td,tbd->tb", x2, down_weight[safe])
+    if down_bias is not None:
+        h = h + down_bias[safe]
+    out = torch.einsum("tb,tdb->td", apply_activation(activation, h), up_weight[safe])
+    if up_bias is not None:
+        out = out + up_bias[safe]
+    out = torch.where(active[:, None], out, torch.zeros_like(out))
+    return (res + scaling * out).reshape(x.shape)

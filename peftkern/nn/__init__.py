@@ -1,5 +1,6 @@
 """Drop-in layers. Each holds parameters and calls ops; no kernel code here."""
 
+from .bottleneck import BottleneckAdapter, current_adapter_ids, use_adapter_ids
 from .lora import LoRALinear
 
-__all__ = ["LoRALinear"]
+__all__ = ["BottleneckAdapter", "LoRALinear", "current_adapter_ids", "use_adapter_ids"]

@@ -1,0 +1,517 @@
+"""Fused bottleneck adapter kernels and their launchers. Imports triton and torch only.
+
+Y = residual + scaling * (act(X @ Wd[id].T + bd[id]) @ Wu[id].T + bu[id]), residual defaulting to X,
+with a per-row adapter id (rows whose id is outside [0, L) get no adapter: Y = residual).
+
+Forward, two launches:
+  down     H = X @ Wd.T + bd        [M, Bn] fp32, the only saved intermediate
+           A = act(H)               [M, Bn] in the up GEMM's operand dtype, a forward-only temporary
+  up       Y = residual + scaling * (A @ Wu.T + bu)      bias, scaling and residual in the epilogue
+Backward, four launches (two when no adapter weight needs a gradient):
+  dh       dH = (scaling * dY @ Wu) * act'(H)            the activation's derivative recomputed from H
+  dx       dX = dY (when the residual is X) + dH @ Wd
+  dw (up)  dWu[l] = scaling * dY[rows of l].T @ act(H[rows of l]),  dbu[l] = scaling * sum dY[rows of l]
+  dw (dn)  dWd[l] = dH[rows of l].T @ X[rows of l],                dbd[l] = sum dH[rows of l]
+
+Row GEMMs (down, up, dh, dx) loop over the adapters present in a row tile, each adapter's product taken
+over the rows that use it; a tile of one adapter (every single-adapter batch) costs one GEMM. Weight
+gradients walk each adapter's rows in id order (a stable sort built on the device, no host sync), split
+into a fixed number of chunks whose fp32 partials are summed in a fixed order: deterministic, no atomics.
+Ids are only ever compared with 0..L-1, so no id, whatever it holds, can address memory out of bounds.
+
+Shapes follow torch.nn.Linear: X [M, D], Wd [L, Bn, D], bd [L, Bn], Wu [L, D, Bn], bu [L, D].
+Any strides; offsets in int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_in_fp32, fp32_precision, grouped_tile, interpreting, mma
+
+__all__ = ["ACTIVATION_CODES", "bottleneck_forward", "bottleneck_backward"]
+
+# constexpr code of each activation name ("swish" is "silu").
+ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swish": 3, "tanh": 4}
+
+
+def _gemm_configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 4),
+            (128, 128, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+            (32, 64, 64, 4, 4),
+            (16, 64, 128, 4, 4),
+        ]
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# activations (fp32 tiles)
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(u):
+    # The interpreter has no tanh; this form saturates to +-1 without overflow trouble (exp -> inf gives 1).
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def activate(h, ACT: tl.constexpr):
+    """act(h): 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu, 4 tanh."""
+    if ACT == 0:
+        out = tl.where(h < 0.0, 0.0, h)  # NaN stays NaN, as torch.relu
+    elif ACT == 1:
+        out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACT == 2:
+        out = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+    elif ACT == 3:
+        out = h * tl.sigmoid(h)
+    else:
+        out = _tanh(h)
+    return out
+
+
+@triton.jit
+def activate_grad(h, ACT: tl.constexpr):
+    """d act(h) / dh, the same codes as :func:`activate` (relu's derivative at 0 is 0, as torch's)."""
+    if ACT == 0:
+        out = tl.where(h > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        out = cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
+        du = 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+        out = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * du
+    elif ACT == 3:
+        s = tl.sigmoid(h)
+        out = s * (1.0 + h * (1.0 - s))
+    else:
+        t = _tanh(h)
+        out = 1.0 - t * t
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# the per-row-adapter GEMM tile shared by the four row kernels
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _adapter_gemm_tile(
+    X, W, rows, row_ok, ids, cols, col_ok, K, L,
+    stride_xm, stride_xk, stride_wl, stride_wn, stride_wk,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc[m, n] = sum_k X[m, k] * W[ids[m], n, k] over the tile, fp32; 0 for rows with no adapter.
+
+    Loops over the adapters 0..L-1 and multiplies only for those some row of the tile uses, with the
+    other rows masked to zero: a tile of one adapter costs one GEMM.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for adapter in range(0, L):
+        sel = row_ok & (ids == adapter)
+        if tl.max(sel.to(tl.int32), 0) > 0:
+            w_base = W + (tl.full((), 0, tl.int64) + adapter) * stride_wl
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+                k_ok = ks < K
+                x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                            mask=sel[:, None] & k_ok[None, :], other=0.0)
+                w_t = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                              mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if not DOT_FP32:
+                    # fp32 intermediates (dH) meet 16-bit weights on the tensor cores in the weights' type.
+                    x = x.to(w_t.dtype)
+                acc = mma(x, w_t, acc, DOT_FP32, PRECISION)
+    return acc
+
+
+@triton.jit
+def _row_ids(IDS, rows, row_ok, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr):
+    if HAS_IDS:
+        ids = tl.load(IDS + rows, mask=row_ok, other=-1).to(tl.int64)
+    else:
+        ids = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    return ids
+
+
+@triton.jit
+def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """(rows, cols) of program ``pid``'s tile of an [M, N] output, in int64."""
+    tile_m, tile_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols
+
+
+# --------------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "NB", "K", "L"])
+@triton.jit
+def _bottleneck_down_kernel(
+    X, W, BIAS, IDS, H, A,
+    M, NB, K, L, M_BUCKET,
+    stride_xm, stride_xk, stride_wl, stride_wb, stride_wk, stride_bl, stride_bb,
+    HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, ACT: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """H [M, NB] (fp32, contiguous) = X @ W[id].T + BIAS[id]; A [M, NB] (contiguous) = act(H)."""
+    rows, cols = _tile(tl.program_id(0), M, NB, BLOCK_M, BLOCK_N, GROUP)
+    row_ok = rows < M
+    col_ok = cols < NB
+    ids = _row_ids(IDS, rows, row_ok, HAS_IDS, BLOCK_M)
+    acc = _adapter_gemm_tile(X, W, rows, row_ok, ids, cols, col_ok, K, L,
+                             stride_xm, stride_xk, stride_wl, stride_wb, stride_wk,
+                             DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    active = row_ok & (ids >= 0) & (ids < L)
+    if HAS_BIAS:
+        safe = tl.where(active, ids, 0)
+        bias = tl.load(BIAS + safe[:, None] * stride_bl + cols[None, :] * stride_bb,
+                       mask=active[:, None] & col_ok[None, :], other=0.0)
+        acc += bias.to(tl.float32)
+    mask = row_ok[:, None] & col_ok[None, :]
+    offsets = rows[:, None] * NB + cols[None, :]
+    tl.store(H + offsets, acc, mask=mask)
+    tl.store(A + offsets, activate(acc, ACT).to(A.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "NB", "L"])
+@triton.jit
+def _bottleneck_up_kernel(
+    A, W, BIAS, IDS, RES, Y,
+    M, N, NB, L, M_BUCKET,
+    stride_wl, stride_wn, stride_wb, stride_bl, stride_bn, stride_rm, stride_rn, stride_ym, stride_yn,
+    scaling,
+    HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Y [M, N] = RES + scaling * (A @ W[id].T + BIAS[id]), A [M, NB] contiguous; no adapter: Y = RES."""
+    rows, cols = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
+    row_ok = rows < M
+    col_ok = cols < N
+    ids = _row_ids(IDS, rows, row_ok, HAS_IDS, BLOCK_M)
+    acc = _adapter_gemm_tile(A, W, rows, row_ok, ids, cols, col_ok, NB, L,
+                             NB, 1, stride_wl, stride_wn, stride_wb,
+                             DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        active = row_ok & (ids >= 0) & (ids < L)
+        safe = tl.where(active, ids, 0)
+        bias = tl.load(BIAS + safe[:, None] * stride_bl + cols[None, :] * stride_bn,
+                       mask=active[:, None] & col_ok[None, :], other=0.0)
+        acc += bias.to(tl.float32)
+    residual = tl.load(RES + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0)
+    out = residual.to(tl.float32) + scaling * acc
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn, out.to(Y.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "NB", "N", "L"])
+@triton.jit
+def _bottleneck_bwd_dh_kernel(
+    DY, W, IDS, H, DH,
+    M, NB, N, L, M_BUCKET,
+    stride_dym, stride_dyn, stride_wl, stride_wn, stride_wb,
+    scaling,
+    HAS_IDS: tl.constexpr, ACT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """DH [M, NB] (contiguous) = (scaling * DY @ W[id]) * act'(H); W is the up weight [L, N, NB]."""
+    rows, cols = _tile(tl.program_id(0), M, NB, BLOCK_M, BLOCK_N, GROUP)
+    row_ok = rows < M
+    col_ok = cols < NB
+    ids = _row_ids(IDS, rows, row_ok, HAS_IDS, BLOCK_M)
+    # The product runs over N (the model dim), with the up weight read as [L, NB, N].
+    acc = _adapter_gemm_tile(DY, W, rows, row_ok, ids, cols, col_ok, N, L,
+                             stride_dym, stride_dyn, stride_wl, stride_wb, stride_wn,
+                             DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask = row_ok[:, None] & col_ok[None, :]
+    offsets = rows[:, None] * NB + cols[None, :]
+    h = tl.load(H + offsets, mask=mask, other=0.0)
+    tl.store(DH + offsets, (scaling * acc * activate_grad(h, ACT)).to(DH.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "K", "NB", "L"])
+@triton.jit
+def _bottleneck_bwd_dx_kernel(
+    DH, W, IDS, DY, DX,
+    M, K, NB, L, M_BUCKET,
+    stride_wl, stride_wb, stride_wk, stride_dym, stride_dyk, stride_dxm, stride_dxk,
+    HAS_IDS: tl.constexpr, ADD_DY: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """DX [M, K] = DH @ W[id] (+ DY when the residual is X); W is the down weight [L, NB, K]."""
+    rows, cols = _tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP)
+    row_ok = rows < M
+    col_ok = cols < K
+    ids = _row_ids(IDS, rows, row_ok, HAS_IDS, BLOCK_M)
+    acc = _adapter_gemm_tile(DH, W, rows, row_ok, ids, cols, col_ok, NB, L,
+                             NB, 1, stride_wl, stride_wk, stride_wb,
+                             DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if ADD_DY:
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyk, mask=mask, other=0.0)
+        acc += dy.to(tl.float32)
+    tl.store(DX + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _bottleneck_bwd_dw_kernel(
+    P, Q, ORDER, SEGMENTS, DW, DB,
+    M, I, J, n_chunks,
+    stride_pm, stride_pi, stride_qm, stride_qj,
+    scaling,
+    HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_Q: tl.constexpr, ACT: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Per adapter l and row chunk c of its rows:
+        DW[c, l, i, j] = scaling * sum_m P[m, i] * f(Q[m, j]),   DB[c, l, i] = scaling * sum_m P[m, i]
+    with f = act when ACT_Q (Q is H), else identity. DW [C, L, I, J] and DB [C, L, I] are contiguous fp32;
+    the host sums over c in a fixed order. Adapter l's rows are ORDER[SEGMENTS[l]:SEGMENTS[l + 1]].
+    """
+    adapter = tl.program_id(0) // n_chunks
+    chunk = tl.program_id(0) % n_chunks
+    tile_i = tl.program_id(1)
+    tile_j = tl.program_id(2)
+    n_adapters = tl.num_programs(0) // n_chunks
+    if HAS_IDS:
+        seg_start = tl.load(SEGMENTS + adapter).to(tl.int64)
+        seg_end = tl.load(SEGMENTS + adapter + 1).to(tl.int64)
+    else:
+        seg_start = tl.full((), 0, tl.int64)
+        seg_end = tl.full((), 0, tl.int64) + M
+    per_chunk = tl.cdiv(tl.cdiv(seg_end - seg_start, n_chunks), BLOCK_M) * BLOCK_M
+    start = seg_start + chunk * per_chunk
+    end = tl.minimum(start + per_chunk, seg_end)
+    i_s = tile_i.to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j_s = tile_j.to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
+    i_ok = i_s < I
+    j_ok = j_s < J
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        pos = m0 + tl.arange(0, BLOCK_M)
+        pos_ok = pos < end
+        if HAS_IDS:
+            rows = tl.load(ORDER + pos, mask=pos_ok, other=0).to(tl.int64)
+        else:
+            rows = pos
+        p = tl.load(P + rows[:, None] * stride_pm + i_s[None, :] * stride_pi,
+                    mask=pos_ok[:, None] & i_ok[None, :], other=0.0)
+        q_mask = pos_ok[:, None] & j_ok[None, :]
+        q = tl.load(Q + rows[:, None] * stride_qm + j_s[None, :] * stride_qj, mask=q_mask, other=0.0)
+        if ACT_Q:
+            q = tl.where(q_mask, activate(q.to(tl.float32), ACT), 0.0)
+        if not DOT_FP32:
+            q = q.to(p.dtype)
+        acc = mma(tl.trans(p), q, acc, DOT_FP32, PRECISION)
+        if HAS_BIAS:
+            bias_acc += tl.sum(p.to(tl.float32), 0)
+    slot = chunk.to(tl.int64) * n_adapters + adapter
+    tl.store(DW + slot * I * J + i_s[:, None] * J + j_s[None, :], acc * scaling,
+             mask=i_ok[:, None] & j_ok[None, :])
+    if HAS_BIAS:
+        if tile_j == 0:
+            tl.store(DB + slot * I + i_s, bias_acc * scaling, mask=i_ok)
+
+
+# --------------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _m_bucket(m: int) -> int:
+    # Autotune per power-of-two bucket of M, not per exact M: token counts vary every step.
+    return triton.next_power_of_2(max(m, 1))
+
+
+def _operand_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, torch.dtype]:
+    """(whether the GEMMs run in fp32, the dtype of the A and dH operands)."""
+    dot_fp32 = dot_in_fp32(x.dtype, weight.dtype)
+    return dot_fp32, (torch.float32 if dot_fp32 else x.dtype)
+
+
+def bottleneck_forward(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    adapter_ids: torch.Tensor | None,
+    activation: str,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (Y [M, D] in x's dtype, H [M, Bn] fp32). Inputs already checked.
+
+    x: [M, D] any strides; down_weight [L, Bn, D]; down_bias [L, Bn] or None; up_weight [L, D, Bn];
+    up_bias [L, D] or None; residual [M, D] or None (then x); adapter_ids [M] int32/int64 or None (every
+    row uses adapter 0).
+    """
+    M, D = x.shape
+    L, NB = down_weight.shape[0], down_weight.shape[1]
+    y = torch.empty((M, D), device=x.device, dtype=x.dtype)
+    h = torch.empty((M, NB), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return y, h
+    dot_fp32, operand = _operand_dtype(x, down_weight)
+    a = torch.empty((M, NB), device=x.device, dtype=operand)
+    ids = adapter_ids.contiguous() if adapter_ids is not None else h  # never read without ids
+    res = x if residual is None else residual
+    precision = fp32_precision()
+    act = ACTIVATION_CODES[activation]
+    bucket = _m_bucket(M)
+
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(NB, meta["BLOCK_N"]),)
+    _bottleneck_down_kernel[grid](
+        x, down_weight, down_bias if down_bias is not None else h, ids, h, a,
+        M, NB, D, L, bucket,
+        x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1), down_weight.stride(2),
+        *(down_bias.stride() if down_bias is not None else (0, 0)),
+        HAS_BIAS=down_bias is not None, HAS_IDS=adapter_ids is not None, ACT=act,
+        DOT_FP32=dot_fp32, PRECISION=precision,
+    )
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+    _bottleneck_up_kernel[grid](
+        a, up_weight, up_bias if up_bias is not None else h, ids, res, y,
+        M, D, NB, L, bucket,
+        up_weight.stride(0), up_weight.stride(1), up_weight.stride(2),
+        *(up_bias.stride() if up_bias is not None else (0, 0)),
+        res.stride(0), res.stride(1), y.stride(0), y.stride(1),
+        float(scaling),
+        HAS_BIAS=up_bias is not None, HAS_IDS=adapter_ids is not None, DOT_FP32=dot_fp32, PRECISION=precision,
+    )
+    return y, h
+
+
+def adapter_segments(adapter_ids: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [M] int64, segments [L + 2] int64): rows sorted by adapter (stable), and where each adapter's
+    rows start; ids outside [0, L) go to a last segment that no kernel reads. Device ops, no host sync."""
+    key = adapter_ids.reshape(-1).to(torch.int64)
+    key = torch.where((key >= 0) & (key < num_adapters), key, torch.full_like(key, num_adapters))
+    counts = torch.zeros(num_adapters + 1, dtype=torch.int64, device=key.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    segments = torch.zeros(num_adapters + 2, dtype=torch.int64, device=key.device)
+    segments[1:] = torch.cumsum(counts, 0)
+    return torch.argsort(key, stable=True), segments
+
+
+def _weight_grad(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    order: torch.Tensor | None,
+    segments: torch.Tensor | None,
+    num_adapters: int,
+    scaling: float,
+    want_bias: bool,
+    act: int | None,
+    dot_fp32: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dW [L, I, J], db [L, I] or None) in fp32: per adapter, scaling * P.T @ f(Q) and scaling * sum P."""
+    M, I = p.shape
+    J = q.shape[1]
+    block_m = 16 if interpreting() else 64
+    block_i = 16 if interpreting() else 64
+    block_j = 16 if interpreting() else 64
+    tiles = num_adapters * triton.cdiv(I, block_i) * triton.cdiv(J, block_j)
+    # Enough programs to fill the device, few enough partials to keep the workspace small.
+    n_chunks = max(1, min(triton.cdiv(M, block_m), 8, 1024 // tiles))
+    dw = torch.empty((n_chunks, num_adapters, I, J), device=p.device, dtype=torch.float32)
+    db = torch.empty((n_chunks, num_adapters, I), device=p.device, dtype=torch.float32) if want_bias else dw
+    _bottleneck_bwd_dw_kernel[(num_adapters * n_chunks, triton.cdiv(I, block_i), triton.cdiv(J, block_j))](
+        p, q, order if order is not None else dw, segments if segments is not None else dw, dw, db,
+        M, I, J, n_chunks,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        float(scaling),
+        HAS_IDS=order is not None, HAS_BIAS=want_bias, ACT_Q=act is not None, ACT=act or 0,
+        DOT_FP32=dot_fp32, PRECISION=fp32_precision(),
+        BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_J=block_j,
+    )
+    return dw.sum(0), (db.sum(0) if want_bias else None)
+
+
+def bottleneck_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    h: torch.Tensor,
+    adapter_ids: torch.Tensor | None,
+    activation: str,
+    scaling: float,
+    need_dx: bool,
+    add_grad_y: bool,
+    need_weights: bool,
+    has_down_bias: bool,
+    has_up_bias: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """Returns (dX, dWd, dbd, dWu, dbu), each None where not asked for, in the dtypes of x and the weights.
+
+    grad_y: [M, D]; x: [M, D]; h: [M, Bn] fp32 from the forward. ``add_grad_y``: the residual is x, so
+    dX also gets dY. ``need_weights``: compute the four adapter gradients (bias ones where they exist).
+    """
+    M, D = x.shape
+    L, NB = down_weight.shape[0], down_weight.shape[1]
+    wdtype = down_weight.dtype
+    if M == 0:
+        dx = torch.empty((0, D), device=x.device, dtype=x.dtype) if need_dx else None
+        if not need_weights:
+            return dx, None, None, None, None
+        zeros = lambda *shape: torch.zeros(shape, device=x.device, dtype=wdtype)
+        return (dx, zeros(L, NB, D), zeros(L, NB) if has_down_bias else None,
+                zeros(L, D, NB), zeros(L, D) if has_up_bias else None)
+    dot_fp32, operand = _operand_dtype(x, down_weight)
+    precision = fp32_precision()
+    act = ACTIVATION_CODES[activation]
+    bucket = _m_bucket(M)
+    ids = adapter_ids.contiguous() if adapter_ids is not None else h
+
+    dh = torch.empty((M, NB), device=x.device, dtype=operand)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(NB, meta["BLOCK_N"]),)
+    _bottleneck_bwd_dh_kernel[grid](
+        grad_y, up_weight, ids, h, dh,
+        M, NB, D, L, bucket,
+        grad_y.stride(0), grad_y.stride(1), up_weight.stride(0), up_weight.stride(1), up_weight.stride(2),
+        float(scaling),
+        HAS_IDS=adapter_ids is not None, ACT=act, DOT_FP32=dot_fp32, PRECISION=precision,
+    )
+    dx = None
+    if need_dx:
+        dx = torch.empty((M, D), device=x.device, dtype=x.dtype)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+        _bottleneck_bwd_dx_kernel[grid](
+            dh, down_weight, ids, grad_y, dx,
+            M, D, NB, L, bucket,
+            down_weight.stride(0), down_weight.stride(1), down_weight.stride(2),
+            grad_y.stride(0), grad_y.stride(1), dx.stride(0), dx.stride(1),
+            HAS_IDS=adapter_ids is not None, ADD_DY=add_grad_y, DOT_FP32=dot_fp32, PRECISION=precision,
+        )
+    if not need_weights:
+        return dx, None, None, None, None
+    order, segments = adapter_segments(adapter_ids, L) if adapter_ids is not None else (None, None)
+    d_up, d_up_bias = _weight_grad(grad_y, h, order, segments, L, scaling, has_up_bias, act, dot_fp32)
+    d_down, d_down_bias = _weight_grad(dh, x, order, segments, L, 1.0, has_down_bias, None, dot_fp32)
+    cast = lambda t: None if t is None else t.to(wdtype)
+    return dx, cast(d_down), cast(d_down_bias), cast(d_up), cast(d_up_bias)
