@@ -42,7 +42,7 @@ def smoke_run(tmp_path_factory) -> Path:
 
 def _rows(directory: Path) -> list[dict]:
     rows = []
-    for name in ("limits", "lora", "train"):
+    for name in ("limits", "lora", "train", "adapter"):
         document = json.loads((directory / f"{name}.json").read_text())
         assert set(document) == {"op", "env", "skipped", "errors", "rows"}
         assert document["errors"] == []
@@ -80,13 +80,23 @@ def test_summary_holds_only_measured_keys(smoke_run):
     assert all(isinstance(value, float) for value in summary.values())
     assert set(summary) <= set(run_all.TARGETS)
     rows = _rows(smoke_run)
+    import bench_adapter
     import bench_lora
     import bench_train
 
-    recomputed = {**bench_lora.summarize(rows, True), **bench_train.summarize(rows, True)}
+    recomputed = {
+        **bench_lora.summarize(rows, True), **bench_train.summarize(rows, True),
+        **bench_adapter.summarize(rows, True),
+    }
     assert summary == pytest.approx(recomputed)
-    # Measured from this run's rows: the LoRA timing ratios. Not measurable on CPU: peak memory.
+    # Measured from this run's rows: the LoRA and adapter timing ratios. Not measurable on CPU: peak memory.
     assert {"lora_fwd_vs_base", "lora_train_speedup_vs_peft", "lora_train_vs_base"} <= set(summary)
+    assert {"adapter_train_speedup_vs_unfused", "adapter_train_vs_two_gemms"} <= set(summary)
+    adapter = harness.find_rows(rows, op="adapter", mode="full")
+    ours = harness.find_row(adapter, provider=bench_adapter.ours(rows))
+    assert summary["adapter_train_speedup_vs_unfused"] == pytest.approx(
+        harness.find_row(adapter, provider="torch_unfused")["median_ms"] / ours["median_ms"])
+    assert summary["adapter_train_vs_two_gemms"] == pytest.approx(ours["ratios"]["vs_two_gemms"])
     assert "lora_memory_ratio_vs_peft" not in summary
     assert not any(key.startswith(("multi_lora", "prompt")) for key in summary)
     has_ours = harness.find_row(rows, op="train", provider="peftkern") is not None
@@ -94,6 +104,48 @@ def test_summary_holds_only_measured_keys(smoke_run):
     manifest = json.loads((smoke_run / "run.json").read_text())
     assert manifest["errors"] == [] and manifest["env"]["smoke"] is True
     assert "CPU smoke run" in (smoke_run / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_adapter_rows(smoke_run):
+    """bench_adapter: the floor, the unfused baseline and Triton in forward and full, with their ratios;
+    torch.compile (not in CPU smoke) and cuda (not built) recorded as skipped, not as errors."""
+    document = json.loads((smoke_run / "adapter.json").read_text())
+    rows = document["rows"]
+    assert {row["mode"] for row in rows} == {"forward", "full"}
+    assert {row["provider"] for row in rows} == {"two_gemms", "torch_unfused", "triton"}
+    for mode in ("forward", "full"):
+        floor = harness.find_row(rows, provider="two_gemms", mode=mode)
+        assert floor["params"] == {} and floor["ratios"] == {}
+        assert floor["shapes"] == {"tokens": 32, "hidden": 64, "reduction": 16, "bottleneck": 4}
+        for provider in ("torch_unfused", "triton"):
+            row = harness.find_row(rows, provider=provider, mode=mode, params={"activation": "relu"})
+            assert row["ratios"]["vs_two_gemms"] == pytest.approx(row["median_ms"] / floor["median_ms"])
+        assert "vs_torch_unfused" in harness.find_row(rows, provider="triton", mode=mode)["ratios"]
+    assert {entry["provider"] for entry in document["skipped"]} == {"torch_compile", "cuda"}
+
+
+def test_adapter_check_catches_a_wrong_provider():
+    """bench_adapter's output check passes the bf16 unfused computation and rejects one without the
+    scaling or the up bias (the adapter term is far above its tolerance)."""
+    import bench_adapter
+
+    from peftkern import reference
+
+    tensors = bench_adapter._inputs(torch.device("cpu"), 64, 256, 16, torch.bfloat16)
+    x, down_weight, down_bias, up_weight, up_bias = (t.detach() for t in tensors)
+    expected = reference.bottleneck_adapter(
+        *(t.float() for t in (x, down_weight, down_bias, up_weight, up_bias)), scaling=bench_adapter.SCALING
+    )
+    hidden = torch.relu(torch.nn.functional.linear(x, down_weight, down_bias))
+    for scaling, bias, right in ((bench_adapter.SCALING, up_bias, True), (1.0, up_bias, False),
+                                 (bench_adapter.SCALING, None, False)):
+        out = x + scaling * torch.nn.functional.linear(hidden, up_weight, bias)
+        if right:
+            harness.check_close("unfused", out, expected, *bench_adapter.CHECK_TOLERANCE)
+        else:
+            with pytest.raises(harness.ProviderWrong):
+                harness.check_close("wrong", out, expected, *bench_adapter.CHECK_TOLERANCE)
 
 
 @pytest.mark.slow
