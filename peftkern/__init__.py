@@ -1,6 +1,12 @@
 """peftkern: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning, as PyTorch layers."""
 
-from .adapters import AdapterConfig, inject_adapters, load_adapters, remove_adapters, save_adapters
+from .adapters import (
+    AdapterConfig,
+    inject_adapters,
+    load_bottleneck_adapters,
+    remove_adapters,
+    save_bottleneck_adapters,
+)
 from .backends import cuda_backend_status, use_backend
 from .nn import BottleneckAdapter, LoRALinear, use_adapter_ids
 from .ops import bottleneck_adapter, lora_linear
@@ -13,9 +19,9 @@ __all__ = [
     "LoRALinear",
     "bottleneck_adapter",
     "inject_adapters",
-    "load_adapters",
+    "load_bottleneck_adapters",
     "remove_adapters",
-    "save_adapters",
+    "save_bottleneck_adapters",
     "use_adapter_ids",
     "cuda_backend_status",
     "lora_linear",
