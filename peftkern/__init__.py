@@ -2,7 +2,7 @@
 
 from .backends import cuda_backend_status, use_backend
 from .nn import LoRALinear
-from .ops import lora_linear
+from .ops import lora_linear, prefix_kv, prompt_concat
 
 __version__ = "0.1.0"
 
@@ -10,5 +10,7 @@ __all__ = [
     "LoRALinear",
     "cuda_backend_status",
     "lora_linear",
+    "prefix_kv",
+    "prompt_concat",
     "use_backend",
 ]

@@ -166,6 +166,9 @@ def prompt_concat_forward(
     num_prompts, num_virtual, _ = prompts.shape
     total = num_virtual + length
     device = embed_weight.device
+    if interpreting() and embed_weight.dtype == torch.bfloat16 and prompts.dtype != torch.bfloat16:
+        # The interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest even): round on the host.
+        prompts = prompts.to(torch.bfloat16)
     out = torch.empty((batch, total, dim), dtype=embed_weight.dtype, device=device)
     # bool tensors travel as uint8 (the same bytes) so that loads and stores stay plain integers.
     mask_in = attention_mask

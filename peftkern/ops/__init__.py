@@ -1,5 +1,6 @@
 """One module per op: input checks, backend dispatch, and the ``torch.library`` custom op registration."""
 
 from .lora import lora_linear
+from .prompt import prefix_kv, prompt_concat
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "prefix_kv", "prompt_concat"]

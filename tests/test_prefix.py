@@ -1,0 +1,115 @@
+"""prefix_kv (prefix tuning's per-row keys/values for all layers): every backend against reference.py in
+float64, outputs and gradients, odd sizes, mixed tasks, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import DTYPES, assert_close, cast
+
+import peftkern
+from peftkern import reference
+
+BACKENDS = ["torch", "triton"]
+# (P, n, L, H_kv, head_dim, B)
+SHAPES = [
+    (1, 1, 1, 1, 1, 1),
+    (3, 5, 2, 2, 17, 4),
+    (4, 1, 3, 1, 8, 7),
+    (2, 17, 1, 3, 5, 1),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_prefix_kv_matches_reference(backend, dtype, shape):
+    tasks, num_virtual, layers, heads, head_dim, batch = shape
+    prefix = torch.randn(tasks, num_virtual, layers * 2 * heads * head_dim, dtype=torch.float64)
+    prompt_ids = torch.randint(0, tasks, (batch,))
+    prefix_t = cast(prefix, dtype, True)
+    out = peftkern.prefix_kv(prefix_t, prompt_ids, layers, heads, backend=backend)
+    assert out.shape == (layers, 2, batch, heads, num_virtual, head_dim) and out.is_contiguous()
+    assert torch.equal(out, reference.prefix_kv(prefix.to(dtype), prompt_ids, layers, heads))
+    grad = torch.randn(out.shape).to(dtype)
+    out.backward(grad)
+    prefix64 = cast(prefix.to(dtype), torch.float64, True)
+    reference.prefix_kv(prefix64, prompt_ids, layers, heads).backward(grad.double())
+    assert_close(prefix_t.grad, prefix64.grad, "dprefix", dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_kv_layout_is_peft_layout_and_grads_sum_per_task(backend):
+    """Column (layer, key/value, head, e) of a task's table is out[layer, key/value, row, head, :, e]."""
+    tasks, num_virtual, layers, heads, head_dim = 3, 2, 2, 2, 3
+    prefix = torch.randn(tasks, num_virtual, layers, 2, heads, head_dim, requires_grad=True)
+    prompt_ids = torch.tensor([2, 2, 0, 2])
+    out = peftkern.prefix_kv(prefix.flatten(2), prompt_ids, layers, heads, backend=backend)
+    for row, task in enumerate(prompt_ids.tolist()):
+        for layer in range(layers):
+            for kv in range(2):
+                expected = prefix.detach()[task, :, layer, kv].transpose(0, 1)  # [H, n, hd]
+                assert torch.equal(out[layer, kv, row], expected)
+    out.sum().backward()
+    assert torch.equal(prefix.grad[2], torch.full_like(prefix.grad[2], 3.0))
+    assert torch.equal(prefix.grad[0], torch.ones_like(prefix.grad[0])) and (prefix.grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_kv_strided_inputs(backend):
+    base = torch.randn(2, 3, 2 * 2 * 2 * 5 * 2, requires_grad=True)
+    prefix = base[:, :, ::2]  # [2, 3, 40], stride 2 in the last dim
+    prompt_ids = torch.tensor([1, 0, 1, 1, 0, 0])[::2]
+    out = peftkern.prefix_kv(prefix, prompt_ids, 2, 2, backend=backend)
+    assert torch.equal(out, reference.prefix_kv(prefix.detach(), prompt_ids, 2, 2))
+    grad = torch.randn(2, 2, 3, 2, 3, 10)[..., ::2]  # strided gradient
+    out.backward(grad)
+    prefix64 = prefix.detach().double().requires_grad_()
+    reference.prefix_kv(prefix64, prompt_ids, 2, 2).backward(grad.double())
+    assert_close(base.grad[:, :, ::2], prefix64.grad, "dprefix", torch.float32)
+    assert (base.grad[:, :, 1::2] == 0).all()
+
+
+def test_prefix_kv_single_int_id_opcheck_and_gradcheck():
+    prefix = torch.randn(2, 3, 2 * 2 * 1 * 4, dtype=torch.float64, requires_grad=True)
+    out = peftkern.prefix_kv(prefix, 1, 2, 1, batch_size=3, backend="torch")
+    assert out.shape == (2, 2, 3, 1, 3, 4)
+    prompt_ids = torch.tensor([1, 0, 1])
+    torch.library.opcheck(torch.ops.peftkern.prefix_kv.default, (prefix, prompt_ids, 2, 1, "torch"))
+    fn = lambda p: peftkern.prefix_kv(p, prompt_ids, 2, 1, backend="torch")
+    assert torch.autograd.gradcheck(fn, (prefix,))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(prompt_ids=torch.tensor([0, 2])), ValueError, "prompt_ids: expected ids in \\[0, 2\\)"),
+        (dict(prompt_ids=torch.tensor([0.0])), TypeError, "prompt_ids: expected dtype"),
+        (dict(num_layers=3), ValueError, "prefix: expected a last dim"),
+        (dict(num_kv_heads=0), ValueError, "num_kv_heads: expected a positive int"),
+        (dict(prefix=torch.randn(2, 3, 16).long()), TypeError, "prefix: expected dtype"),
+        (dict(prefix=torch.randn(2, 16)), ValueError, "prefix: expected 3 dim"),
+        (dict(prompt_ids=1), ValueError, "batch_size"),
+        (dict(backend="cuda"), ValueError, "needs CUDA tensors"),
+    ],
+)
+def test_prefix_kv_bad_input(kwargs, error, match):
+    args = dict(prefix=torch.randn(2, 3, 16), prompt_ids=torch.tensor([0, 1]), num_layers=2, num_kv_heads=2,
+                backend="triton")
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        peftkern.prefix_kv(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefix_kv_triton_on_gpu(dtype):
+    prefix = torch.randn(5, 33, 32 * 2 * 8 * 128, device="cuda").to(dtype).requires_grad_()
+    prompt_ids = torch.randint(0, 5, (64,), device="cuda")
+    out = peftkern.prefix_kv(prefix, prompt_ids, 32, 8, backend="triton")
+    assert torch.equal(out, reference.prefix_kv(prefix.detach(), prompt_ids, 32, 8))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    prefix64 = prefix.detach().double().requires_grad_()
+    reference.prefix_kv(prefix64, prompt_ids, 32, 8).backward(grad.double())
+    assert_close(prefix.grad, prefix64.grad, "dprefix", dtype)

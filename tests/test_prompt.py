@@ -1,0 +1,256 @@
+"""prompt_concat (prompt tuning's fused input): every backend against reference.py in float64, outputs and
+gradients, odd sizes, mixed tasks, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import DTYPES, assert_close, cast
+
+import peftkern
+from peftkern import reference
+
+BACKENDS = ["torch", "triton"]
+# (B, T, V, D, P, n): B = 1, n = 1, T = 0, odd D, more tasks than rows, rows sharing a task.
+SHAPES = [
+    (1, 1, 7, 17, 1, 1),
+    (3, 5, 11, 33, 4, 3),
+    (2, 0, 5, 17, 3, 2),
+    (5, 17, 13, 1, 2, 4),
+    (4, 33, 37, 17, 6, 1),
+]
+
+
+def _inputs(batch, length, vocab, dim, tasks, num_virtual):
+    input_ids = torch.randint(0, vocab, (batch, length))
+    embed = torch.randn(vocab, dim, dtype=torch.float64)
+    prompts = torch.randn(tasks, num_virtual, dim, dtype=torch.float64)
+    prompt_ids = torch.randint(0, tasks, (batch,))
+    mask = torch.randint(0, 2, (batch, length))
+    labels = torch.randint(0, vocab, (batch, length))
+    return input_ids, embed, prompts, prompt_ids, mask, labels
+
+
+def _reference_grads(input_ids, embed, prompts, prompt_ids, grad):
+    embed64 = cast(embed, torch.float64, True)
+    prompts64 = cast(prompts, torch.float64, True)
+    out = reference.prompt_concat(input_ids, embed64, prompts64, prompt_ids)
+    out.inputs_embeds.backward(grad.to(torch.float64))
+    return out.inputs_embeds, prompts64.grad, embed64.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_prompt_concat_matches_reference(backend, dtype, shape):
+    input_ids, embed, prompts, prompt_ids, mask, labels = _inputs(*shape)
+    embed_t = cast(embed, dtype, True)
+    prompts_t = cast(prompts, dtype, True)
+    out = peftkern.prompt_concat(input_ids, embed_t, prompts_t, prompt_ids, mask, labels, backend=backend)
+    batch, length = input_ids.shape
+    total = prompts.shape[1] + length
+    assert out.inputs_embeds.shape == (batch, total, embed.shape[1]) and out.inputs_embeds.dtype == dtype
+    ref = reference.prompt_concat(input_ids, embed.to(dtype), prompts.to(dtype), prompt_ids, mask, labels)
+    # A copy and a gather: bit-exact, masks and labels too.
+    assert torch.equal(out.inputs_embeds, ref.inputs_embeds)
+    assert torch.equal(out.attention_mask, ref.attention_mask) and out.attention_mask.dtype == mask.dtype
+    assert torch.equal(out.labels, ref.labels)
+    assert (out.labels[:, : prompts.shape[1]] == -100).all()
+
+    grad = torch.randn(batch, total, embed.shape[1]).to(dtype)
+    out.inputs_embeds.backward(grad)
+    _, grad_prompts, grad_embed = _reference_grads(
+        input_ids, embed.to(dtype), prompts.to(dtype), prompt_ids, grad
+    )
+    assert_close(prompts_t.grad, grad_prompts, "dprompts", dtype)
+    assert_close(embed_t.grad, grad_embed, "dembed_weight", dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_embedding_gets_no_grad_and_unused_tasks_get_zeros(backend):
+    input_ids, embed, prompts, _, _, _ = _inputs(4, 6, 9, 17, 5, 3)
+    prompt_ids = torch.tensor([3, 0, 3, 3])  # tasks 1, 2, 4 unused; task 3 sums three rows
+    embed_t = embed.float()  # frozen
+    prompts_t = cast(prompts, torch.float32, True)
+    out = peftkern.prompt_concat(input_ids, embed_t, prompts_t, prompt_ids, backend=backend)
+    assert out.labels is None
+    assert out.attention_mask.dtype == torch.int64 and (out.attention_mask == 1).all()
+    grad = torch.randn_like(out.inputs_embeds)
+    out.inputs_embeds.backward(grad)
+    assert embed_t.grad is None
+    assert (prompts_t.grad[[1, 2, 4]] == 0).all()
+    expected = grad[[0, 2, 3], :3].double().sum(0)
+    assert_close(prompts_t.grad[3], expected, "dprompts[3]", torch.float32)
+    assert_close(prompts_t.grad[0], grad[1, :3].double(), "dprompts[0]", torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_prompts_beside_16bit_model(backend, dtype):
+    input_ids, embed, prompts, prompt_ids, _, _ = _inputs(3, 7, 11, 17, 2, 2)
+    embed_t = embed.to(dtype)
+    prompts_t = cast(prompts, torch.float32, True)
+    out = peftkern.prompt_concat(input_ids, embed_t, prompts_t, prompt_ids, backend=backend)
+    assert out.inputs_embeds.dtype == dtype
+    ref = reference.prompt_concat(input_ids, embed_t, prompts_t.detach(), prompt_ids)
+    assert torch.equal(out.inputs_embeds, ref.inputs_embeds)
+    grad = torch.randn_like(out.inputs_embeds)
+    out.inputs_embeds.backward(grad)
+    assert prompts_t.grad.dtype == torch.float32
+    _, grad_prompts, _ = _reference_grads(input_ids, embed_t, prompts_t.detach(), prompt_ids, grad)
+    assert_close(prompts_t.grad, grad_prompts, "dprompts", torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_and_mask_dtypes(backend):
+    vocab, dim = 13, 33
+    input_ids = torch.randint(0, vocab, (7, 3)).T  # [3, 7], strided
+    embed_big = torch.randn(vocab, 2 * dim)
+    embed_leaf = embed_big.detach().clone().requires_grad_()
+    embed = embed_leaf[:, ::2]
+    prompts_leaf = torch.randn(2, 4, 3, dim).requires_grad_()
+    prompts = prompts_leaf[:, :, 1]  # [2, 4, dim], strided
+    prompt_ids = torch.tensor([1, 0, 1, 0, 1, 1])[::2]  # [3], stride 2
+    mask = torch.randint(0, 2, (7, 3)).bool().T
+    labels = torch.randint(0, vocab, (7, 3), dtype=torch.int32).T
+    out = peftkern.prompt_concat(input_ids, embed, prompts, prompt_ids, mask, labels, backend=backend)
+    ref = reference.prompt_concat(input_ids, embed.detach(), prompts.detach(), prompt_ids, mask, labels)
+    assert torch.equal(out.inputs_embeds, ref.inputs_embeds)
+    assert out.attention_mask.dtype == torch.bool and torch.equal(out.attention_mask, ref.attention_mask)
+    assert out.labels.dtype == torch.int32 and torch.equal(out.labels, ref.labels)
+    grad = torch.randn(3, 11, 2 * dim)[:, :, ::2]  # strided upstream gradient
+    out.inputs_embeds.backward(grad)
+    _, grad_prompts, grad_embed = _reference_grads(
+        input_ids, embed.detach(), prompts.detach(), prompt_ids, grad
+    )
+    assert_close(prompts_leaf.grad[:, :, 1], grad_prompts, "dprompts", torch.float32)
+    assert_close(embed_leaf.grad[:, ::2], grad_embed, "dembed_weight", torch.float32)
+    assert (embed_leaf.grad[:, 1::2] == 0).all() and (prompts_leaf.grad[:, :, [0, 2]] == 0).all()
+
+    float_mask = torch.rand(3, 7)
+    out = peftkern.prompt_concat(input_ids, embed, prompts, prompt_ids, float_mask, backend=backend)
+    assert torch.equal(out.attention_mask, reference.prompt_concat(
+        input_ids, embed.detach(), prompts.detach(), prompt_ids, float_mask).attention_mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_int_prompt_id_and_expanded_gradient(backend):
+    input_ids = torch.randint(0, 5, (3, 4))
+    embed = torch.randn(5, 17)
+    prompts = torch.randn(3, 2, 17, requires_grad=True)
+    out = peftkern.prompt_concat(input_ids, embed, prompts, 2, backend=backend)
+    assert torch.equal(out.inputs_embeds[:, :2], prompts.detach()[2].expand(3, 2, 17))
+    out.inputs_embeds.sum().backward()  # expanded (stride 0) gradient
+    assert torch.equal(prompts.grad[2], torch.full((2, 17), 3.0)) and (prompts.grad[:2] == 0).all()
+
+
+def test_triton_backward_is_deterministic():
+    input_ids = torch.randint(0, 4, (16, 9))  # few ids: many rows per token, several rows per task
+    prompt_ids = torch.randint(0, 2, (16,))
+    embed = torch.randn(4, 33, requires_grad=True)
+    prompts = torch.randn(2, 3, 33, requires_grad=True)
+    grad = torch.randn(16, 12, 33)
+    results = []
+    for _ in range(2):
+        embed.grad = prompts.grad = None
+        out = peftkern.prompt_concat(input_ids, embed, prompts, prompt_ids, backend="triton")
+        out.inputs_embeds.backward(grad)
+        results.append((embed.grad.clone(), prompts.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_kernel_never_reads_out_of_bounds_ids():
+    """The op rejects bad ids; the kernel, called directly with them, reads nothing and writes zeros."""
+    from peftkern.triton_kernels.prompt import prompt_concat_forward
+
+    embed = torch.randn(5, 17)
+    prompts = torch.randn(2, 3, 17)
+    input_ids = torch.tensor([[0, 5, -1, 4], [2**40, 1, 3, -(2**40)]])
+    prompt_ids = torch.tensor([2, -7])
+    out, mask, _ = prompt_concat_forward(input_ids, embed, prompts, prompt_ids, None, None)
+    assert (out[:, :3] == 0).all()
+    assert (out[0, [4, 5]] == 0).all() and (out[1, [3, 6]] == 0).all()
+    assert torch.equal(out[0, 3], embed[0]) and torch.equal(out[0, 6], embed[4])
+    assert torch.equal(out[1, 4], embed[1]) and torch.equal(out[1, 5], embed[3])
+    assert (mask == 1).all()
+
+
+def test_prompt_concat_opcheck_gradcheck_and_compile():
+    input_ids = torch.randint(0, 6, (3, 4))
+    embed = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    prompts = torch.randn(2, 2, 5, dtype=torch.float64, requires_grad=True)
+    prompt_ids = torch.tensor([1, 0, 1])
+    mask = torch.ones(3, 4, dtype=torch.int64)
+    labels = torch.randint(0, 6, (3, 4))
+    op = torch.ops.peftkern.prompt_concat.default
+    torch.library.opcheck(op, (input_ids, embed, prompts, prompt_ids, mask, labels, "torch"))
+    torch.library.opcheck(op, (input_ids, embed, prompts, prompt_ids, None, None, "torch"))
+    fn = lambda e, p: peftkern.prompt_concat(input_ids, e, p, prompt_ids, backend="torch").inputs_embeds
+    assert torch.autograd.gradcheck(fn, (embed, prompts))
+
+    compiled = torch.compile(
+        lambda e, p: peftkern.prompt_concat(input_ids, e, p, prompt_ids, mask, labels, backend="torch"),
+        fullgraph=True,
+    )
+    out = compiled(embed, prompts)
+    ref = reference.prompt_concat(input_ids, embed, prompts, prompt_ids, mask, labels)
+    assert torch.equal(out.inputs_embeds, ref.inputs_embeds) and torch.equal(out.labels, ref.labels)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(prompt_ids=torch.tensor([0, 3])), ValueError, "prompt_ids: expected ids in \\[0, 3\\)"),
+        (dict(prompt_ids=torch.tensor([-1, 0])), ValueError, "prompt_ids"),
+        (dict(input_ids=torch.tensor([[0, 1, 7], [0, 0, 0]])), ValueError, "input_ids: expected ids in"),
+        (dict(prompts=torch.randn(3, 2, 9)), ValueError, "prompts: expected shape"),
+        (dict(prompts=torch.randn(3, 0, 8)), ValueError, "prompts"),
+        (dict(prompt_ids=torch.tensor([0, 1, 2])), ValueError, "prompt_ids: expected shape"),
+        (dict(attention_mask=torch.ones(2, 4)), ValueError, "attention_mask: expected shape"),
+        (dict(labels=torch.ones(2, 3)), TypeError, "labels: expected dtype"),
+        (dict(input_ids=torch.ones(2, 3)), TypeError, "input_ids: expected dtype"),
+        (dict(prompt_ids=torch.tensor([0.0, 1.0])), TypeError, "prompt_ids: expected dtype"),
+        (dict(prompts=torch.randn(3, 2, 8, dtype=torch.float16)), TypeError, "prompts: expected the dtype"),
+        (dict(embed_weight=torch.randn(7, 8).long()), TypeError, "embed_weight: expected dtype"),
+        (dict(input_ids=torch.zeros(2, 3, 1, dtype=torch.int64)), ValueError, "input_ids: expected 2 dim"),
+        (dict(backend="cuda"), ValueError, "needs CUDA tensors"),
+        (dict(backend="nope"), ValueError, "backend"),
+    ],
+)
+def test_prompt_concat_bad_input(change, error, match):
+    args = dict(
+        input_ids=torch.zeros(2, 3, dtype=torch.int64),
+        embed_weight=torch.randn(7, 8),
+        prompts=torch.randn(3, 2, 8),
+        prompt_ids=torch.tensor([0, 2]),
+        attention_mask=None,
+        labels=None,
+        backend="triton",
+    )
+    args.update(change)
+    with pytest.raises(error, match=match):
+        peftkern.prompt_concat(**args)
+
+
+def test_float64_needs_torch_backend():
+    with pytest.raises(TypeError, match="backend 'triton' does not support"):
+        peftkern.prompt_concat(torch.zeros(1, 2, dtype=torch.int64), torch.randn(3, 4, dtype=torch.float64),
+                               torch.randn(1, 1, 4, dtype=torch.float64), torch.zeros(1, dtype=torch.int64),
+                               backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prompt_concat_triton_on_gpu(dtype):
+    input_ids, embed, prompts, prompt_ids, mask, labels = _inputs(8, 300, 1000, 4096 + 8, 3, 17)
+    embed_t = cast(embed.cuda(), dtype, True)
+    prompts_t = cast(prompts.cuda(), dtype, True)
+    ids, pids = input_ids.cuda(), prompt_ids.cuda()
+    out = peftkern.prompt_concat(ids, embed_t, prompts_t, pids, mask.cuda(), labels.cuda(), backend="triton")
+    ref = reference.prompt_concat(ids, embed_t.detach(), prompts_t.detach(), pids, mask.cuda(), labels.cuda())
+    assert torch.equal(out.inputs_embeds, ref.inputs_embeds) and torch.equal(out.labels, ref.labels)
+    grad = torch.randn_like(out.inputs_embeds)
+    out.inputs_embeds.backward(grad)
+    _, grad_prompts, grad_embed = _reference_grads(ids, embed_t.detach(), prompts_t.detach(), pids, grad)
+    assert_close(prompts_t.grad, grad_prompts, "dprompts", dtype)
+    assert_close(embed_t.grad, grad_embed, "dembed_weight", dtype)
