@@ -2,12 +2,17 @@
 
 from .backends import cuda_backend_status, use_backend
 from .nn import LoRALinear
+from .nn.prompt import PrefixEncoder, PrefixTuningForCausalLM, PromptTuningEmbedding, PromptTuningForCausalLM
 from .ops import lora_linear, prefix_kv, prompt_concat
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRALinear",
+    "PrefixEncoder",
+    "PrefixTuningForCausalLM",
+    "PromptTuningEmbedding",
+    "PromptTuningForCausalLM",
     "cuda_backend_status",
     "lora_linear",
     "prefix_kv",

@@ -254,3 +254,112 @@ def test_prompt_concat_triton_on_gpu(dtype):
     _, grad_prompts, grad_embed = _reference_grads(ids, embed_t.detach(), prompts_t.detach(), pids, grad)
     assert_close(prompts_t.grad, grad_prompts, "dprompts", dtype)
     assert_close(embed_t.grad, grad_embed, "dembed_weight", dtype)
+
+
+# ---- prompt tuning on a Hugging Face causal LM, against peft -----------------------------------------------
+
+
+def _tiny_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _peft_prompt_model(base, num_virtual):
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual)
+    return peft.get_peft_model(base, config).eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prompt_tuning_matches_peft(backend):
+    import copy
+    import warnings
+
+    base = _tiny_llama()
+    ours = peftkern.PromptTuningForCausalLM(
+        copy.deepcopy(base), num_tasks=3, num_virtual_tokens=4, backend=backend
+    )
+    theirs = _peft_prompt_model(base, 4)
+    their_prompt = theirs.prompt_encoder["default"].embedding.weight
+    input_ids = torch.randint(0, 61, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.int64)
+    mask[2, :2] = 0  # left padding
+    labels = input_ids.clone()
+    labels[2, :2] = -100
+    task_ids = torch.tensor([2, 0, 1])
+    losses = []
+    for row, task in enumerate(task_ids.tolist()):
+        with torch.no_grad():
+            their_prompt.copy_(ours.prompt.weight[task])
+        their_prompt.grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = theirs(input_ids=input_ids[row:row + 1], attention_mask=mask[row:row + 1],
+                         labels=labels[row:row + 1])
+        out.loss.backward()
+        losses.append((out.logits.detach(), their_prompt.grad.clone()))
+
+    for row in range(3):  # one row at a time: peft's loss averages over its own batch
+        ours.prompt.weight.grad = None
+        out = ours(input_ids[row:row + 1], mask[row:row + 1], labels[row:row + 1], task_ids[row:row + 1])
+        assert_close(out.logits, losses[row][0], f"logits[{row}]", torch.float32)
+        out.loss.backward()
+        task = task_ids[row].item()
+        assert_close(ours.prompt.weight.grad[task], losses[row][1], f"dprompt[{row}]", torch.float32)
+        assert (ours.prompt.weight.grad[[t for t in range(3) if t != task]] == 0).all()
+    mixed = ours(input_ids, mask, task_ids=task_ids)  # a batch mixing three tasks
+    for row in range(3):
+        assert_close(mixed.logits[row], losses[row][0][0], f"mixed logits[{row}]", torch.float32)
+    # The base stays frozen; only the prompts train.
+    assert [name for name, p in ours.named_parameters() if p.requires_grad] == ["prompt.weight"]
+
+
+def test_prompt_tuning_generate_matches_peft():
+    import copy
+    import warnings
+
+    base = _tiny_llama(1)
+    ours = peftkern.PromptTuningForCausalLM(copy.deepcopy(base), num_tasks=2, num_virtual_tokens=3)
+    theirs = _peft_prompt_model(base, 3)
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.copy_(ours.prompt.weight[1])
+    input_ids = torch.randint(0, 61, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = theirs.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=6, do_sample=False
+        )
+        got = ours.generate(input_ids, mask, task_ids=1, max_new_tokens=6, do_sample=False)
+    assert got.shape == (2, 11) and torch.equal(got, expected)
+
+
+def test_prompt_tuning_position_ids_and_inits():
+    base = _tiny_llama(2)
+    model = peftkern.PromptTuningForCausalLM(base, num_tasks=1, num_virtual_tokens=2)
+    input_ids = torch.randint(0, 61, (2, 4))
+    default = model(input_ids).logits
+    explicit = model(input_ids, position_ids=torch.arange(4).expand(2, 4)).logits
+    assert_close(explicit, default, "logits with explicit position ids", torch.float32)
+    with pytest.raises(ValueError, match="task_ids"):
+        peftkern.PromptTuningForCausalLM(_tiny_llama(), num_tasks=2, num_virtual_tokens=2)(input_ids)
+
+    table = base.get_input_embeddings().weight
+    text = peftkern.PromptTuningEmbedding(2, 5, 64, "text", word_embeddings=table, init_token_ids=[3, 7])
+    assert torch.equal(text.weight[1], table.detach()[[3, 7, 3, 7, 3]])
+    vocab = peftkern.PromptTuningEmbedding(3, 4, 64, "vocab", word_embeddings=base.get_input_embeddings())
+    rows = vocab.weight.detach().reshape(-1, 64)
+    assert all((table.detach() == row).all(-1).any() for row in rows)
+    with pytest.raises(ValueError, match="word_embeddings"):
+        peftkern.PromptTuningEmbedding(1, 2, 64, "vocab")
+    with pytest.raises(ValueError, match="init_token_ids"):
+        peftkern.PromptTuningEmbedding(1, 2, 64, "text", word_embeddings=table, init_token_ids=[61])
+    with pytest.raises(ValueError, match="init"):
+        peftkern.PromptTuningEmbedding(1, 2, 64, "zeros")
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        peftkern.PromptTuningEmbedding(1, 0, 64)
