@@ -113,3 +113,116 @@ def test_prefix_kv_triton_on_gpu(dtype):
     prefix64 = prefix.detach().double().requires_grad_()
     reference.prefix_kv(prefix64, prompt_ids, 32, 8).backward(grad.double())
     assert_close(prefix.grad, prefix64.grad, "dprefix", dtype)
+
+
+# ---- prefix tuning on a Hugging Face causal LM, against peft -----------------------------------------------
+
+
+def _tiny_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,  # GQA: 2 key/value heads for 4 query heads
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _peft_prefix_model(base, num_virtual, projection_hidden):
+    peft = pytest.importorskip("peft")
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=num_virtual,
+        prefix_projection=projection_hidden is not None,
+        encoder_hidden_size=projection_hidden or 64,
+    )
+    return peft.get_peft_model(base, config).eval()
+
+
+def _copy_into_peft(ours, theirs, task):
+    encoder = theirs.prompt_encoder["default"]
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(ours.prefix.embedding[task])
+        if ours.prefix.transform is not None:
+            for mine, their in zip(ours.prefix.transform, encoder.transform):
+                for name, param in mine.named_parameters():
+                    getattr(their, name).copy_(param)
+
+
+@pytest.mark.parametrize("backend, projection_hidden", [("torch", None), ("triton", None), ("triton", 24)])
+def test_prefix_tuning_matches_peft(backend, projection_hidden):
+    import copy
+    import warnings
+
+    base = _tiny_llama()
+    ours = peftkern.PrefixTuningForCausalLM(
+        copy.deepcopy(base), num_tasks=3, num_virtual_tokens=4, projection_hidden=projection_hidden,
+        backend=backend,
+    )
+    assert ours.prefix.num_kv_heads == 2 and ours.prefix.head_dim == 16
+    theirs = _peft_prefix_model(base, 4, projection_hidden)
+    their_params = [p for p in theirs.prompt_encoder["default"].parameters()]
+    input_ids = torch.randint(0, 61, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.int64)
+    mask[1, :3] = 0  # left padding
+    labels = input_ids.clone()
+    task_ids = torch.tensor([1, 2, 1])
+    expected = []
+    for row, task in enumerate(task_ids.tolist()):
+        _copy_into_peft(ours, theirs, task)
+        for p in their_params:
+            p.grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = theirs(input_ids=input_ids[row:row + 1], attention_mask=mask[row:row + 1],
+                         labels=labels[row:row + 1])
+        out.loss.backward()
+        expected.append((out.logits.detach(), theirs.prompt_encoder["default"].embedding.weight.grad.clone()))
+    for row, task in enumerate(task_ids.tolist()):
+        ours.prefix.zero_grad(set_to_none=True)
+        out = ours(input_ids[row:row + 1], mask[row:row + 1], labels[row:row + 1], task_ids[row:row + 1])
+        assert_close(out.logits, expected[row][0], f"logits[{row}]", torch.float32)
+        out.loss.backward()
+        assert_close(ours.prefix.embedding.grad[task], expected[row][1], f"dprefix[{row}]", torch.float32)
+        others = [t for t in range(3) if t != task]
+        assert (ours.prefix.embedding.grad[others] == 0).all()
+    mixed = ours(input_ids, mask, task_ids=task_ids)
+    for row in range(3):
+        assert_close(mixed.logits[row], expected[row][0][0], f"mixed logits[{row}]", torch.float32)
+    trainable = {name for name, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("prefix.") for name in trainable)
+
+
+@pytest.mark.parametrize("projection_hidden", [None, 24])
+def test_prefix_tuning_generate_matches_peft(projection_hidden):
+    import copy
+    import warnings
+
+    base = _tiny_llama(3)
+    ours = peftkern.PrefixTuningForCausalLM(copy.deepcopy(base), num_tasks=2, num_virtual_tokens=3,
+                                           projection_hidden=projection_hidden)
+    theirs = _peft_prefix_model(base, 3, projection_hidden)
+    _copy_into_peft(ours, theirs, 1)
+    input_ids = torch.randint(0, 61, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = theirs.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=6, do_sample=False
+        )
+        got = ours.generate(input_ids, mask, task_ids=1, max_new_tokens=6, do_sample=False)
+    assert got.shape == (2, 11) and torch.equal(got, expected)
+
+
+def test_prefix_encoder_shapes_and_bad_input():
+    encoder = peftkern.PrefixEncoder(3, 2, num_layers=4, num_kv_heads=2, head_dim=8, projection_hidden=16)
+    assert encoder.table().shape == (3, 2, 4 * 2 * 2 * 8)
+    out = encoder(torch.tensor([2, 0]), dtype=torch.float16)
+    assert out.shape == (4, 2, 2, 2, 2, 8) and out.dtype == torch.float16
+    assert torch.equal(out, reference.prefix_kv(encoder.table().detach().half(), torch.tensor([2, 0]), 4, 2))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        peftkern.PrefixEncoder(1, 2, 2, 0, 8)
+    with pytest.raises(ValueError, match="projection_hidden"):
+        peftkern.PrefixEncoder(1, 2, 2, 2, 8, projection_hidden=0)
+    with pytest.raises(ValueError, match="prompt_ids: expected ids in"):
+        encoder(torch.tensor([3]))
