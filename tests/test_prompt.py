@@ -259,12 +259,12 @@ def test_prompt_concat_triton_on_gpu(dtype):
 # ---- prompt tuning on a Hugging Face causal LM, against peft -----------------------------------------------
 
 
-def _tiny_llama(seed: int = 0):
+def _tiny_llama(seed: int = 0, initializer_range: float = 0.02):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=initializer_range,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -363,3 +363,38 @@ def test_prompt_tuning_position_ids_and_inits():
         peftkern.PromptTuningEmbedding(1, 2, 64, "zeros")
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         peftkern.PromptTuningEmbedding(1, 0, 64)
+
+
+def test_lora_and_prompt_tuning_train_together():
+    """LoRA on q_proj/v_proj and a soft prompt per task, one optimiser: both get gradients, the loss falls."""
+    # Weights large enough that a frozen lm_head can express a confident answer (0.02 caps logits near 1).
+    base = _tiny_llama(4, initializer_range=0.2)
+    model = peftkern.PromptTuningForCausalLM(base, num_tasks=2, num_virtual_tokens=4, backend="triton")
+    # LoRA injected after wrapping, so the wrapper's freeze of the base leaves it trainable.
+    for layer in base.model.layers:
+        layer.self_attn.q_proj = peftkern.LoRALinear.from_linear(layer.self_attn.q_proj, r=4, alpha=8)
+        layer.self_attn.v_proj = peftkern.LoRALinear.from_linear(layer.self_attn.v_proj, r=4, alpha=8)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) == {"prompt.weight"} | {
+        f"model.model.layers.{i}.self_attn.{proj}.lora_{ab}"
+        for i in range(2)
+        for proj in ("q_proj", "v_proj")
+        for ab in "AB"
+    }
+    input_ids = torch.randint(0, 61, (4, 8))
+    task_ids = torch.tensor([0, 1, 0, 1])
+    labels = torch.where(task_ids[:, None] == 0, 5, 9).expand(4, 8)  # each task answers its own token
+    optimiser = torch.optim.Adam(trainable.values(), lr=5e-2)
+    model.train()
+    losses = []
+    for _ in range(10):
+        optimiser.zero_grad()
+        loss = model(input_ids, labels=labels, task_ids=task_ids).loss
+        loss.backward()
+        for name, p in trainable.items():
+            if name.endswith("lora_A") and not losses:
+                continue  # B starts at zero, so A's first gradient is zero by design
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], losses
