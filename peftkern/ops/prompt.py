@@ -44,7 +44,7 @@ def _torch_prompt_backward(grad, input_ids, prompt_ids, prompts, embed_weight, n
         # A one-hot [P, B] product sums each task's rows: deterministic on every device, unlike index_add_.
         tasks = torch.arange(prompts.shape[0], device=grad.device)
         onehot = (prompt_ids[None, :] == tasks[:, None]).to(compute)
-        rows = grad[:, :num_virtual].reshape(grad.shape[0], -1).to(compute)
+        rows = grad[:, :num_virtual].reshape(grad.shape[0], num_virtual * dim).to(compute)
         grad_prompts = (onehot @ rows).reshape(prompts.shape).to(prompts.dtype)
     if need_embed:
         tokens = grad[:, num_virtual:].reshape(-1, dim).to(compute)
@@ -57,7 +57,7 @@ def _torch_prompt_backward(grad, input_ids, prompt_ids, prompts, embed_weight, n
 def _torch_prefix_backward(grad, prompt_ids, prefix):
     num_layers, _, batch, num_kv_heads, num_virtual, head_dim = grad.shape
     compute = _compute_dtype(grad.dtype, prefix.dtype)
-    rows = grad.permute(2, 4, 0, 1, 3, 5).reshape(batch, -1).to(compute)
+    rows = grad.permute(2, 4, 0, 1, 3, 5).reshape(batch, prefix.shape[1] * prefix.shape[2]).to(compute)
     onehot = (prompt_ids[None, :] == torch.arange(prefix.shape[0], device=grad.device)[:, None]).to(compute)
     return (onehot @ rows).reshape(prefix.shape).to(prefix.dtype)
 
