@@ -227,3 +227,21 @@ def test_prefix_encoder_shapes_and_bad_input():
         peftkern.PrefixEncoder(1, 2, 2, 2, 8, projection_hidden=0)
     with pytest.raises(ValueError, match="prompt_ids: expected ids in"):
         encoder(torch.tensor([3]))
+
+
+def test_prefix_tuning_generate_is_left_padding_invariant():
+    import transformers
+
+    torch.manual_seed(5)
+    config = transformers.LlamaConfig(
+        vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2,
+    )
+    model = peftkern.PrefixTuningForCausalLM(transformers.LlamaForCausalLM(config).eval(), 2, 3)
+    input_ids = torch.randint(0, 61, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.int64)
+    mask[1, :2] = 0
+    task_ids = torch.tensor([0, 1])
+    padded = model.generate(input_ids, mask, task_ids=task_ids, max_new_tokens=5, do_sample=False)
+    alone = model.generate(input_ids[1:, 2:], task_ids=task_ids[1:], max_new_tokens=5, do_sample=False)
+    assert torch.equal(padded[1, 6:], alone[0, 4:])

@@ -258,8 +258,11 @@ class PromptTuningForCausalLM(_SoftPromptModel):
     ``forward(input_ids, attention_mask, labels, task_ids)`` builds inputs_embeds, mask and labels with
     :func:`peftkern.prompt_concat` (one pass) and calls the model; its logits are [B, n+T, vocab] (the
     prompt's positions included, as peft). ``generate`` feeds the prompt at prefill only (the KV cache
-    carries it after) and returns ``input_ids`` followed by the new tokens, as peft. The base model is
-    frozen unless ``freeze_base=False``; LoRA layers injected after wrapping stay trainable.
+    carries it after) and returns ``input_ids`` followed by the new tokens, as peft. In ``generate`` the
+    positions come from the extended mask, as transformers does for a plain model, so a left-padded row
+    generates what it does unpadded (peft drops position ids there: padded rows differ from peft's).
+    The base model is frozen unless ``freeze_base=False``; LoRA layers injected after wrapping stay
+    trainable.
     """
 
     def __init__(
