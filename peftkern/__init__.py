@@ -1,6 +1,7 @@
 """peftkern: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning, as PyTorch layers."""
 
 from .backends import cuda_backend_status, use_backend
+from .io import load_soft_prompt, save_soft_prompt
 from .nn import LoRALinear
 from .nn.prompt import PrefixEncoder, PrefixTuningForCausalLM, PromptTuningEmbedding, PromptTuningForCausalLM
 from .ops import lora_linear, prefix_kv, prompt_concat
@@ -14,8 +15,10 @@ __all__ = [
     "PromptTuningEmbedding",
     "PromptTuningForCausalLM",
     "cuda_backend_status",
+    "load_soft_prompt",
     "lora_linear",
     "prefix_kv",
     "prompt_concat",
+    "save_soft_prompt",
     "use_backend",
 ]

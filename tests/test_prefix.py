@@ -79,6 +79,8 @@ def test_prefix_kv_single_int_id_opcheck_and_gradcheck():
     torch.library.opcheck(torch.ops.peftkern.prefix_kv.default, (prefix, prompt_ids, 2, 1, "torch"))
     fn = lambda p: peftkern.prefix_kv(p, prompt_ids, 2, 1, backend="torch")
     assert torch.autograd.gradcheck(fn, (prefix,))
+    compiled = torch.compile(fn, fullgraph=True)
+    assert torch.equal(compiled(prefix), reference.prefix_kv(prefix, prompt_ids, 2, 1))
 
 
 @pytest.mark.parametrize(
