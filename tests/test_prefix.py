@@ -71,6 +71,14 @@ def test_prefix_kv_strided_inputs(backend):
     assert (base.grad[:, :, 1::2] == 0).all()
 
 
+def test_prefix_kv_kernel_never_reads_out_of_bounds_ids():
+    prefix = torch.randn(2, 3, 16)
+    prompt_ids = torch.tensor([1, 2, -1, 2**40])
+    out = peftkern.prefix_kv(prefix, prompt_ids, 2, 2, backend="triton", check_ids=False)
+    assert (out[:, :, 1:] == 0).all()
+    assert torch.equal(out[:, :, :1], reference.prefix_kv(prefix, torch.tensor([1]), 2, 2))
+
+
 def test_prefix_kv_single_int_id_opcheck_and_gradcheck():
     prefix = torch.randn(2, 3, 2 * 2 * 1 * 4, dtype=torch.float64, requires_grad=True)
     out = peftkern.prefix_kv(prefix, 1, 2, 1, batch_size=3, backend="torch")

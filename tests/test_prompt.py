@@ -174,6 +174,9 @@ def test_kernel_never_reads_out_of_bounds_ids():
     assert torch.equal(out[0, 3], embed[0]) and torch.equal(out[0, 6], embed[4])
     assert torch.equal(out[1, 4], embed[1]) and torch.equal(out[1, 5], embed[3])
     assert (mask == 1).all()
+    # The same through the public op with the host-side check switched off (no sync, e.g. in a CUDA graph).
+    public = peftkern.prompt_concat(input_ids, embed, prompts, prompt_ids, backend="triton", check_ids=False)
+    assert torch.equal(public.inputs_embeds, out)
 
 
 def test_prompt_concat_opcheck_gradcheck_and_compile():

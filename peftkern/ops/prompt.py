@@ -247,7 +247,7 @@ def _as_prompt_ids(prompt_ids: torch.Tensor | int, batch: int, device: torch.dev
     return prompt_ids
 
 
-def _check_prompt_inputs(input_ids, embed_weight, prompts, prompt_ids, attention_mask, labels):
+def _check_prompt_inputs(input_ids, embed_weight, prompts, prompt_ids, attention_mask, labels, check_ids):
     check_tensor("input_ids", input_ids, ndim=2, dtypes=INDEX_DTYPES)
     check_tensor("embed_weight", embed_weight, ndim=2)
     check_tensor("prompts", prompts, ndim=3)
@@ -279,8 +279,9 @@ def _check_prompt_inputs(input_ids, embed_weight, prompts, prompt_ids, attention
             f"prompts: expected the dtype of embed_weight ({embed_weight.dtype}) or float32 (fp32 prompts "
             f"beside a 16-bit model), got {prompts.dtype}"
         )
-    _check_ids_in_range("input_ids", input_ids, vocab, "rows of embed_weight")
-    _check_ids_in_range("prompt_ids", prompt_ids, num_prompts, "tasks in prompts")
+    if check_ids:
+        _check_ids_in_range("input_ids", input_ids, vocab, "rows of embed_weight")
+        _check_ids_in_range("prompt_ids", prompt_ids, num_prompts, "tasks in prompts")
 
 
 # ---- the public functions ---------------------------------------------------------------------------------
@@ -295,6 +296,7 @@ def prompt_concat(
     labels: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    check_ids: bool = True,
 ) -> reference.PromptConcatOutput:
     """Prompt tuning's model input in one pass: each row's soft prompt, then its token embeddings.
 
@@ -305,6 +307,9 @@ def prompt_concat(
         prompt_ids: [B] int32/int64, each row's task in [0, P) (or one int for every row).
         attention_mask: [B, T] or None; labels: [B, T] int or None.
         backend: "torch" | "triton" | "cuda"; see :mod:`peftkern.backends`.
+        check_ids: reject out-of-range ids with a ValueError (one host sync). False skips the sync (CUDA
+            graphs, serving); the Triton kernel then still reads nothing out of bounds (such rows come out
+            zero), while the torch backend raises torch's own indexing error.
     Returns:
         ``PromptConcatOutput(inputs_embeds [B, n+T, D] in embed_weight's dtype, attention_mask [B, n+T]
         (ones over the prompt; int64 ones if none was given), labels [B, n+T] with -100 over the prompt or
@@ -312,7 +317,7 @@ def prompt_concat(
     """
     check_tensor("input_ids", input_ids, ndim=2, dtypes=INDEX_DTYPES)
     prompt_ids = _as_prompt_ids(prompt_ids, input_ids.shape[0], input_ids.device)
-    _check_prompt_inputs(input_ids, embed_weight, prompts, prompt_ids, attention_mask, labels)
+    _check_prompt_inputs(input_ids, embed_weight, prompts, prompt_ids, attention_mask, labels, check_ids)
     name = resolve_backend(embed_weight.device, "prompt_concat", backend)
     check_backend_dtypes("prompt_concat", name, embed_weight=embed_weight, prompts=prompts)
     embeds, mask, new_labels = torch.ops.peftkern.prompt_concat(
@@ -329,6 +334,7 @@ def prefix_kv(
     *,
     batch_size: int | None = None,
     backend: str | None = None,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Each row's prefix keys and values for every layer, gathered in one launch.
 
@@ -338,6 +344,7 @@ def prefix_kv(
         prompt_ids: [B] int32/int64 tasks in [0, P), or one int for every row (then ``batch_size`` rows).
         num_layers, num_kv_heads: the model's layer count and key/value head count (GQA: fewer than the
             query heads).
+        check_ids: as in :func:`prompt_concat` (False: no host sync; bad ids give zero rows on Triton).
     Returns:
         [num_layers, 2, B, num_kv_heads, n, head_dim], contiguous: ``out[l, 0]`` / ``out[l, 1]`` are layer
         l's key / value prefix [B, H_kv, n, head_dim]. Gradients flow to ``prefix``, summed per task.
@@ -363,7 +370,8 @@ def prefix_kv(
         prompt_ids = torch.full((batch_size,), prompt_ids, dtype=torch.int64, device=prefix.device)
     check_tensor("prompt_ids", prompt_ids, ndim=1, dtypes=INDEX_DTYPES)
     check_same_device("prefix", prefix, prompt_ids=prompt_ids)
-    _check_ids_in_range("prompt_ids", prompt_ids, num_prompts, "tasks in prefix")
+    if check_ids:
+        _check_ids_in_range("prompt_ids", prompt_ids, num_prompts, "tasks in prefix")
     name = resolve_backend(prefix.device, "prefix_kv", backend)
     check_backend_dtypes("prefix_kv", name, prefix=prefix)
     return torch.ops.peftkern.prefix_kv(prefix, prompt_ids, num_layers, num_kv_heads, name)
