@@ -417,3 +417,22 @@ def test_prompt_tuning_generate_is_left_padding_invariant():
     padded = model.generate(input_ids, mask, task_ids=task_ids, max_new_tokens=5, do_sample=False)
     alone = model.generate(input_ids[1:, 2:], task_ids=task_ids[1:], max_new_tokens=5, do_sample=False)
     assert torch.equal(padded[1, 6:], alone[0, 4:])
+
+
+@pytest.mark.gpu
+def test_prompt_concat_offsets_past_int32_on_gpu():
+    """An embedding table of more than 2**31 elements: rows near its end are read and written back exactly."""
+    vocab, dim = 2**20 + 3, 2048
+    embed = torch.zeros(vocab, dim, dtype=torch.bfloat16, device="cuda")
+    embed[-3:] = torch.randn(3, dim, device="cuda").to(torch.bfloat16)
+    embed.requires_grad_()
+    prompts = torch.randn(1, 2, dim, device="cuda", requires_grad=True)
+    input_ids = torch.tensor([[vocab - 1, vocab - 3, vocab - 1]], device="cuda")
+    out = peftkern.prompt_concat(input_ids, embed, prompts, 0, backend="triton")
+    assert torch.equal(out.inputs_embeds[0, 2], embed.detach()[vocab - 1])
+    assert torch.equal(out.inputs_embeds[0, 3], embed.detach()[vocab - 3])
+    grad = torch.randn_like(out.inputs_embeds)
+    out.inputs_embeds.backward(grad)
+    expected = grad[0, 2].double() + grad[0, 4].double()
+    assert_close(embed.grad[vocab - 1], expected, "dembed[-1]", torch.bfloat16)
+    assert (embed.grad[: vocab - 3] == 0).all()
