@@ -4,7 +4,8 @@ from .backends import cuda_backend_status, use_backend
 from .io import load_soft_prompt, save_soft_prompt
 from .nn import LoRALinear
 from .nn.prompt import PrefixEncoder, PrefixTuningForCausalLM, PromptTuningEmbedding, PromptTuningForCausalLM
-from .ops import lora_linear, prefix_kv, prompt_concat
+from .ops import lora_linear
+from .ops.prompt import prefix_kv, prompt_concat
 
 __version__ = "0.1.0"
 
