@@ -91,19 +91,26 @@ def _prompt_concat_fwd_kernel(
 @triton.jit
 def _task_sum_kernel(
     G, PIDS, OUT,
-    B, NV, C, INNER1, INNER0,
-    stride_gb, stride_gj, stride_g2, stride_g1, stride_g0, stride_pid, stride_op, stride_oj, stride_oc,
+    B, NV, C, INNER1, INNER0, rows_per_split,
+    stride_gb, stride_gj, stride_g2, stride_g1, stride_g0, stride_pid,
+    stride_os, stride_op, stride_oj, stride_oc,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """OUT[p, j, c] = sum over rows b (in index order) with PIDS[b] == p of G[b, j, c].
+    """OUT[s, p, j, c] = sum over rows b of split s (in index order) with PIDS[b] == p of G[b, j, c].
+
+    Split s owns rows [s * rows_per_split, (s + 1) * rows_per_split): with one split OUT is the result,
+    with several the host sums the fp32 partials over s (a fixed-order reduction: still deterministic).
 
     Column c of the [P, n, C] table splits as (c2, c1, c0) with c0 < INNER0, c1 < INNER1, each with its
     own stride in G: so G may be the prompt part of dOUT ([B, n, D]: INNER1 = 1) or a prefix cache
     gradient [L, 2, B, H, n, head_dim] (c2 = layer * 2 + key/value, c1 = head, c0 = head_dim).
-    One program per (task p, virtual token j, BLOCK_C columns); tasks no row uses come out zero.
+    One program per (task p, virtual token j, BLOCK_C columns, split); tasks no row uses come out zero.
     """
     p = tl.program_id(0) // NV
     j = (tl.program_id(0) % NV).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, B)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     c0 = cols % INNER0
@@ -111,14 +118,14 @@ def _task_sum_kernel(
     c2 = cols // (INNER0 * INNER1)
     col_offsets = j * stride_gj + c2 * stride_g2 + c1 * stride_g1 + c0 * stride_g0
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
+    for b0 in range(row_start, row_end, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        task = tl.load(PIDS + rows * stride_pid, mask=rows < B, other=-1)
+        task = tl.load(PIDS + rows * stride_pid, mask=rows < row_end, other=-1)
         selected = task == p
         g = tl.load(G + rows[:, None] * stride_gb + col_offsets[None, :],
                     mask=selected[:, None] & col_ok[None, :], other=0.0)
         acc += tl.sum(g.to(tl.float32), axis=0)
-    tl.store(OUT + p.to(tl.int64) * stride_op + j * stride_oj + cols * stride_oc,
+    tl.store(OUT + split * stride_os + p.to(tl.int64) * stride_op + j * stride_oj + cols * stride_oc,
              acc.to(OUT.dtype.element_ty), mask=col_ok)
 
 
@@ -203,17 +210,36 @@ def _task_sum(grad: torch.Tensor, prompt_ids: torch.Tensor, out: torch.Tensor, i
               strides: tuple[int, int, int, int, int]) -> torch.Tensor:
     """Launch ``_task_sum_kernel`` writing every element of ``out`` [P, n, C]."""
     num_prompts, num_virtual, width = out.shape
+    batch = prompt_ids.shape[0]
     if out.numel() == 0:
         return out
     _, block_c, warps = _blocks(width)
-    block_b = 16 if interpreting() else 8
-    grid = (num_prompts * num_virtual, triton.cdiv(width, block_c))
-    _task_sum_kernel[grid](
-        grad, prompt_ids, out,
-        prompt_ids.shape[0], num_virtual, width, inner1, inner0,
-        *strides, prompt_ids.stride(0), out.stride(0), out.stride(1), out.stride(2),
+    programs = num_prompts * num_virtual * triton.cdiv(width, block_c)
+    if interpreting():
+        # Small blocks and two splits whenever there are enough rows, so CPU tests cover the split path.
+        block_b, splits = 4, min(2, triton.cdiv(max(batch, 1), 4))
+    else:
+        # Few (task, token, column-block) programs and many rows (one prompt, a large batch): split the rows
+        # so that the GPU fills up, each split at least 4 row blocks long.
+        block_b = 8
+        splits = max(1, min(1024 // programs, triton.cdiv(batch, 4 * block_b)))
+    rows_per_split = triton.cdiv(max(batch, 1), splits * block_b) * block_b
+    splits = triton.cdiv(max(batch, 1), rows_per_split)
+    target = out
+    if splits > 1:
+        shape = (splits, num_prompts, num_virtual, width)
+        target = torch.empty(shape, dtype=torch.float32, device=out.device)
+    stride_os = target.stride(0) if splits > 1 else 0
+    inner = target[0] if splits > 1 else target
+    _task_sum_kernel[(num_prompts * num_virtual, triton.cdiv(width, block_c), splits)](
+        grad, prompt_ids, target,
+        batch, num_virtual, width, inner1, inner0, rows_per_split,
+        *strides, prompt_ids.stride(0),
+        stride_os, inner.stride(0), inner.stride(1), inner.stride(2),
         BLOCK_B=block_b, BLOCK_C=block_c, num_warps=warps,
     )
+    if splits > 1:
+        out.copy_(target.sum(0))
     return out
 
 

@@ -49,7 +49,8 @@ def _torch_prompt_backward(grad, input_ids, prompt_ids, prompts, embed_weight, n
     if need_embed:
         tokens = grad[:, num_virtual:].reshape(-1, dim).to(compute)
         grad_embed = torch.zeros(embed_weight.shape, dtype=compute, device=grad.device)
-        grad_embed.index_add_(0, input_ids.reshape(-1).to(torch.int64), tokens)
+        # index_put_ with accumulate sorts the indices on CUDA: deterministic, unlike index_add_'s atomics.
+        grad_embed.index_put_((input_ids.reshape(-1).to(torch.int64),), tokens, accumulate=True)
         grad_embed = grad_embed.to(embed_weight.dtype)
     return grad_prompts, grad_embed
 
