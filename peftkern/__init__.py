@@ -1,9 +1,24 @@
 """peftkern: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning, as PyTorch layers."""
 
-from .adapters import AdapterConfig, inject_adapters, load_adapters, remove_adapters, save_adapters
+from .adapters import (
+    AdapterConfig,
+    inject_adapters,
+    load_bottleneck_adapters,
+    remove_adapters,
+    save_bottleneck_adapters,
+)
 from .backends import cuda_backend_status, use_backend
-from .nn import BottleneckAdapter, LoRALinear, use_adapter_ids
-from .ops import bottleneck_adapter, lora_linear
+from .io import load_soft_prompt, save_soft_prompt
+from .nn import (
+    BottleneckAdapter,
+    LoRALinear,
+    PrefixEncoder,
+    PrefixTuningForCausalLM,
+    PromptTuningEmbedding,
+    PromptTuningForCausalLM,
+    use_adapter_ids,
+)
+from .ops import bottleneck_adapter, lora_linear, prefix_kv, prompt_concat
 
 __version__ = "0.1.0"
 
@@ -11,13 +26,21 @@ __all__ = [
     "AdapterConfig",
     "BottleneckAdapter",
     "LoRALinear",
+    "PrefixEncoder",
+    "PrefixTuningForCausalLM",
+    "PromptTuningEmbedding",
+    "PromptTuningForCausalLM",
     "bottleneck_adapter",
-    "inject_adapters",
-    "load_adapters",
-    "remove_adapters",
-    "save_adapters",
-    "use_adapter_ids",
     "cuda_backend_status",
+    "inject_adapters",
+    "load_bottleneck_adapters",
+    "load_soft_prompt",
     "lora_linear",
+    "prefix_kv",
+    "prompt_concat",
+    "remove_adapters",
+    "save_bottleneck_adapters",
+    "save_soft_prompt",
+    "use_adapter_ids",
     "use_backend",
 ]

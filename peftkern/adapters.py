@@ -41,8 +41,8 @@ __all__ = [
     "inject_adapters",
     "adapter_modules",
     "remove_adapters",
-    "save_adapters",
-    "load_adapters",
+    "save_bottleneck_adapters",
+    "load_bottleneck_adapters",
 ]
 
 ADAPTER_CONFIG_NAME = "bottleneck_config.json"
@@ -223,7 +223,7 @@ def _atomic_write(target: Path, write) -> None:
         raise
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
+def save_bottleneck_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the model's bottleneck adapters to the directory ``path`` (created if missing)."""
     config = getattr(model, _CONFIG_ATTR, None)
     modules = list(adapter_modules(model))
@@ -301,14 +301,14 @@ def _expected_shapes(model: nn.Module, config: AdapterConfig) -> dict[str, torch
     }
 
 
-def load_adapters(
+def load_bottleneck_adapters(
     model: nn.Module,
     path: str | os.PathLike,
     *,
     dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> nn.Module:
-    """Load adapters saved by :func:`save_adapters` into ``model`` (in place; returns it).
+    """Load adapters saved by :func:`save_bottleneck_adapters` into ``model`` (in place; returns it).
 
     A model without adapters gets them injected from the file's config (``dtype``/``backend`` as in
     :func:`inject_adapters`); a model with adapters must have the same config. Every key, shape and dtype

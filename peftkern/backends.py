@@ -20,9 +20,10 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 # Measured default per op on CUDA tensors (benchmarks/results/). Ops not listed use DEFAULT_CUDA_BACKEND.
 DEFAULT_CUDA_BACKEND = "triton"
-DEFAULT_CUDA_BACKEND_PER_OP: dict[str, str] = {}
-# No CUDA C++ bottleneck kernels yet: CUDA tensors default to Triton for this op even when peftkern._C exists.
-DEFAULT_CUDA_BACKEND_PER_OP["bottleneck_adapter"] = "triton"
+DEFAULT_CUDA_BACKEND_PER_OP: dict[str, str] = {
+    # No CUDA C++ bottleneck kernels yet: Triton even when peftkern._C exists.
+    "bottleneck_adapter": "triton",
+}
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftkern_backend", default=None)
 

@@ -11,6 +11,8 @@ the backward pass from the seed alone, and all backends agree element for elemen
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 __all__ = [
@@ -20,6 +22,9 @@ __all__ = [
     "ACTIVATIONS",
     "apply_activation",
     "bottleneck_adapter",
+    "PromptConcatOutput",
+    "prompt_concat",
+    "prefix_kv",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -175,3 +180,64 @@ def bottleneck_adapter(
         out = out + up_bias[safe]
     out = torch.where(active[:, None], out, torch.zeros_like(out))
     return (res + scaling * out).reshape(x.shape)
+
+
+class PromptConcatOutput(NamedTuple):
+    """What :func:`prompt_concat` returns: ``inputs_embeds`` [B, n+T, D], ``attention_mask`` [B, n+T],
+    ``labels`` [B, n+T] or None."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+
+
+IGNORE_INDEX = -100
+
+
+def prompt_concat(
+    input_ids: torch.Tensor,
+    embed_weight: torch.Tensor,
+    prompts: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> PromptConcatOutput:
+    """Prompt tuning's input: each row's soft prompt, then its token embeddings.
+
+    input_ids: [B, T] token ids into embed_weight [V, D]; prompts: [P, n, D] (one soft prompt per task);
+    prompt_ids: [B], row b uses prompts[prompt_ids[b]]. Returns
+      inputs_embeds  [B, n+T, D] in embed_weight's dtype: prompts[prompt_ids[b]], then
+                     embed_weight[input_ids[b]]
+      attention_mask [B, n+T]: ones over the prompt, then ``attention_mask`` (all ones, int64, if None)
+      labels         [B, n+T]: -100 over the prompt, then ``labels`` (None if None)
+    """
+    batch, _ = input_ids.shape
+    num_virtual = prompts.shape[1]
+    tokens = embed_weight[input_ids]
+    soft = prompts[prompt_ids].to(embed_weight.dtype)
+    inputs_embeds = torch.cat([soft, tokens], dim=1)
+    if attention_mask is None:
+        mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.int64, device=input_ids.device)
+    else:
+        ones = torch.ones(batch, num_virtual, dtype=attention_mask.dtype, device=attention_mask.device)
+        mask = torch.cat([ones, attention_mask], dim=1)
+    if labels is not None:
+        ignored = torch.full((batch, num_virtual), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+        labels = torch.cat([ignored, labels], dim=1)
+    return PromptConcatOutput(inputs_embeds, mask, labels)
+
+
+def prefix_kv(
+    prefix: torch.Tensor, prompt_ids: torch.Tensor, num_layers: int, num_kv_heads: int
+) -> torch.Tensor:
+    """Prefix tuning's per-row keys and values for every layer.
+
+    prefix: [P, n, num_layers * 2 * num_kv_heads * head_dim], one table per task in ``peft``'s layout
+    (the last dim is (layer, key/value, head, head_dim), row-major); prompt_ids: [B].
+    Returns [num_layers, 2, B, num_kv_heads, n, head_dim]: ``out[l, 0]`` is layer l's key prefix and
+    ``out[l, 1]`` its value prefix, each [B, H_kv, n, head_dim] as a ``transformers`` cache holds them.
+    """
+    tasks, num_virtual, width = prefix.shape
+    head_dim = width // (num_layers * 2 * num_kv_heads)
+    rows = prefix[prompt_ids].reshape(prompt_ids.shape[0], num_virtual, num_layers, 2, num_kv_heads, head_dim)
+    return rows.permute(2, 3, 0, 4, 1, 5).contiguous()

@@ -1,5 +1,5 @@
 """``BottleneckAdapter``, ``inject_adapters`` on a small random Llama (nothing downloaded), and the
-``save_adapters``/``load_adapters`` file format."""
+``save_bottleneck_adapters``/``load_bottleneck_adapters`` file format."""
 
 from __future__ import annotations
 
@@ -215,7 +215,7 @@ def saved_model(tmp_path, **config):
     model = small_llama()
     peftkern.inject_adapters(model, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True, **config})
     randomize_adapters(model)
-    peftkern.save_adapters(model, tmp_path / "adapter")
+    peftkern.save_bottleneck_adapters(model, tmp_path / "adapter")
     return model, tmp_path / "adapter"
 
 
@@ -228,15 +228,15 @@ def test_save_load_round_trip(tmp_path):
     with peftkern.use_adapter_ids(torch.tensor([1, 0, -1])):
         expected = model(ids).logits
         # into a bare model: adapters injected from the file's config
-        fresh = peftkern.load_adapters(small_llama(), path)
+        fresh = peftkern.load_bottleneck_adapters(small_llama(), path)
         assert torch.equal(fresh(ids).logits, expected)
         # into a model that already has (other) adapters of the same config
         other = small_llama()
         peftkern.inject_adapters(other, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True})
-        peftkern.load_adapters(other, path)
+        peftkern.load_bottleneck_adapters(other, path)
         assert torch.equal(other(ids).logits, expected)
     # saving again replaces the files in place, leaving no temporary files behind
-    peftkern.save_adapters(fresh, path)
+    peftkern.save_bottleneck_adapters(fresh, path)
     assert sorted(p.name for p in path.iterdir()) == [ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME]
 
 
@@ -297,7 +297,7 @@ def test_corrupt_files_raise_and_leave_the_model_unchanged(tmp_path, case, has_a
         peftkern.inject_adapters(model, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True})
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(error, match=message):
-        peftkern.load_adapters(model, path)
+        peftkern.load_bottleneck_adapters(model, path)
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) for name in before)
@@ -312,7 +312,7 @@ def test_load_rejects_a_different_config(tmp_path):
     peftkern.inject_adapters(model, {"placement": "houlsby", "num_adapters": 3, "layer_norm": True})
     message = "key 'config.num_adapters': the file has 2, the model's adapters have 3"
     with pytest.raises(ValueError, match=message):
-        peftkern.load_adapters(model, path)
+        peftkern.load_bottleneck_adapters(model, path)
 
 
 def test_failed_save_keeps_the_previous_files(tmp_path, monkeypatch):
@@ -326,10 +326,10 @@ def test_failed_save_keeps_the_previous_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr("peftkern.adapters.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        peftkern.save_adapters(model, path)
+        peftkern.save_bottleneck_adapters(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
 
 
 def test_save_without_adapters_raises(tmp_path):
     with pytest.raises(ValueError, match="holds no bottleneck adapters"):
-        peftkern.save_adapters(small_llama(), tmp_path / "none")
+        peftkern.save_bottleneck_adapters(small_llama(), tmp_path / "none")

@@ -2,5 +2,15 @@
 
 from .bottleneck import BottleneckAdapter, current_adapter_ids, use_adapter_ids
 from .lora import LoRALinear
+from .prompt import PrefixEncoder, PrefixTuningForCausalLM, PromptTuningEmbedding, PromptTuningForCausalLM
 
-__all__ = ["BottleneckAdapter", "LoRALinear", "current_adapter_ids", "use_adapter_ids"]
+__all__ = [
+    "BottleneckAdapter",
+    "LoRALinear",
+    "PrefixEncoder",
+    "PrefixTuningForCausalLM",
+    "PromptTuningEmbedding",
+    "PromptTuningForCausalLM",
+    "current_adapter_ids",
+    "use_adapter_ids",
+]

@@ -2,5 +2,6 @@
 
 from .bottleneck import bottleneck_adapter
 from .lora import lora_linear
+from .prompt import prefix_kv, prompt_concat
 
-__all__ = ["bottleneck_adapter", "lora_linear"]
+__all__ = ["bottleneck_adapter", "lora_linear", "prefix_kv", "prompt_concat"]
