@@ -42,7 +42,7 @@ def smoke_run(tmp_path_factory) -> Path:
 
 def _rows(directory: Path) -> list[dict]:
     rows = []
-    for name in ("limits", "lora", "train", "adapter"):
+    for name in ("limits", "lora", "train", "adapter", "prompt"):
         document = json.loads((directory / f"{name}.json").read_text())
         assert set(document) == {"op", "env", "skipped", "errors", "rows"}
         assert document["errors"] == []
@@ -82,11 +82,12 @@ def test_summary_holds_only_measured_keys(smoke_run):
     rows = _rows(smoke_run)
     import bench_adapter
     import bench_lora
+    import bench_prompt
     import bench_train
 
     recomputed = {
         **bench_lora.summarize(rows, True), **bench_train.summarize(rows, True),
-        **bench_adapter.summarize(rows, True),
+        **bench_adapter.summarize(rows, True), **bench_prompt.summarize(rows, True),
     }
     assert summary == pytest.approx(recomputed)
     # Measured from this run's rows: the LoRA and adapter timing ratios. Not measurable on CPU: peak memory.
@@ -98,7 +99,11 @@ def test_summary_holds_only_measured_keys(smoke_run):
         harness.find_row(adapter, provider="torch_unfused")["median_ms"] / ours["median_ms"])
     assert summary["adapter_train_vs_two_gemms"] == pytest.approx(ours["ratios"]["vs_two_gemms"])
     assert "lora_memory_ratio_vs_peft" not in summary
-    assert not any(key.startswith(("multi_lora", "prompt")) for key in summary)
+    assert not any(key.startswith("multi_lora") for key in summary)
+    prompt = harness.find_rows(rows, op="prompt", mode="forward")
+    ours_prompt = harness.find_row(prompt, provider=bench_prompt.ours(rows))
+    assert summary["prompt_concat_speedup"] == pytest.approx(1 / ours_prompt["ratios"]["vs_peft_style"])
+    assert summary["prompt_concat_bandwidth_fraction"] == ours_prompt["ratios"]["bandwidth_fraction"]
     has_ours = harness.find_row(rows, op="train", provider="peftkern") is not None
     assert ("train_e2e_speedup_vs_peft" in summary) == has_ours
     manifest = json.loads((smoke_run / "run.json").read_text())
@@ -146,6 +151,58 @@ def test_adapter_check_catches_a_wrong_provider():
         else:
             with pytest.raises(harness.ProviderWrong):
                 harness.check_close("wrong", out, expected, *bench_adapter.CHECK_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_smoke_prompt_rows(smoke_run):
+    """bench_prompt: peft_style and Triton in forward and backward, each row with the bytes it must move
+    and its ratios to this bench's own copy bandwidth; torch.compile and cuda recorded as skipped."""
+    import bench_prompt
+
+    document = json.loads((smoke_run / "prompt.json").read_text())
+    rows = document["rows"]
+    copy = harness.find_row(rows, provider="d2d_copy")
+    assert copy["bandwidth_gbps"] > 0
+    timed = [row for row in rows if row is not copy]
+    assert {row["provider"] for row in timed} == {"peft_style", "triton"}
+    assert {row["mode"] for row in timed} == {"forward", "backward"}
+    for row in timed:
+        assert row["shapes"] == bench_prompt.SMOKE
+        distinct = (row["bytes_moved"] - bench_prompt.bytes_moved(row["shapes"], 2, 0)[row["mode"]]) // (
+            row["shapes"]["virtual_tokens"] * row["shapes"]["hidden"] * 2)
+        assert 1 <= distinct <= row["shapes"]["tasks"]
+        assert row["bytes_moved"] == bench_prompt.bytes_moved(row["shapes"], 2, distinct)[row["mode"]]
+        floor_ms = row["bytes_moved"] / (copy["bandwidth_gbps"] * 1e9) * 1e3
+        assert row["ratios"]["vs_floor"] == pytest.approx(row["median_ms"] / floor_ms)
+        assert row["ratios"]["bandwidth_fraction"] == pytest.approx(floor_ms / row["median_ms"])
+        assert ("vs_peft_style" in row["ratios"]) == (row["provider"] == "triton")
+    assert {entry["provider"] for entry in document["skipped"]} == {"torch_compile", "cuda"}
+
+
+def test_prompt_bytes_and_checks():
+    """bench_prompt's byte count by hand, its peft-style baseline equal to the reference, and its mask and
+    label check rejecting a provider that drops the given padding."""
+    import bench_prompt
+
+    from peftkern import reference
+
+    shapes = {"batch": 4, "tokens": 10, "virtual_tokens": 3, "hidden": 16, "vocab": 50, "tasks": 8}
+    moved = bench_prompt.bytes_moved(shapes, 2, distinct_tasks=4)
+    # forward: 40 token rows + 4 distinct prompts x 3 rows read, 4 x 13 rows written (16 bf16 each); 40 ids,
+    # mask and label entries and 4 task ids read, 52 mask and label entries written (int64)
+    assert moved["forward"] == (40 + 12 + 52) * 16 * 2 + (3 * 40 + 4 + 2 * 52) * 8
+    assert moved["backward"] == (4 * 3 + 4 * 3) * 16 * 2 + 4 * 8
+    inputs = bench_prompt._inputs(torch.device("cpu"), shapes, torch.bfloat16)
+    expected = reference.prompt_concat(*inputs)
+    got = bench_prompt._peft_style(*inputs)
+    assert torch.equal(got[0], expected.inputs_embeds)
+    bench_prompt._check_mask_and_labels("peft_style", got, expected)
+    input_ids, embed_weight, prompts, prompt_ids, attention_mask, labels = inputs
+    assert not bool(attention_mask.all())  # some padding, or the next check could not fail
+    unpadded = bench_prompt._peft_style(input_ids, embed_weight, prompts, prompt_ids,
+                                        torch.ones_like(attention_mask), labels)
+    with pytest.raises(harness.ProviderWrong, match="attention_mask"):
+        bench_prompt._check_mask_and_labels("wrong", unpadded, expected)
 
 
 @pytest.mark.slow
