@@ -1,4 +1,4 @@
-"""Batched multi-LoRA kernels and their launchers: every row picks its own adapter. Imports triton and torch only.
+"""Batched multi-LoRA kernels and launchers: every row picks its own adapter. Imports triton and torch only.
 
 Shapes: X [M, K], W [N, K], A [L, R, K], B [L, N, R] (R = r_max), adapter_ids [M] (-1 = base only),
 scalings [L] fp32, ranks [L] int32 (an adapter's rows use A[i, :ranks[i]], B[i, :, :ranks[i]]).
@@ -348,7 +348,8 @@ def _multi_lora_grad_kernel(
         sorted_rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = sorted_rows < row_end
         rows = tl.load(PERM + sorted_rows, mask=row_ok, other=0)
-        t = tl.load(T + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        t = tl.load(T + rows[:, None] * R + ranks[None, :],
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         v = tl.load(IN + rows[:, None] * stride_im + cols[None, :] * stride_ic,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mma(tl.trans(t), v, acc, True, PRECISION)

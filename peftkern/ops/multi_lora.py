@@ -225,7 +225,9 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, adapter_ids):
         )
     check_shape("lora_a", lora_a, (None, None, in_features), "[L, r_max, K] with K = weight.shape[1]")
     if num_adapters == 0 or r_max == 0:
-        raise ValueError(f"lora_a: expected L >= 1 adapter slots and r_max >= 1, got shape {tuple(lora_a.shape)}")
+        raise ValueError(
+            f"lora_a: expected L >= 1 adapter slots and r_max >= 1, got shape {tuple(lora_a.shape)}"
+        )
     check_shape("lora_b", lora_b, (num_adapters, out_features, r_max),
                 "[L, N, r_max] with L, r_max from lora_a and N = weight.shape[0]")
     if bias is not None:
@@ -252,9 +254,13 @@ def _as_scalings(scalings, num_adapters: int, x: torch.Tensor, dtype, check_valu
             raise ValueError(f"scalings: expected finite values, got {scalings.tolist()}")
         return scalings.to(dtype).contiguous()
     if not isinstance(scalings, Sequence) or isinstance(scalings, str):
-        raise TypeError(f"scalings: expected a float tensor [L] or a sequence of L numbers, got {type(scalings).__name__}")
+        raise TypeError(
+            f"scalings: expected a float tensor [L] or a sequence of L numbers, got {type(scalings).__name__}"
+        )
     if len(scalings) != num_adapters:
-        raise ValueError(f"scalings: expected {num_adapters} values (one per adapter slot), got {len(scalings)}")
+        raise ValueError(
+            f"scalings: expected {num_adapters} values (one per adapter slot), got {len(scalings)}"
+        )
     for index, value in enumerate(scalings):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"scalings[{index}]: expected a real number, got {type(value).__name__}")
@@ -275,7 +281,9 @@ def _as_ranks(ranks, num_adapters: int, r_max: int, x: torch.Tensor, check_value
             raise ValueError(f"ranks: expected values in [0, r_max={r_max}], got {ranks.tolist()}")
         return ranks.to(torch.int32).contiguous()
     if not isinstance(ranks, Sequence) or isinstance(ranks, str):
-        raise TypeError(f"ranks: expected an int tensor [L], a sequence of L ints or None, got {type(ranks).__name__}")
+        raise TypeError(
+            f"ranks: expected an int tensor [L], a sequence of L ints or None, got {type(ranks).__name__}"
+        )
     if len(ranks) != num_adapters:
         raise ValueError(f"ranks: expected {num_adapters} values (one per adapter slot), got {len(ranks)}")
     for index, value in enumerate(ranks):
@@ -353,7 +361,9 @@ def multi_lora_linear(
         try:
             from ._cuda import multi_lora_forward  # noqa: F401
         except ImportError as error:
-            raise RuntimeError(f"{OP}: backend 'cuda' has no multi-LoRA kernels in this build ({error})") from error
+            raise RuntimeError(
+                f"{OP}: backend 'cuda' has no multi-LoRA kernels in this build ({error})"
+            ) from error
     scale_dtype = _intermediate_dtype(x.dtype, lora_a.dtype)
     scalings_t = _as_scalings(scalings, num_adapters, x, scale_dtype, check_ids)
     ranks_t = _as_ranks(ranks, num_adapters, r_max, x, check_ids)
