@@ -216,14 +216,35 @@ def test_float64_torch_backend_and_frozen_base_grads():
         assert_close(got.grad, want.grad, name)
 
 
-def test_opcheck_torch_backend():
-    x = torch.randn(6, K, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(3, 8, K, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, N, 8, dtype=torch.float64, requires_grad=True)
-    args = (x, torch.randn(N, K, dtype=torch.float64), torch.randn(N, dtype=torch.float64), a, b,
-            torch.tensor([0, 2, -1, 1, 1, 0]), torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64),
-            torch.tensor([8, 3, 5], dtype=torch.int32), "torch", "auto")
+@pytest.mark.parametrize("backend,path", [IMPLS[0], IMPLS[2]], ids=[IMPL_IDS[0], IMPL_IDS[2]])
+def test_opcheck(backend, path):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    x = torch.randn(6, K, dtype=dtype, requires_grad=True)
+    a = torch.randn(3, 8, K, dtype=dtype, requires_grad=True)
+    b = torch.randn(3, N, 8, dtype=dtype, requires_grad=True)
+    args = (x, torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype), a, b,
+            torch.tensor([0, 2, -1, 1, 1, 0]), torch.tensor([1.0, 0.5, 2.0], dtype=dtype),
+            torch.tensor([8, 3, 5], dtype=torch.int32), backend, path or "auto")
     torch.library.opcheck(torch.ops.peftkern.multi_lora_linear.default, args)
+
+
+def test_torch_compile_fullgraph_without_host_checks():
+    """check_ids=False leaves no host sync in the function: the whole call compiles into one graph."""
+    weight = torch.randn(N, K)
+    ranks, scalings = torch.tensor([8, 3, 5], dtype=torch.int32), torch.tensor([1.0, 0.5, 2.0])
+    call = lambda x, a, b, ids: peftkern.multi_lora_linear(x, weight, None, a, b, ids, scalings, ranks,
+                                                           check_ids=False, backend="torch")
+    leaves = [torch.randn(6, K), torch.randn(3, 8, K), torch.randn(3, N, 8)]
+    ids = torch.tensor([0, 2, -1, 1, 1, 0])
+    compiled = [t.clone().requires_grad_() for t in leaves]
+    eager = [t.clone().requires_grad_() for t in leaves]
+    y = torch.compile(call, fullgraph=True)(*compiled, ids)
+    y_eager = call(*eager, ids)
+    y.square().sum().backward()
+    y_eager.square().sum().backward()
+    assert_close(y, y_eager.double(), "y")
+    for name, got, want in zip(["dX", "dA", "dB"], compiled, eager):
+        assert_close(got.grad, want.grad.double(), name)
 
 
 def test_auto_path_picks_by_row_count_only():

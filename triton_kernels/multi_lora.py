@@ -63,9 +63,15 @@ def _gemm_configs(with_block_m: bool) -> list[triton.Config]:
     return configs
 
 
-def segment_block() -> int:
-    """Rows per tile of the segment table (the prefill kernels' BLOCK_M)."""
-    return 16 if interpreting() else 64
+def segment_block(m: int) -> int:
+    """Rows per tile of the segment table (the prefill kernels' BLOCK_M), from M alone.
+
+    Large batches take the base GEMM's efficient 128-row tiles; the cost is at most one partial tile per
+    adapter present. The choice is part of the autotune key through M_BUCKET.
+    """
+    if interpreting():
+        return 16
+    return 128 if m >= 2048 else 64
 
 
 def _rank_chunk(r_max: int) -> int:
@@ -444,7 +450,7 @@ def multi_lora_forward(
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, torch.empty((0, R), device=x.device, dtype=torch.float32)
-    segments = None if decode else build_segments(adapter_ids, L, segment_block())
+    segments = None if decode else build_segments(adapter_ids, L, segment_block(M))
     a_strides = (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
     s = _shrink(x, lora_a, a_strides, adapter_ids, segments, ranks, None, R, L, decode)
     _fused(x, weight, (weight.stride(1), weight.stride(0)), bias, s, lora_b,
@@ -479,7 +485,7 @@ def multi_lora_backward(
     dx = torch.empty((M, K), device=device, dtype=x.dtype) if need_dx else None
     if M == 0:
         return dx, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
-    segments = build_segments(adapter_ids, L, segment_block())
+    segments = build_segments(adapter_ids, L, segment_block(M))
     row_segments = None if decode else segments
     # dS = s_i * dY @ B[i]: the shrink with F[i, r, j=n] = B[i, n, r].
     ds = _shrink(grad_y, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
