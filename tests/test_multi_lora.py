@@ -17,6 +17,11 @@ IMPL_IDS = ["torch", "triton-decode", "triton-prefill"]
 K, N = 33, 17
 
 
+def _device(backend: str) -> str:
+    """Triton runs on a GPU when there is one (on CPU only through the interpreter, set by conftest)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def _problem(M, L, r_max, ids, ranks, dtype=torch.float32, adapter_dtype=None, bias=True, lead=None):
     """Random float64 tensors for one problem, plus casts for the backend under test."""
     adapter_dtype = adapter_dtype or dtype
@@ -53,20 +58,21 @@ def _check(problem, backend, path, dtype, adapter_dtype=None, ids_dtype=torch.in
     expected = reference.multi_lora_linear(rx, weight, b, ra, rb, ids, scalings, ranks)
     expected.backward(grad_y)
 
-    tx = x.to(dtype).requires_grad_()
-    ta = lora_a.to(adapter_dtype).requires_grad_()
-    tb = lora_b.to(adapter_dtype).requires_grad_()
-    x_in, w_in = tx, weight.to(dtype)
+    device = _device(backend)
+    tx = x.to(device, dtype).requires_grad_()
+    ta = lora_a.to(device, adapter_dtype).requires_grad_()
+    tb = lora_b.to(device, adapter_dtype).requires_grad_()
+    x_in, w_in = tx, weight.to(device, dtype)
     if noncontiguous:
         x_in, w_in = _strided(tx), _strided(w_in)
         assert not x_in.is_contiguous() and x_in.reshape(-1, K).stride() == (2 * K, 2)
         assert w_in.stride() == (2 * K, 2)
     out = peftkern.multi_lora_linear(
-        x_in, w_in, None if b is None else b.to(dtype), ta, tb, ids.to(ids_dtype), scalings, ranks,
-        backend=backend, path=path,
+        x_in, w_in, None if b is None else b.to(device, dtype), ta, tb, ids.to(device, ids_dtype), scalings,
+        ranks.to(device), backend=backend, path=path,
     )
     assert out.dtype == dtype and out.shape == expected.shape
-    out.backward(grad_y.to(dtype))
+    out.backward(grad_y.to(device, dtype))
     assert_close(out, expected, "y", dtype=dtype, scale=scale)
     assert_close(tx.grad, rx.grad, "dX", dtype=dtype, scale=scale)
     assert_close(ta.grad, ra.grad, "dA", dtype=dtype, scale=scale)
@@ -121,11 +127,12 @@ def test_3d_input_and_noncontiguous_views(backend, path):
 
 @pytest.mark.parametrize("backend,path", IMPLS, ids=IMPL_IDS)
 def test_zero_rows(backend, path):
-    x = torch.zeros(0, K, requires_grad=True)
-    lora_a = torch.randn(2, 4, K, requires_grad=True)
-    lora_b = torch.randn(2, N, 4, requires_grad=True)
-    ids = torch.zeros(0, dtype=torch.int64)
-    y = peftkern.multi_lora_linear(x, torch.randn(N, K), None, lora_a, lora_b, ids, [1.0, 2.0],
+    device = _device(backend)
+    x = torch.zeros(0, K, device=device, requires_grad=True)
+    lora_a = torch.randn(2, 4, K, device=device, requires_grad=True)
+    lora_b = torch.randn(2, N, 4, device=device, requires_grad=True)
+    ids = torch.zeros(0, dtype=torch.int64, device=device)
+    y = peftkern.multi_lora_linear(x, torch.randn(N, K, device=device), None, lora_a, lora_b, ids, [1.0, 2.0],
                                    backend=backend, path=path)
     assert y.shape == (0, N)
     y.sum().backward()
@@ -139,9 +146,11 @@ def test_zero_rows(backend, path):
 def test_out_of_range_ids_raise(backend, path, bad):
     x, weight, b, lora_a, lora_b, ids, scalings, ranks, _ = _problem(5, 4, 8, [0, 1, 2, 3, 0], [8] * 4)
     ids[3] = bad
+    dev = _device(backend)
+    x, weight, b, lora_a, lora_b = (t.to(dev, torch.float32) for t in (x, weight, b, lora_a, lora_b))
     with pytest.raises(ValueError, match=r"adapter_ids: expected values in \[-1, 4\).*index \(3,\)"):
-        peftkern.multi_lora_linear(x.float(), weight.float(), b.float(), lora_a.float(), lora_b.float(), ids,
-                                   scalings, ranks, backend=backend, path=path)
+        peftkern.multi_lora_linear(x, weight, b, lora_a, lora_b, ids.to(dev), scalings, ranks.to(dev),
+                                   backend=backend, path=path)
 
 
 @pytest.mark.parametrize("backend,path", IMPLS, ids=IMPL_IDS)
@@ -149,9 +158,11 @@ def test_unchecked_out_of_range_ids_act_as_base_and_ranks_clamp(backend, path):
     """check_ids=False (CUDA-graph capture): bad ids read nothing out of bounds and give the base output."""
     x, weight, b, lora_a, lora_b, ids, scalings, _, _ = _problem(7, 3, 8, [0, 5, 1, -7, 2, 3, 2**40], [8] * 3)
     ranks = torch.tensor([8, 99, -5], dtype=torch.int32)  # clamped to [0, 8]
+    dev = _device(backend)
     out = peftkern.multi_lora_linear(
-        x.float(), weight.float(), b.float(), lora_a.float(), lora_b.float(), ids, torch.tensor(scalings),
-        ranks, check_ids=False, backend=backend, path=path,
+        x.to(dev, torch.float32), weight.to(dev, torch.float32), b.to(dev, torch.float32),
+        lora_a.to(dev, torch.float32), lora_b.to(dev, torch.float32), ids.to(dev),
+        torch.tensor(scalings, device=dev), ranks.to(dev), check_ids=False, backend=backend, path=path,
     )
     valid = torch.where((ids >= 0) & (ids < 3), ids, -1)
     clamped = torch.tensor([8, 8, 0])
@@ -161,9 +172,10 @@ def test_unchecked_out_of_range_ids_act_as_base_and_ranks_clamp(backend, path):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_inputs_raise_before_launch(backend):
-    x, w = torch.randn(4, K), torch.randn(N, K)
-    a, b = torch.randn(2, 8, K), torch.randn(2, N, 8)
-    ids = torch.tensor([0, 1, -1, 0])
+    dev = _device(backend)
+    x, w = torch.randn(4, K, device=dev), torch.randn(N, K, device=dev)
+    a, b = torch.randn(2, 8, K, device=dev), torch.randn(2, N, 8, device=dev)
+    ids = torch.tensor([0, 1, -1, 0], device=dev)
     call = lambda **kw: peftkern.multi_lora_linear(
         kw.get("x", x), w, None, kw.get("a", a), kw.get("b", b), kw.get("ids", ids), kw.get("s", [1.0, 2.0]),
         kw.get("ranks"), backend=backend,
@@ -173,19 +185,19 @@ def test_bad_inputs_raise_before_launch(backend):
     with pytest.raises(ValueError, match="adapter_ids: expected shape"):
         call(ids=ids[:3])
     with pytest.raises(ValueError, match="lora_b: expected shape"):
-        call(b=torch.randn(2, N, 4))
+        call(b=torch.randn(2, N, 4, device=dev))
     with pytest.raises(ValueError, match="lora_a: expected shape"):
-        call(a=torch.randn(2, 8, K + 1))
+        call(a=torch.randn(2, 8, K + 1, device=dev))
     with pytest.raises(ValueError, match="scalings: expected 2 values"):
         call(s=[1.0])
     with pytest.raises(ValueError, match=r"scalings\[1\]: expected a finite number"):
         call(s=[1.0, float("nan")])
     with pytest.raises(ValueError, match="scalings: expected finite values"):
-        call(s=torch.tensor([1.0, float("inf")]))
+        call(s=torch.tensor([1.0, float("inf")], device=dev))
     with pytest.raises(ValueError, match=r"ranks\[0\]: expected a value in \[0, r_max=8\]"):
         call(ranks=[9, 1])
     with pytest.raises(ValueError, match=r"ranks: expected values in \[0, r_max=8\]"):
-        call(ranks=torch.tensor([3, 9]))
+        call(ranks=torch.tensor([3, 9], device=dev))
     with pytest.raises(ValueError, match="path: expected one of"):
         peftkern.multi_lora_linear(x, w, None, a, b, ids, [1.0, 2.0], path="sideways")
 
@@ -219,12 +231,13 @@ def test_float64_torch_backend_and_frozen_base_grads():
 @pytest.mark.parametrize("backend,path", [IMPLS[0], IMPLS[2]], ids=[IMPL_IDS[0], IMPL_IDS[2]])
 def test_opcheck(backend, path):
     dtype = torch.float64 if backend == "torch" else torch.float32
-    x = torch.randn(6, K, dtype=dtype, requires_grad=True)
-    a = torch.randn(3, 8, K, dtype=dtype, requires_grad=True)
-    b = torch.randn(3, N, 8, dtype=dtype, requires_grad=True)
-    args = (x, torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype), a, b,
-            torch.tensor([0, 2, -1, 1, 1, 0]), torch.tensor([1.0, 0.5, 2.0], dtype=dtype),
-            torch.tensor([8, 3, 5], dtype=torch.int32), backend, path or "auto")
+    dev = {"device": _device(backend)}
+    x = torch.randn(6, K, dtype=dtype, requires_grad=True, **dev)
+    a = torch.randn(3, 8, K, dtype=dtype, requires_grad=True, **dev)
+    b = torch.randn(3, N, 8, dtype=dtype, requires_grad=True, **dev)
+    args = (x, torch.randn(N, K, dtype=dtype, **dev), torch.randn(N, dtype=dtype, **dev), a, b,
+            torch.tensor([0, 2, -1, 1, 1, 0], **dev), torch.tensor([1.0, 0.5, 2.0], dtype=dtype, **dev),
+            torch.tensor([8, 3, 5], dtype=torch.int32, **dev), backend, path or "auto")
     torch.library.opcheck(torch.ops.peftkern.multi_lora_linear.default, args)
 
 
@@ -278,11 +291,12 @@ def test_broadcast_adapter_ids():
 def test_layer_trains_two_adapters_in_one_batch(backend, path):
     """MultiLoRALinear: one mixed batch gives each slot the gradient of its own rows only."""
     torch.manual_seed(0)
-    layer = peftkern.MultiLoRALinear(torch.nn.Linear(K, N), num_slots=3, r_max=8, backend=backend)
+    dev = _device(backend)
+    layer = peftkern.MultiLoRALinear(torch.nn.Linear(K, N, device=dev), num_slots=3, r_max=8, backend=backend)
     layer.set_adapter(0, torch.randn(4, K), torch.randn(N, 4), 2.0)
     layer.set_adapter(2, torch.randn(8, K), torch.randn(N, 8), 0.5)
-    x = torch.randn(2, 5, K)
-    ids = torch.tensor([2, 0])  # [B], broadcast over the 5 positions
+    x = torch.randn(2, 5, K, device=dev)
+    ids = torch.tensor([2, 0], device=dev)  # [B], broadcast over the 5 positions
     layer.zero_grad()
     y = layer.forward(x, adapter_ids=ids) if path is None else peftkern.multi_lora_linear(
         x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, broadcast_adapter_ids(ids, (2, 5)),
@@ -291,12 +305,12 @@ def test_layer_trains_two_adapters_in_one_batch(backend, path):
     y.backward(grad_y)
     for slot, row in ((0, 1), (2, 0)):
         rank = int(layer.ranks[slot])
-        a = layer.lora_A.detach()[slot, :rank].double().requires_grad_()
-        b = layer.lora_B.detach()[slot, :, :rank].double().requires_grad_()
-        out = reference.lora_linear(x[row].double(), layer.weight.double(), layer.bias.double(), a, b,
-                                    float(layer.scalings[slot]))
+        a = layer.lora_A.detach()[slot, :rank].cpu().double().requires_grad_()
+        b = layer.lora_B.detach()[slot, :, :rank].cpu().double().requires_grad_()
+        out = reference.lora_linear(x[row].cpu().double(), layer.weight.cpu().double(),
+                                    layer.bias.cpu().double(), a.cpu(), b.cpu(), float(layer.scalings[slot]))
         assert_close(y[row], out, f"y row {row}")
-        out.backward(grad_y[row].double())
+        out.backward(grad_y[row].cpu().double())
         assert_close(layer.lora_A.grad[slot, :rank], a.grad, f"dA slot {slot}")
         assert_close(layer.lora_B.grad[slot, :, :rank], b.grad, f"dB slot {slot}")
     # The unused slot and the ranks past slot 0's rank get exactly zero.

@@ -61,8 +61,8 @@ def _peft_logits(reference, input_ids, names):
     return torch.cat(rows)
 
 
-def _pool(base, num_slots=3, r_max=16, targets=TARGETS):
-    model = copy.deepcopy(base)
+def _pool(base, num_slots=3, r_max=16, targets=TARGETS, device="cpu"):
+    model = copy.deepcopy(base).to(device)
     return model, AdapterPool(model, targets, num_slots=num_slots, r_max=r_max)
 
 
@@ -82,12 +82,14 @@ INPUT_IDS = torch.arange(4 * 7).reshape(4, 7) * 13 % 101
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_mixed_batch_matches_peft_per_row(llama, backend):
     base, dirs, reference = llama
-    model, pool = _pool(base)
+    # Triton runs on a GPU when there is one (on CPU only through the interpreter, set by conftest).
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    model, pool = _pool(base, device=device)
     assert pool.load("a", dirs["a"]) == 0 and pool.load("b", dirs["b"]) == 1
     assert sum(isinstance(m, MultiLoRALinear) for m in model.modules()) == 6
     names = ["a", None, "b", "a"]
     with use_backend(backend), torch.no_grad(), pool.batch(names) as ids:
-        got = model(INPUT_IDS).logits
+        got = model(INPUT_IDS.to(device)).logits
     assert ids.tolist() == [0, -1, 1, 0]
     expected = _peft_logits(reference, INPUT_IDS, names)
     assert_close(got, expected.double(), "logits", dtype=torch.float32, scale=10)
