@@ -198,6 +198,9 @@ def test_bad_inputs_raise_before_launch(backend):
         call(ranks=[9, 1])
     with pytest.raises(ValueError, match=r"ranks: expected values in \[0, r_max=8\]"):
         call(ranks=torch.tensor([3, 9], device=dev))
+    with pytest.raises(TypeError, match="bias: expected the dtype of x"):
+        bias64 = torch.zeros(N, dtype=torch.float64, device=dev)
+        peftkern.multi_lora_linear(x, w, bias64, a, b, ids, [1.0, 2.0])
     with pytest.raises(ValueError, match="path: expected one of"):
         peftkern.multi_lora_linear(x, w, None, a, b, ids, [1.0, 2.0], path="sideways")
 

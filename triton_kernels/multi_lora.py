@@ -30,6 +30,7 @@ hold, nothing reads out of bounds. Ranks are clamped to [0, R] the same way. Off
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -329,21 +330,27 @@ def _multi_lora_fused_segment_kernel(
 def _multi_lora_grad_kernel(
     T, IN, PERM, BOUNDS, RANKS, SCALES, G,
     M, C, R, L,
-    stride_im, stride_ic, stride_gl, stride_gr, stride_gc,
-    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    stride_im, stride_ic, stride_gs, stride_gl, stride_gr, stride_gc,
+    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """G[i, r, c] = scale_i * sum_{t in segment i} T[t, r] IN[t, c] (zero for r >= rank_i).
+    """G[s, i, r, c] = scale_i * sum_{t in part s of segment i} T[t, r] IN[t, c] (zero for r >= rank_i).
 
-    One program per (adapter, column tile, rank chunk) walks its adapter's rows in sorted order: each
-    output element is written once, summed in a fixed order.
+    One program per (adapter, column tile, rank chunk x split) walks its part of the adapter's rows in
+    sorted order: each output element is written once, summed in a fixed order. With SPLITS > 1 (few
+    adapters: more programs to fill the device) the caller sums the parts in a fixed order too.
     """
     adapter = tl.program_id(0).to(tl.int64)
     tile_c = tl.program_id(1)
-    chunk = tl.program_id(2)
+    chunk = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
     adapter, rank = _adapter_rank(RANKS, adapter, L, R)
     seg_start = tl.load(BOUNDS + adapter + 1)
     seg_end = tl.minimum(tl.load(BOUNDS + (L + 1) + adapter + 1), M)
+    if SPLITS > 1:
+        part = tl.cdiv(tl.cdiv(seg_end - seg_start, SPLITS), BLOCK_M) * BLOCK_M
+        seg_start = tl.minimum(seg_start + split * part, seg_end)
+        seg_end = tl.minimum(seg_start + part, seg_end)
     cols = tile_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     ranks = chunk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -361,8 +368,9 @@ def _multi_lora_grad_kernel(
         acc = mma(tl.trans(t), v, acc, True, PRECISION)
     if HAS_SCALE:
         acc = tl.where(rank_ok[:, None], acc * tl.load(SCALES + adapter), 0.0)
-    tl.store(G + adapter * stride_gl + ranks[:, None] * stride_gr + cols[None, :] * stride_gc,
-             acc.to(G.dtype.element_ty), mask=(ranks < R)[:, None] & col_ok[None, :])
+    tl.store(G + split.to(tl.int64) * stride_gs + adapter * stride_gl + ranks[:, None] * stride_gr
+             + cols[None, :] * stride_gc, acc.to(G.dtype.element_ty),
+             mask=(ranks < R)[:, None] & col_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -427,6 +435,47 @@ def _fused(inp, w, w_strides, bias, t, e, e_strides, ids, segments, ranks, scale
         )
 
 
+@functools.lru_cache(maxsize=8)
+def _device_programs(device_index: int) -> int:
+    """Programs that fill the device: a few per SM (the interpreter: a small number, to test splitting)."""
+    if interpreting():
+        return 16
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _segment_grad(t, inp, segments, ranks, scales, shape, dtype, layout):
+    """Per-adapter G[i, r, c] = scale_i sum_{rows of i} T[row, r] inp[row, c], returned in ``shape``
+    ([L, R, C] for layout (0, 1, 2), [L, C, R] for (0, 2, 1)) and ``dtype``."""
+    M, C = inp.shape
+    L, R = ranks.shape[0], t.shape[1]
+    block_r, block_c = _rank_chunk(R), 16 if interpreting() else 64
+    block_m = 16 if interpreting() else 64
+    n_col_tiles, n_chunks = triton.cdiv(C, block_c), triton.cdiv(R, block_r)
+    programs = L * n_col_tiles * n_chunks
+    device_index = inp.device.index if inp.device.type == "cuda" else 0
+    # Split each adapter's rows only when there are too few programs, and never past one block per part.
+    splits = max(1, min(8, triton.cdiv(_device_programs(device_index), programs), triton.cdiv(M, block_m)))
+    if splits == 1:
+        out = torch.empty(shape, device=inp.device, dtype=dtype)
+        strides = (0, out.stride(layout[0]), out.stride(layout[1]), out.stride(layout[2]))
+    else:
+        out = torch.empty((splits, L, R, C), device=inp.device, dtype=torch.float32)
+        strides = out.stride()
+    has_scale = scales is not None
+    _multi_lora_grad_kernel[(L, n_col_tiles, n_chunks * splits)](
+        t, inp, segments.perm, segments.bounds, ranks, scales if has_scale else t, out, M, C, R, L,
+        inp.stride(0), inp.stride(1), *strides,
+        HAS_SCALE=has_scale, PRECISION=fp32_precision(), SPLITS=splits,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r,
+    )
+    if splits == 1:
+        return out
+    summed = out.sum(0)  # fixed-order reduction over the parts: deterministic
+    if layout == (0, 2, 1):
+        summed = summed.transpose(1, 2)
+    return summed.to(dtype).contiguous()
+
+
 def multi_lora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -478,7 +527,6 @@ def multi_lora_backward(
     no row uses get zeros. dW and db are left to the caller.
     """
     M, K = x.shape
-    N = weight.shape[0]
     L, R = lora_a.shape[:2]
     device = x.device
     decode = _use_decode(path, M)
@@ -495,21 +543,8 @@ def multi_lora_backward(
         _fused(grad_y, weight, (weight.stride(0), weight.stride(1)), None, ds, lora_a,
                (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
                adapter_ids, row_segments, ranks, None, dx, L, decode)
-    grad_a = torch.empty(lora_a.shape, device=device, dtype=lora_a.dtype)
-    grad_b = torch.empty(lora_b.shape, device=device, dtype=lora_b.dtype)
-    block_r, block_c = _rank_chunk(R), 16 if interpreting() else 64
-    block_m = 16 if interpreting() else 64
-    precision = fp32_precision()
-    # dA[i] = dS[seg].T @ X[seg]
-    _multi_lora_grad_kernel[(L, triton.cdiv(K, block_c), triton.cdiv(R, block_r))](
-        ds, x, segments.perm, segments.bounds, ranks, ds, grad_a, M, K, R, L,
-        x.stride(0), x.stride(1), grad_a.stride(0), grad_a.stride(1), grad_a.stride(2),
-        HAS_SCALE=False, PRECISION=precision, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r,
-    )
-    # dB[i][n, r] = s_i * sum_t dY[t, n] S[t, r]: G[i, r, c=n] stored through dB's strides.
-    _multi_lora_grad_kernel[(L, triton.cdiv(N, block_c), triton.cdiv(R, block_r))](
-        s, grad_y, segments.perm, segments.bounds, ranks, scalings, grad_b, M, N, R, L,
-        grad_y.stride(0), grad_y.stride(1), grad_b.stride(0), grad_b.stride(2), grad_b.stride(1),
-        HAS_SCALE=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r,
-    )
+    # dA[i] = dS[seg].T @ X[seg]: G[i, r, c=k].
+    grad_a = _segment_grad(ds, x, segments, ranks, None, lora_a.shape, lora_a.dtype, (0, 1, 2))
+    # dB[i][n, r] = s_i * sum_t dY[t, n] S[t, r]: G[i, r, c=n], stored through dB's [L, N, R] layout.
+    grad_b = _segment_grad(s, grad_y, segments, ranks, scalings, lora_b.shape, lora_b.dtype, (0, 2, 1))
     return dx, grad_a, grad_b

@@ -236,6 +236,8 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, adapter_ids):
     check_same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, adapter_ids=adapter_ids)
     if weight.dtype != x.dtype:
         raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias: expected the dtype of x ({x.dtype}), got {bias.dtype}")
     if lora_b.dtype != lora_a.dtype:
         raise TypeError(f"lora_b: expected the dtype of lora_a ({lora_a.dtype}), got {lora_b.dtype}")
     if lora_a.dtype not in (x.dtype, torch.float32, torch.float64):
@@ -348,6 +350,7 @@ def multi_lora_linear(
         dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype)
         weight = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
+        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
     _check_inputs(x, weight, bias, lora_a, lora_b, adapter_ids)
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids: expected a bool, got {type(check_ids).__name__}")
