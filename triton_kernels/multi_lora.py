@@ -19,8 +19,9 @@ Backward (the segment table always, the forward's path for the row-wise kernels)
   shrink   dS[t] = s_i dY[t] @ B[i]              (the forward's shrink kernel, B in place of A)
   fused    dX = dY @ W + dS[t] @ A[i]            (the forward's fused kernel, W transposed by strides)
   grad     dA[i] = dS[seg i].T @ X[seg i], dB[i] = s_i dY[seg i].T @ S[seg i]   one program per
-           (adapter, column tile, rank chunk), summing its segment's rows in a fixed order: deterministic,
-           no atomics, no workspace.
+           (adapter, column tile, rank chunk), summing its segment's rows in a fixed order; with few
+           adapters each segment is cut into a few parts (fp32 partials summed in a fixed order) to fill
+           the device. Deterministic, no atomics.
 Work beyond an adapter's rank is skipped: rank chunks past it run no loop iterations and load nothing.
 S stays in the original row order, so the saved intermediate does not depend on the path.
 
@@ -46,22 +47,30 @@ DECODE_MAX_ROWS = 64
 PATHS = ("auto", "decode", "prefill")
 
 
-def _gemm_configs(with_block_m: bool) -> list[triton.Config]:
+def _decode_configs() -> list[triton.Config]:
+    """Decode: at most DECODE_MAX_ROWS rows, so small BLOCK_M and many column tiles to spread W's read."""
     if interpreting():
-        meta = {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}
-        return [triton.Config({**meta, "BLOCK_M": 16} if with_block_m else meta, num_warps=1)]
-    shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (16, 128, 128, 4, 4),
-              (16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (128, 256, 64, 8, 3)]
-    configs = []
-    for bm, bn, bk, warps, stages in shapes:
-        meta = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}
-        if with_block_m:
-            meta["BLOCK_M"] = bm
-        configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
-    if not with_block_m:  # BLOCK_M is fixed by the segment table; dedupe the remaining configs
-        unique = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages): c for c in configs}
-        configs = list(unique.values())
-    return configs
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
+            (32, 128, 64, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3),
+        ]
+    ]
+
+
+def _segment_configs() -> list[triton.Config]:
+    """Prefill: BLOCK_M is fixed by the segment table (:func:`segment_block`); tune the rest."""
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [
+            (256, 64, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4),
+            (64, 64, 4, 4), (128, 32, 4, 4), (64, 128, 4, 3),
+        ]
+    ]
 
 
 def segment_block(m: int) -> int:
@@ -239,7 +248,7 @@ def _multi_lora_shrink_segment_kernel(
     tl.store(T + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & (ranks < R)[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(with_block_m=True), key=["M_BUCKET", "C", "J", "R"])
+@triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "C", "J", "R"])
 @triton.jit
 def _multi_lora_fused_decode_kernel(
     IN, W, BIAS, T, E, IDS, RANKS, SCALES, OUT,
@@ -267,7 +276,7 @@ def _multi_lora_fused_decode_kernel(
     row_ranks = tl.where(ok, tl.minimum(tl.maximum(row_ranks, 0), R), 0)
     if HAS_SCALE:
         row_scales = tl.load(SCALES + adapters, mask=ok, other=0.0)
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Accumulate straight into the base tile: no second [BLOCK_M, BLOCK_N] register tile.
     for r in range(0, tl.max(row_ranks, axis=0)):
         r_ok = r < row_ranks
         t = tl.load(T + rows * R + r, mask=r_ok, other=0.0)
@@ -275,15 +284,14 @@ def _multi_lora_fused_decode_kernel(
             t = tl.where(r_ok, t * row_scales, 0.0)
         e = tl.load(E + adapters[:, None] * stride_el + r * stride_er + cols[None, :] * stride_ec,
                     mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        lora += t[:, None] * e
-    acc += lora
+        acc += t[:, None] * e
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_oc, acc.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(with_block_m=False), key=["M_BUCKET", "C", "J", "R"])
+@triton.autotune(configs=_segment_configs(), key=["M_BUCKET", "C", "J", "R"])
 @triton.jit
 def _multi_lora_fused_segment_kernel(
     IN, W, BIAS, T, E, PERM, TILES, RANKS, SCALES, OUT,
@@ -309,17 +317,18 @@ def _multi_lora_fused_segment_kernel(
     j_end = tl.where(row_start < row_end, J, 0)
     acc = _base_tile(IN, W, rows, row_ok, cols, col_ok, j_end, stride_im, stride_ij, stride_wj, stride_wc,
                      BASE_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(SCALES + adapter)
+    # The tile's one adapter: scale the [BLOCK_M, r] intermediate and accumulate into the base tile.
     for r0 in range(0, rank, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         r_ok = ranks < rank
         t = tl.load(T + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        if HAS_SCALE:
+            t = t * scale
         e = tl.load(E + adapter * stride_el + ranks[:, None] * stride_er + cols[None, :] * stride_ec,
                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        lora = mma(t, e, lora, True, PRECISION)
-    if HAS_SCALE:
-        lora = tl.where(rank > 0, lora * tl.load(SCALES + adapter), 0.0)
-    acc += lora
+        acc = mma(t, e, acc, True, PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_oc, acc.to(OUT.dtype.element_ty),
