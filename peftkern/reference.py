@@ -144,6 +144,8 @@ def multi_lora_linear(
     rows = []
     for t in range(x2.shape[0]):
         i = int(ids[t])
+        if not -1 <= i < lora_a.shape[0]:
+            raise ValueError(f"adapter_ids: expected values in [-1, {lora_a.shape[0]}), got {i} at row {t}")
         row = out[t]
         if i != -1:
             rank = r_max if ranks is None else int(ranks[i])

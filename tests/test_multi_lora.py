@@ -153,6 +153,12 @@ def test_out_of_range_ids_raise(backend, path, bad):
                                    backend=backend, path=path)
 
 
+def test_reference_rejects_out_of_range_ids():
+    x, weight, b, lora_a, lora_b, ids, scalings, ranks, _ = _problem(3, 2, 4, [0, -2, 1], [4, 4])
+    with pytest.raises(ValueError, match="got -2 at row 1"):
+        reference.multi_lora_linear(x, weight, b, lora_a, lora_b, ids, scalings, ranks)
+
+
 @pytest.mark.parametrize("backend,path", IMPLS, ids=IMPL_IDS)
 def test_unchecked_out_of_range_ids_act_as_base_and_ranks_clamp(backend, path):
     """check_ids=False (CUDA-graph capture): bad ids read nothing out of bounds and give the base output."""
