@@ -372,3 +372,4 @@ def test_cuda_graph_capture_and_replay_with_new_ids(path, M):
                                                lora_a.double().cpu(), lora_b.double().cpu(), new_ids.cpu(),
                                                scalings.cpu(), ranks.cpu())
         assert_close(out, expected, f"replay {trial}", dtype=torch.bfloat16)
+
