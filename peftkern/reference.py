@@ -242,6 +242,8 @@ def prefix_kv(
     head_dim = width // (num_layers * 2 * num_kv_heads)
     rows = prefix[prompt_ids].reshape(prompt_ids.shape[0], num_virtual, num_layers, 2, num_kv_heads, head_dim)
     return rows.permute(2, 3, 0, 4, 1, 5).contiguous()
+
+
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
