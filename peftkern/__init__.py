@@ -12,20 +12,24 @@ from .io import load_soft_prompt, save_soft_prompt
 from .nn import (
     BottleneckAdapter,
     LoRALinear,
+    MultiLoRALinear,
     PrefixEncoder,
     PrefixTuningForCausalLM,
     PromptTuningEmbedding,
     PromptTuningForCausalLM,
     use_adapter_ids,
 )
-from .ops import bottleneck_adapter, lora_linear, prefix_kv, prompt_concat
+from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_kv, prompt_concat
+from .pool import AdapterPool
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
+    "AdapterPool",
     "BottleneckAdapter",
     "LoRALinear",
+    "MultiLoRALinear",
     "PrefixEncoder",
     "PrefixTuningForCausalLM",
     "PromptTuningEmbedding",
@@ -36,6 +40,7 @@ __all__ = [
     "load_bottleneck_adapters",
     "load_soft_prompt",
     "lora_linear",
+    "multi_lora_linear",
     "prefix_kv",
     "prompt_concat",
     "remove_adapters",

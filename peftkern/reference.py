@@ -25,6 +25,7 @@ __all__ = [
     "PromptConcatOutput",
     "prompt_concat",
     "prefix_kv",
+    "multi_lora_linear",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -241,3 +242,48 @@ def prefix_kv(
     head_dim = width // (num_layers * 2 * num_kv_heads)
     rows = prefix[prompt_ids].reshape(prompt_ids.shape[0], num_virtual, num_layers, 2, num_kv_heads, head_dim)
     return rows.permute(2, 3, 0, 4, 1, 5).contiguous()
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scalings,
+    ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Batched multi-LoRA linear: each row picks its own adapter.
+
+    For every row t of x (viewed as [M, K]) with ``i = adapter_ids[t]``:
+    ``y[t] = x[t] @ W.T + b + scalings[i] * (x[t] @ A[i, :r_i].T) @ B[i, :, :r_i].T`` with
+    ``r_i = ranks[i]``; ``i = -1`` means the base model only.
+
+    x: [..., K]; weight W: [N, K]; bias b: [N] or None; lora_a A: [L, r_max, K]; lora_b B: [L, N, r_max];
+    adapter_ids: integer tensor with x's leading shape, values in [-1, L); scalings: [L] (tensor or
+    sequence); ranks: [L] integers in [0, r_max], or None for r_max everywhere.
+    Computes in the promoted dtype of its inputs; returns [..., N].
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    ids = adapter_ids.reshape(-1)
+    r_max = lora_a.shape[1]
+    out = x2 @ weight.T
+    if bias is not None:
+        out = out + bias
+    rows = []
+    for t in range(x2.shape[0]):
+        i = int(ids[t])
+        if not -1 <= i < lora_a.shape[0]:
+            raise ValueError(f"adapter_ids: expected values in [-1, {lora_a.shape[0]}), got {i} at row {t}")
+        row = out[t]
+        if i != -1:
+            rank = r_max if ranks is None else int(ranks[i])
+            a = lora_a[i, :rank]
+            b = lora_b[i, :, :rank]
+            row = row + float(scalings[i]) * ((x2[t] @ a.T) @ b.T)
+        rows.append(row)
+    if rows:
+        out = torch.stack(rows)
+    return out.reshape(*lead, weight.shape[0])

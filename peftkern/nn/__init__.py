@@ -2,11 +2,13 @@
 
 from .bottleneck import BottleneckAdapter, current_adapter_ids, use_adapter_ids
 from .lora import LoRALinear
+from .multi_lora import MultiLoRALinear
 from .prompt import PrefixEncoder, PrefixTuningForCausalLM, PromptTuningEmbedding, PromptTuningForCausalLM
 
 __all__ = [
     "BottleneckAdapter",
     "LoRALinear",
+    "MultiLoRALinear",
     "PrefixEncoder",
     "PrefixTuningForCausalLM",
     "PromptTuningEmbedding",

@@ -2,6 +2,7 @@
 
 from .bottleneck import bottleneck_adapter
 from .lora import lora_linear
+from .multi_lora import multi_lora_linear
 from .prompt import prefix_kv, prompt_concat
 
-__all__ = ["bottleneck_adapter", "lora_linear", "prefix_kv", "prompt_concat"]
+__all__ = ["bottleneck_adapter", "lora_linear", "multi_lora_linear", "prefix_kv", "prompt_concat"]

@@ -1,0 +1,382 @@
+"""``peftkern.multi_lora_linear``: checks, backend dispatch, and the ``peftkern::multi_lora_linear`` custom op
+with its fake implementation and autograd formula.
+
+The op works on 2-D x [M, K] with adapter_ids [M]; the public function flattens leading dims. Forward
+returns (y, s) where s = x[t] @ A[i, :r_i].T (zero past each row's rank and for base-only rows) is the
+[M, r_max] intermediate (fp32; float64 for float64 inputs) saved for backward with x.
+
+Checking the ids' values (and those of tensor ``ranks``/``scalings``) reads them on the host, which syncs
+with the device. ``check_ids=False`` skips those value checks, for CUDA-graph capture and
+``torch.compile``; the kernels still never read out of bounds: ids outside [-1, L) then act as -1 (base
+only) and ranks are clamped to [0, r_max], on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import resolve_backend
+from ._checks import (
+    INDEX_DTYPES,
+    check_backend_dtypes,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+
+__all__ = ["multi_lora_linear"]
+
+OP = "multi_lora_linear"
+PATHS = ("auto", "decode", "prefill")
+# Rows per gather in the torch backend: bounds its [rows, r_max, K] and [rows, N, r_max] temporaries.
+_TORCH_ROW_CHUNK = 256
+
+
+def _intermediate_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+# ---- torch backend: plain torch ops, no host sync, same semantics as the kernels ---------------------------
+
+
+def _row_meta(adapter_ids, scalings, ranks, r_max, compute):
+    """Per row: (valid [M] bool, safe ids [M] in [0, L), keep [M, r_max] bool, scale [M])."""
+    num_adapters = ranks.shape[0]
+    ids = adapter_ids.to(torch.int64)
+    valid = (ids >= 0) & (ids < num_adapters)
+    safe = torch.where(valid, ids, 0)
+    row_ranks = torch.where(valid, ranks.to(torch.int64).clamp(0, r_max)[safe], 0)
+    keep = torch.arange(r_max, device=ids.device) < row_ranks[:, None]
+    scale = torch.where(valid, scalings.to(compute)[safe], 0.0)
+    return valid, safe, keep, scale
+
+
+def _torch_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks):
+    compute = _intermediate_dtype(x.dtype, lora_a.dtype)
+    M = x.shape[0]
+    r_max = lora_a.shape[1]
+    valid, safe, keep, scale = _row_meta(adapter_ids, scalings, ranks, r_max, compute)
+    s = torch.empty((M, r_max), device=x.device, dtype=compute)
+    lora = torch.empty((M, weight.shape[0]), device=x.device, dtype=compute)
+    for start in range(0, M, _TORCH_ROW_CHUNK):
+        rows = slice(start, start + _TORCH_ROW_CHUNK)
+        a = lora_a[safe[rows]].to(compute)  # [c, r_max, K]
+        s_rows = torch.bmm(a, x[rows].to(compute).unsqueeze(-1)).squeeze(-1)
+        s_rows = torch.where(keep[rows], s_rows, 0.0)
+        b = lora_b[safe[rows]].to(compute)  # [c, N, r_max]
+        lora_rows = torch.bmm(b, s_rows.unsqueeze(-1)).squeeze(-1) * scale[rows, None]
+        s[rows] = s_rows
+        lora[rows] = torch.where(valid[rows, None], lora_rows, 0.0)
+    y = (F.linear(x, weight, bias).to(compute) + lora).to(x.dtype)
+    return y, s
+
+
+def _torch_backward(grad_y, x, weight, lora_a, lora_b, adapter_ids, scalings, ranks, s, need_dx):
+    compute = s.dtype
+    M = x.shape[0]
+    num_adapters, r_max = lora_a.shape[:2]
+    valid, safe, keep, scale = _row_meta(adapter_ids, scalings, ranks, r_max, compute)
+    grad_a = torch.zeros(lora_a.shape, device=x.device, dtype=compute)
+    grad_b = torch.zeros(lora_b.shape, device=x.device, dtype=compute)
+    lora_dx = torch.empty((M, x.shape[1]), device=x.device, dtype=compute) if need_dx else None
+    slots = torch.arange(num_adapters, device=x.device)
+    for start in range(0, M, _TORCH_ROW_CHUNK):
+        rows = slice(start, start + _TORCH_ROW_CHUNK)
+        dy = grad_y[rows].to(compute)
+        b = lora_b[safe[rows]].to(compute)
+        grad_s = torch.bmm(dy.unsqueeze(1), b).squeeze(1) * scale[rows, None]
+        grad_s = torch.where(keep[rows], grad_s, 0.0)
+        if need_dx:
+            a = lora_a[safe[rows]].to(compute)
+            lora_dx[rows] = torch.bmm(grad_s.unsqueeze(1), a).squeeze(1)
+        # Per-adapter sums through a one-hot matrix: a fixed-order (deterministic) reduction, no index_add.
+        onehot = ((safe[rows][None, :] == slots[:, None]) & valid[rows][None, :]).to(compute)  # [L, c]
+        grad_a += torch.einsum("lc,cr,ck->lrk", onehot, grad_s, x[rows].to(compute))
+        grad_b += torch.einsum("lc,cn,cr->lnr", onehot * scale[rows][None, :], dy, s[rows])
+    grad_x = None
+    if need_dx:
+        grad_x = ((grad_y @ weight).to(compute) + lora_dx).to(x.dtype)
+    return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)
+
+
+# ---- the custom ops ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("peftkern::multi_lora_linear", mutates_args=())
+def _multi_lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scalings: torch.Tensor,
+    ranks: torch.Tensor,
+    backend: str,
+    path: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from ..triton_kernels.multi_lora import multi_lora_forward
+
+        return multi_lora_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks, path)
+    if backend == "cuda":
+        from ._cuda import multi_lora_forward as cuda_multi_lora_forward
+
+        return cuda_multi_lora_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks, path)
+    return _torch_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks)
+
+
+@_multi_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks, backend, path):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    s = x.new_empty((x.shape[0], lora_a.shape[1]), dtype=_intermediate_dtype(x.dtype, lora_a.dtype))
+    return y, s
+
+
+@torch.library.custom_op("peftkern::multi_lora_linear_backward", mutates_args=())
+def _multi_lora_linear_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scalings: torch.Tensor,
+    ranks: torch.Tensor,
+    s: torch.Tensor,
+    need_dx: bool,
+    backend: str,
+    path: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dX, dA, dB); dX is an empty [0] tensor when ``need_dx`` is False."""
+    grad_y = grad_y.contiguous() if grad_y.stride(-1) == 0 else grad_y  # expanded grads (e.g. from sum())
+    args = (grad_y, x, weight, lora_a, lora_b, adapter_ids, scalings, ranks, s, need_dx)
+    if backend == "triton":
+        from ..triton_kernels.multi_lora import multi_lora_backward
+
+        grad_x, grad_a, grad_b = multi_lora_backward(*args, path)
+    elif backend == "cuda":
+        from ._cuda import multi_lora_backward as cuda_multi_lora_backward
+
+        grad_x, grad_a, grad_b = cuda_multi_lora_backward(*args, path)
+    else:
+        grad_x, grad_a, grad_b = _torch_backward(*args)
+    return (grad_x if grad_x is not None else x.new_empty(0)), grad_a, grad_b
+
+
+@_multi_lora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, adapter_ids, scalings, ranks, s, need_dx, backend, path):
+    grad_x = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks, backend, path = inputs
+    _, s = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, adapter_ids, scalings, ranks, s)
+    ctx.backend, ctx.path = backend, path
+    ctx.mark_non_differentiable(s)
+
+
+def _backward(ctx, grad_y, _grad_s):
+    x, weight, lora_a, lora_b, adapter_ids, scalings, ranks, s = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    grad_x = grad_w = grad_bias = grad_a = grad_b = None
+    if need_x or need_a or need_b:
+        grad_x, grad_a, grad_b = torch.ops.peftkern.multi_lora_linear_backward(
+            grad_y, x, weight, lora_a, lora_b, adapter_ids, scalings, ranks, s, need_x, ctx.backend, ctx.path
+        )
+        grad_x = grad_x if need_x else None
+        grad_a = grad_a if need_a else None
+        grad_b = grad_b if need_b else None
+    # The frozen base gets gradients only when it asks for them.
+    if need_w:
+        grad_w = (grad_y.T @ x.to(grad_y.dtype)).to(weight.dtype)
+    if need_bias:
+        grad_bias = grad_y.sum(0).to(weight.dtype)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, None
+
+
+_multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- input checks -----------------------------------------------------------------------------------------
+
+
+def _check_inputs(x, weight, bias, lora_a, lora_b, adapter_ids):
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_a", lora_a, ndim=3)
+    check_tensor("lora_b", lora_b, ndim=3)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    check_tensor("adapter_ids", adapter_ids, dtypes=INDEX_DTYPES)
+    out_features, in_features = weight.shape
+    num_adapters, r_max = lora_a.shape[:2]
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x: expected last dimension {in_features} (weight is [N={out_features}, K={in_features}]), "
+            f"got shape {tuple(x.shape)}"
+        )
+    check_shape("lora_a", lora_a, (None, None, in_features), "[L, r_max, K] with K = weight.shape[1]")
+    if num_adapters == 0 or r_max == 0:
+        raise ValueError(
+            f"lora_a: expected L >= 1 adapter slots and r_max >= 1, got shape {tuple(lora_a.shape)}"
+        )
+    check_shape("lora_b", lora_b, (num_adapters, out_features, r_max),
+                "[L, N, r_max] with L, r_max from lora_a and N = weight.shape[0]")
+    if bias is not None:
+        check_shape("bias", bias, (out_features,), "[N]")
+    check_shape("adapter_ids", adapter_ids, tuple(x.shape[:-1]), "x's leading shape")
+    check_same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, adapter_ids=adapter_ids)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias: expected the dtype of x ({x.dtype}), got {bias.dtype}")
+    if lora_b.dtype != lora_a.dtype:
+        raise TypeError(f"lora_b: expected the dtype of lora_a ({lora_a.dtype}), got {lora_b.dtype}")
+    if lora_a.dtype not in (x.dtype, torch.float32, torch.float64):
+        raise TypeError(
+            f"lora_a: expected the dtype of x ({x.dtype}) or float32 (fp32 adapters), got {lora_a.dtype}"
+        )
+
+
+def _as_scalings(scalings, num_adapters: int, x: torch.Tensor, dtype, check_values: bool) -> torch.Tensor:
+    device = x.device
+    if isinstance(scalings, torch.Tensor):
+        check_tensor("scalings", scalings, ndim=1)
+        check_shape("scalings", scalings, (num_adapters,), "[L], one per adapter slot")
+        check_same_device("x", x, scalings=scalings)
+        if check_values and not bool(torch.isfinite(scalings).all()):  # host sync
+            raise ValueError(f"scalings: expected finite values, got {scalings.tolist()}")
+        return scalings.to(dtype).contiguous()
+    if not isinstance(scalings, Sequence) or isinstance(scalings, str):
+        raise TypeError(
+            f"scalings: expected a float tensor [L] or a sequence of L numbers, got {type(scalings).__name__}"
+        )
+    if len(scalings) != num_adapters:
+        raise ValueError(
+            f"scalings: expected {num_adapters} values (one per adapter slot), got {len(scalings)}"
+        )
+    for index, value in enumerate(scalings):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"scalings[{index}]: expected a real number, got {type(value).__name__}")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"scalings[{index}]: expected a finite number, got {value}")
+    return torch.tensor([float(v) for v in scalings], dtype=dtype, device=device)
+
+
+def _as_ranks(ranks, num_adapters: int, r_max: int, x: torch.Tensor, check_values: bool) -> torch.Tensor:
+    device = x.device
+    if ranks is None:
+        return torch.full((num_adapters,), r_max, dtype=torch.int32, device=device)
+    if isinstance(ranks, torch.Tensor):
+        check_tensor("ranks", ranks, ndim=1, dtypes=INDEX_DTYPES)
+        check_shape("ranks", ranks, (num_adapters,), "[L], one per adapter slot")
+        check_same_device("x", x, ranks=ranks)
+        if check_values and bool(((ranks < 0) | (ranks > r_max)).any()):  # host sync
+            raise ValueError(f"ranks: expected values in [0, r_max={r_max}], got {ranks.tolist()}")
+        return ranks.to(torch.int32).contiguous()
+    if not isinstance(ranks, Sequence) or isinstance(ranks, str):
+        raise TypeError(
+            f"ranks: expected an int tensor [L], a sequence of L ints or None, got {type(ranks).__name__}"
+        )
+    if len(ranks) != num_adapters:
+        raise ValueError(f"ranks: expected {num_adapters} values (one per adapter slot), got {len(ranks)}")
+    for index, value in enumerate(ranks):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"ranks[{index}]: expected an int, got {type(value).__name__}")
+        if not 0 <= value <= r_max:
+            raise ValueError(f"ranks[{index}]: expected a value in [0, r_max={r_max}], got {value}")
+    return torch.tensor([int(v) for v in ranks], dtype=torch.int32, device=device)
+
+
+def check_adapter_ids(adapter_ids: torch.Tensor, num_adapters: int) -> None:
+    """Raise ValueError if any id lies outside [-1, num_adapters). Reads the ids on the host: syncs."""
+    bad = (adapter_ids < -1) | (adapter_ids >= num_adapters)
+    if adapter_ids.numel() and bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"adapter_ids: expected values in [-1, {num_adapters}) (-1 = base only; L = {num_adapters} "
+            f"adapter slots), got {int(adapter_ids[position])} at index {position}"
+        )
+
+
+# ---- the public function ----------------------------------------------------------------------------------
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scalings: torch.Tensor | Sequence[float],
+    ranks: torch.Tensor | Sequence[int] | None = None,
+    *,
+    check_ids: bool = True,
+    backend: str | None = None,
+    path: str | None = None,
+) -> torch.Tensor:
+    """Batched multi-LoRA linear: row t adds adapter ``i = adapter_ids[t]``'s update (-1: base only).
+
+    ``y[t] = x[t] @ W.T + b + scalings[i] * (x[t] @ A[i, :r_i].T) @ B[i, :, :r_i].T``, r_i = ranks[i].
+
+    Args:
+        x: [..., K] activations (fp16, bf16, fp32; float64 on the torch backend).
+        weight: [N, K] frozen base weight, x's dtype. bias: [N] or None.
+        lora_a: [L, r_max, K]; lora_b: [L, N, r_max]: x's dtype or float32. Slot i uses its first r_i ranks.
+        adapter_ids: int32/int64 with x's leading shape; values in [-1, L).
+        scalings: [L] float tensor or sequence (alpha / r, or alpha / sqrt(r) with rsLoRA, per slot).
+        ranks: [L] int tensor or sequence with values in [0, r_max]; None means r_max for every slot.
+        check_ids: validate the values of adapter_ids (and of tensor ranks/scalings) on the host. This
+            syncs with the device; pass False inside CUDA-graph capture or ``torch.compile``. Unchecked,
+            ids outside [-1, L) act as -1 and ranks are clamped into [0, r_max]: never out of bounds.
+        backend: "torch" | "triton" | "cuda" (see :mod:`peftkern.backends`); "cuda" has no multi-LoRA
+            kernels yet and raises.
+        path: "decode" (rows gather their adapter), "prefill" (rows grouped by adapter), or None/"auto"
+            (decode for at most ``DECODE_MAX_ROWS`` rows). Kernel backends only; results agree.
+    Returns:
+        [..., N] in x's dtype. Gradients flow to x, lora_a, lora_b (each adapter's from its own rows),
+        and to weight/bias only if they require grad.
+    """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        weight = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
+        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
+    _check_inputs(x, weight, bias, lora_a, lora_b, adapter_ids)
+    if not isinstance(check_ids, bool):
+        raise TypeError(f"check_ids: expected a bool, got {type(check_ids).__name__}")
+    path = "auto" if path is None else path
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS} or None, got {path!r}")
+    num_adapters, r_max = lora_a.shape[:2]
+    name = resolve_backend(x.device, OP, backend)
+    check_backend_dtypes(OP, name, x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    if name == "cuda":
+        try:
+            from ._cuda import multi_lora_forward  # noqa: F401
+        except ImportError as error:
+            raise RuntimeError(
+                f"{OP}: backend 'cuda' has no multi-LoRA kernels in this build ({error})"
+            ) from error
+    scale_dtype = _intermediate_dtype(x.dtype, lora_a.dtype)
+    scalings_t = _as_scalings(scalings, num_adapters, x, scale_dtype, check_ids)
+    ranks_t = _as_ranks(ranks, num_adapters, r_max, x, check_ids)
+    if check_ids:
+        check_adapter_ids(adapter_ids, num_adapters)
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    ids = adapter_ids.reshape(-1).contiguous()
+    y, _ = torch.ops.peftkern.multi_lora_linear(
+        x2, weight, bias, lora_a, lora_b, ids, scalings_t, ranks_t, name, path
+    )
+    return y.reshape(*lead, weight.shape[0])
