@@ -291,6 +291,9 @@ def test_plot_writes_pngs(smoke_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     pngs = sorted(tmp_path.glob("*.png"))
     assert tmp_path / "lora_speedup_vs_tokens_full.png" in pngs
+    for name in ("adapter_speedup_vs_tokens_full", "prompt_speedup_vs_tokens_forward",
+                 "multi_lora_speedup_vs_tokens_forward", "bandwidth_fraction"):
+        assert tmp_path / f"{name}.png" in pngs, name
     assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in pngs)
 
 
