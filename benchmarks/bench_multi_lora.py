@@ -252,7 +252,7 @@ def _build_once(bench: harness.Bench, pool: _Pool):
         return None
     try:
         return _peft_model(pool)
-    except Exception as error:  # noqa: BLE001 (a skip or an error, recorded when the provider is timed)
+    except Exception as error:  # a skip or an error, recorded when the provider is timed
         return error
 
 
