@@ -1,6 +1,15 @@
 """peftkern: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning, as PyTorch layers."""
 
 from .backends import cuda_backend_status, use_backend
+from .model import (
+    from_peft,
+    inject_lora,
+    mark_trainable,
+    merge,
+    merge_and_unload,
+    trainable_parameters,
+    unmerge,
+)
 from .nn import LoRALinear
 from .ops import lora_linear
 
@@ -8,6 +17,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoRALinear",
+    "from_peft",
+    "inject_lora",
+    "mark_trainable",
+    "merge",
+    "merge_and_unload",
+    "trainable_parameters",
+    "unmerge",
     "cuda_backend_status",
     "lora_linear",
     "use_backend",
