@@ -1,6 +1,7 @@
 """peftkern: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning, as PyTorch layers."""
 
 from .backends import cuda_backend_status, use_backend
+from .io import load_adapter, save_adapter
 from .model import (
     from_peft,
     inject_lora,
@@ -19,9 +20,11 @@ __all__ = [
     "LoRALinear",
     "from_peft",
     "inject_lora",
+    "load_adapter",
     "mark_trainable",
     "merge",
     "merge_and_unload",
+    "save_adapter",
     "trainable_parameters",
     "unmerge",
     "cuda_backend_status",
