@@ -22,6 +22,9 @@ test:
 gpu-test:
 	$(PYTHON) -m pytest -q -m gpu tests
 
+demo:
+	$(PYTHON) -m peftkern.demo
+
 bench:
 	$(PYTHON) benchmarks/bench_lora.py
 
