@@ -47,3 +47,11 @@ def test_demo_module_entry_point(tmp_path):
 def test_demo_rejects_bad_steps():
     with pytest.raises(SystemExit):
         demo.main(["--steps", "0"])
+
+
+@pytest.mark.gpu
+def test_quick_demo_on_gpu(tmp_path):
+    pytest.importorskip("peft")
+    summary = demo.main(["--quick", "--device", "cuda", "--output", str(tmp_path / "a"), "--no-progress"])
+    assert summary["backend"] == "triton" and summary["logits_match"]
+    assert summary["loss_after"] < 0.75 * summary["loss_before"]

@@ -281,3 +281,25 @@ def test_from_peft_on_triton_backend_matches_peft():
     ours = peftkern.from_peft(copy.deepcopy(theirs), backend="triton")
     assert all(layer.backend == "triton" for _, layer in lora_layers(ours))
     _assert_same_run(ours, theirs, our_adapter_params(ours), peft_adapter_params(theirs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_from_peft_on_gpu_bf16(backend):
+    """On a GPU in bf16 with fp32 adapters (peft's default there), our layers track peft's."""
+    base = tiny_llama().to("cuda", torch.bfloat16)
+    theirs = _peft_model(base, target_modules="all-linear", r=8, lora_alpha=16)
+    ours = peftkern.from_peft(copy.deepcopy(theirs), backend=backend)
+    ids = token_batch().cuda()
+    logits, loss = loss_of(ours, ids)
+    ref_logits, ref_loss = loss_of(theirs, ids)
+    relative = ((logits.float() - ref_logits.float()).norm() / ref_logits.float().norm()).item()
+    assert relative < 2e-2, relative
+    loss.backward()
+    ref_loss.backward()
+    ours_params, theirs_params = our_adapter_params(ours), peft_adapter_params(theirs)
+    for name, (lora_a, lora_b) in theirs_params.items():
+        for mine, reference in ((ours_params[name][0], lora_a), (ours_params[name][1], lora_b)):
+            assert mine.dtype == torch.float32
+            error = ((mine.grad - reference.grad).norm() / reference.grad.norm()).item()
+            assert error < 5e-2, (name, error)
