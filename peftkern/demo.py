@@ -35,7 +35,7 @@ __all__ = ["DemoConfig", "main", "run_demo", "serve_with_adapter_pool"]
 class DemoConfig:
     """What the demo builds and how long it trains. ``--quick`` shrinks it for tests and smoke runs."""
 
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 16
     seq_len: int = 32
     vocab_size: int = 128
@@ -231,7 +231,7 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m peftkern.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="training steps (150; --quick: 40)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (100; --quick: 40)")
     parser.add_argument("--dropout", type=float, default=None, help="LoRA dropout (default 0)")
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (seconds)")
     parser.add_argument("--backend", choices=("torch", "triton", "cuda"), default=None,

@@ -294,7 +294,9 @@ def mark_trainable(model: nn.Module, extra: str | Iterable[str] = ()) -> nn.Modu
     """Freeze every parameter except the LoRA adapters' ``lora_A`` / ``lora_B`` (and the parameters of
     modules matching ``extra``, with ``target_modules``' rules, e.g. ``["lm_head"]``); returns ``model``."""
     root = unwrap_model(model)
-    extra_spec = _check_target_modules(extra) if (isinstance(extra, str) or tuple(extra)) else None
+    if not isinstance(extra, str):
+        extra = tuple(extra)
+    extra_spec = _check_target_modules(extra) if extra else None
     for parameter in root.parameters():
         parameter.requires_grad_(False)
     for name, module in root.named_modules():

@@ -214,7 +214,7 @@ def test_trainable_parameters_and_mark_trainable():
         f"trainable params: {count.trainable:,} || all params: {total:,} || trainable%: "
         f"{100 * count.trainable / total:.4f}"
     )
-    peftkern.mark_trainable(model, extra=["lm_head"])
+    peftkern.mark_trainable(model, extra=(name for name in ["lm_head"]))  # any iterable
     assert model.lm_head.weight.requires_grad
     assert peftkern.trainable_parameters(model).trainable == count.trainable + 128 * 64
     peftkern.mark_trainable(model)

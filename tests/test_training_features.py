@@ -185,8 +185,13 @@ def test_ddp_and_fsdp2_give_the_single_process_gradients(tmp_path):
     start = time.monotonic()
     arguments = (modes, str(tmp_path / "init"), str(tmp_path))
     context = mp.start_processes(worker, args=arguments, nprocs=2, join=False, start_method="spawn")
-    while not context.join(timeout=5):
-        assert time.monotonic() - start < 240, "distributed workers did not finish in 240 s"
+    try:
+        while not context.join(timeout=5):
+            assert time.monotonic() - start < 240, "distributed workers did not finish in 240 s"
+    finally:
+        for process in context.processes:  # only ours: the two workers this test spawned
+            if process.is_alive():
+                process.terminate()
     model = build_model()
     ids = token_batch(batch=BATCH)
     model(input_ids=ids, labels=ids).loss.backward()
