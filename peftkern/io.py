@@ -22,6 +22,18 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .model import (
+    _check_alpha,
+    _check_patterns,
+    _check_rank,
+    _matches,
+    apply_lora,
+    lora_layers,
+    mark_trainable,
+    pattern_value,
+    plan_lora,
+    unwrap_model,
+)
 from .nn.lora import LoRALinear
 
 __all__ = [
@@ -160,11 +172,11 @@ def parse_lora_config(config: dict, where: Path) -> LoRAConfig:
     if exclude is not None and not isinstance(exclude, (str, list)):
         raise _config_error(where, "exclude_modules", f"expected a list of names or a regex, got {exclude!r}")
     patterns = {}
-    for key in ("rank_pattern", "alpha_pattern"):
-        value = config.get(key) or {}
-        if not isinstance(value, dict):
-            raise _config_error(where, key, f"expected an object of regex -> value, got {value!r}")
-        patterns[key] = value
+    for key, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+        try:
+            patterns[key] = _check_patterns(key, config.get(key) or {}, check)
+        except (TypeError, ValueError) as error:
+            raise _config_error(where, key, str(error)) from error
     return LoRAConfig(
         r=r,
         lora_alpha=float(alpha),
@@ -190,8 +202,6 @@ def _plain_number(value: float) -> int | float:
 def _target_modules_for(root: nn.Module, names: list[str]) -> list[str]:
     """The shortest peft ``target_modules`` that selects exactly ``names``: the names' last components if
     they pick no other linear layer, else the full names."""
-    from .model import _matches
-
     suffixes = sorted({name.rpartition(".")[2] for name in names})
     lora_names = set(names)
     candidates = [
@@ -210,8 +220,6 @@ def lora_config_dict(
 ) -> dict:
     """The peft ``adapter_config.json`` content describing ``model``'s LoRA layers (see
     :func:`save_adapter`)."""
-    from .model import lora_layers, pattern_value, unwrap_model
-
     root = unwrap_model(model)
     layers = dict(lora_layers(root))
     if not layers:
@@ -309,8 +317,6 @@ def save_adapter(
     ``peft`` model, or either wrapped by ``torch.compile`` / DDP). The most common rank and alpha become
     ``r`` / ``lora_alpha``; layers that differ go to ``rank_pattern`` / ``alpha_pattern``.
     """
-    from .model import lora_layers
-
     config = lora_config_dict(model, base_model_name_or_path, task_type)
     tensors = {}
     for name, layer in lora_layers(model):
@@ -339,8 +345,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str | No
     (another PEFT type, DoRA, biases, modules_to_save, ...), a missing or unexpected tensor, or a shape
     that does not fit raises ``ValueError`` naming the key, and the model is left as it was.
     """
-    from .model import apply_lora, lora_layers, mark_trainable, pattern_value, plan_lora, unwrap_model
-
     directory = Path(path)
     config, tensors = read_peft_adapter(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME

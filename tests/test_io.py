@@ -227,6 +227,7 @@ OTHER_KEY = KEY.replace("q_proj", "k_proj")
         (lambda p: _edit_config(p, layers_to_transform=[0]), r"key 'layers_to_transform'"),
         (lambda p: _edit_config(p, r=0), r"key 'r': expected a positive int"),
         (lambda p: _edit_config(p, lora_dropout=1.5), r"key 'lora_dropout'"),
+        (lambda p: _edit_config(p, rank_pattern={"q_proj": "x"}), r"key 'rank_pattern'.*positive int"),
         (lambda p: _edit_config(p, target_modules=["nonexistent"]), r"cannot inject.*matched no"),
         (lambda p: (p / pio.CONFIG_NAME).write_text("{not json"), "not valid JSON"),
         (lambda p: (p / pio.WEIGHTS_NAME).write_bytes((p / pio.WEIGHTS_NAME).read_bytes()[:100]),
@@ -241,7 +242,7 @@ OTHER_KEY = KEY.replace("q_proj", "k_proj")
         (lambda p: _edit_tensors(p, lambda t: t.update({KEY: torch.zeros(4, 64, dtype=torch.int32)})),
          "expected a floating-point dtype"),
     ],
-    ids=["peft_type", "dora", "bias", "modules_to_save", "layers_to_transform", "r", "dropout",
+    ids=["peft_type", "dora", "bias", "modules_to_save", "layers_to_transform", "r", "dropout", "patterns",
          "no-target", "json", "truncated", "missing", "extra", "extra-module", "shape", "int-dtype"],
 )
 def test_bad_adapter_raises_and_leaves_model_unchanged(saved, corrupt, message):
