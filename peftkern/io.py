@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -318,6 +319,17 @@ def save_adapter(
     ``r`` / ``lora_alpha``; layers that differ go to ``rank_pattern`` / ``alpha_pattern``.
     """
     config = lora_config_dict(model, base_model_name_or_path, task_type)
+    adapter_ids = {id(p) for _, layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)}
+    parameters = unwrap_model(model).named_parameters()
+    others = [name for name, p in parameters if p.requires_grad and id(p) not in adapter_ids]
+    if others:
+        # e.g. a head made trainable with mark_trainable(extra=...) or peft's modules_to_save: the peft
+        # LoRA format has no place for them here, so say so instead of dropping them silently.
+        warnings.warn(
+            f"save_adapter: {len(others)} trainable parameter(s) outside the LoRA layers are not saved "
+            f"(first: {others[0]!r}); save them separately",
+            stacklevel=2,
+        )
     tensors = {}
     for name, layer in lora_layers(model):
         tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = _full_cpu_tensor(layer.lora_A)

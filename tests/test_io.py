@@ -297,3 +297,12 @@ def test_full_names_when_suffixes_would_select_more(tmp_path):
     assert config["target_modules"] == ["model.layers.0.self_attn.q_proj"]
     reloaded = peftkern.load_adapter(tiny_llama(), tmp_path)
     assert [name for name, _ in lora_layers(reloaded)] == ["model.layers.0.self_attn.q_proj"]
+
+
+def test_save_warns_about_trainable_parameters_it_does_not_save(tmp_path):
+    model = peftkern.inject_lora(tiny_llama(), ["q_proj"], r=2, alpha=2)
+    peftkern.mark_trainable(model, extra=["lm_head"])
+    with pytest.warns(UserWarning, match="1 trainable parameter.*'lm_head.weight'"):
+        peftkern.save_adapter(model, tmp_path)
+    keys = load_file(tmp_path / pio.WEIGHTS_NAME)
+    assert all(key.endswith(("lora_A.weight", "lora_B.weight")) for key in keys)
