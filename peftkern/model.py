@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch.nn as nn
 
+from .backends import BACKENDS
 from .nn.lora import LoRALinear
 
 __all__ = [
@@ -284,6 +285,8 @@ def inject_lora(
     """
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
     sites = plan_lora(model, target_modules, r, alpha, rank_pattern, alpha_pattern, exclude_modules)
     apply_lora(model, sites, dropout=dropout, use_rslora=use_rslora, init=init, backend=backend)
     mark_trainable(model)
@@ -369,6 +372,8 @@ def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module
     embeddings) a ``ValueError`` names it and the model is unchanged. After conversion save with
     :func:`peftkern.save_adapter` (``peft``'s ``save_pretrained`` does not know our layers).
     """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
     lora_layer, peft_linear = _peft_lora_classes()
     root = unwrap_model(peft_model)
     found = [(name, module) for name, module in root.named_modules() if isinstance(module, lora_layer)]

@@ -248,6 +248,7 @@ def test_inject_freezes_and_keeps_base_parameters():
         (dict(target_modules=["q_proj"], dropout=1.0), "dropout: expected a probability"),
         (dict(target_modules=["q_proj"], rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]"),
         (dict(target_modules=["q_proj"], alpha_pattern=[1]), "alpha_pattern: expected a dict"),
+        (dict(target_modules=["q_proj"], backend="tpu"), "backend: expected one of"),
     ],
 )
 def test_inject_rejects_bad_arguments_before_changing_the_model(kwargs, message):
