@@ -6,7 +6,10 @@
    every token is followed by a fixed (random) successor, so the loss falls from ~ln(vocab) towards 0;
 4. saves the adapter in the ``peft`` format, reloads it with ``peft`` (and with peftkern) into a fresh
    copy of the base model and checks the logits match;
-5. prints a summary table (backend, parameters trained, loss before/after, tokens/s).
+5. trains a second, smaller adapter on another permutation, loads both into an ``AdapterPool`` and serves
+   one mixed batch (rows on adapter 1, adapter 2 and the bare base model) through the multi-LoRA layers,
+   checking every row against that adapter alone;
+6. prints a summary table (backend, parameters trained, loss before/after, tokens/s, serving check).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import copy
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +31,10 @@ import peftkern
 from peftkern.backends import resolve_backend
 from peftkern.model import lora_layers
 
-__all__ = ["DemoConfig", "main", "run_demo", "serve_with_adapter_pool"]
+__all__ = ["DemoConfig", "main", "run_demo", "serve_with_adapter_pool", "train_adapter"]
+
+# What "all-linear" picks in a Llama block: the pool serves adapters on exactly these layers.
+_DEMO_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -110,16 +116,63 @@ def evaluate(model: nn.Module, input_ids: torch.Tensor) -> float:
     return loss
 
 
-def serve_with_adapter_pool(
-    model: nn.Module, adapter_dirs: Sequence[Path], device: torch.device
-) -> dict | None:
-    """Hook for the serving step: load several adapters into a ``peftkern.AdapterPool`` and run one mixed
-    batch (each row its own adapter) through ``multi_lora_linear``.
+def train_adapter(
+    model: nn.Module, task: SuccessorTask, config: DemoConfig, steps: int, description: str, show_progress: bool
+) -> int:
+    """Train ``model``'s trainable parameters on ``task`` for ``steps`` steps (AdamW, cosine decay, a tqdm
+    bar with the loss); returns the number of tokens seen."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+    )
+    model.train()
+    tokens = 0
+    progress = tqdm(range(steps), desc=description, disable=not show_progress)
+    for _ in progress:
+        batch = task.batch(config.batch_size)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += batch.numel()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    return tokens
 
-    Not implemented yet: the adapter pool is being built separately. Returns ``None`` (the demo prints
-    that the step was skipped) until this function is filled in; it fakes nothing.
-    """
-    return None
+
+def serve_with_adapter_pool(
+    base: nn.Module, adapter_dirs: Mapping[str, Path], input_ids: torch.Tensor, backend: str
+) -> dict:
+    """The serving step: load every adapter into one ``peftkern.AdapterPool`` and run a mixed batch (row b
+    uses adapter ``b % (len(adapters) + 1)``, the last choice being the base model) in one pass per layer.
+    Each row's logits are checked against that adapter alone (``load_adapter`` on a copy of the base)."""
+    names = list(adapter_dirs)
+    row_names = [(names + [None])[row % (len(names) + 1)] for row in range(input_ids.shape[0])]
+    model = copy.deepcopy(base).eval()
+    pool = peftkern.AdapterPool(model, _DEMO_TARGETS, num_slots=len(names), r_max=64, backend=backend)
+    for name, path in adapter_dirs.items():
+        pool.load(name, path)
+    with torch.no_grad(), pool.batch(row_names):
+        start = time.perf_counter()
+        logits = model(input_ids=input_ids).logits
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    worst = 0.0
+    for name in names + [None]:
+        rows = [row for row, row_name in enumerate(row_names) if row_name == name]
+        single = copy.deepcopy(base) if name is None else peftkern.load_adapter(
+            copy.deepcopy(base), adapter_dirs[name], backend=backend
+        )
+        with torch.no_grad():
+            expected = single.eval()(input_ids=input_ids[rows]).logits
+        worst = max(worst, (logits[rows] - expected).abs().max().item())
+    return {
+        "adapters": len(names),
+        "rows": len(row_names),
+        "max_diff": worst,
+        "tokens_per_s": input_ids.numel() / seconds if seconds > 0 else float("nan"),
+    }
 
 
 def _default_device() -> torch.device:
@@ -141,23 +194,8 @@ def run_demo(config: DemoConfig, show_progress: bool = True) -> dict:
     held_out = task.batch(64)
     loss_before = evaluate(model, held_out)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / max(config.steps, 1)))
-    )
-    model.train()
-    tokens = 0
-    progress = tqdm(range(config.steps), desc=f"training LoRA ({backend})", disable=not show_progress)
     start = time.perf_counter()
-    for _ in progress:
-        batch = task.batch(config.batch_size)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += batch.numel()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+    tokens = train_adapter(model, task, config, config.steps, f"training LoRA ({backend})", show_progress)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -173,7 +211,16 @@ def run_demo(config: DemoConfig, show_progress: bool = True) -> dict:
         ours_diff = (reloaded(input_ids=held_out).logits - logits).abs().max().item()
     peft_diff = _check_with_peft(pristine, output, held_out, logits)
     tolerance = 1e-4 if device.type == "cpu" else 1e-2  # fp32 on CPU; TF32-capable GEMMs on a GPU
-    pool = serve_with_adapter_pool(model, [output], device)
+    # A second adapter, on another permutation, for the mixed-batch serving step.
+    second = peftkern.inject_lora(
+        copy.deepcopy(pristine), "all-linear", r=config.rank // 2, alpha=config.alpha, backend=backend
+    )
+    other_task = SuccessorTask(config.vocab_size, config.seq_len, config.seed + 10, device)
+    train_adapter(second, other_task, config, max(1, config.steps // 2), "training a 2nd adapter", show_progress)
+    peftkern.save_adapter(second, output.with_name(output.name + "-second"))
+    pool = serve_with_adapter_pool(
+        pristine, {"first": output, "second": output.with_name(output.name + "-second")}, held_out[:9], backend
+    )
     return {
         "device": str(device),
         "backend": backend,
@@ -187,7 +234,8 @@ def run_demo(config: DemoConfig, show_progress: bool = True) -> dict:
         "adapter": str(output),
         "reload_max_diff": ours_diff,
         "peft_max_diff": peft_diff,
-        "logits_match": ours_diff <= tolerance and (peft_diff is None or peft_diff <= tolerance),
+        "logits_match": ours_diff <= tolerance and (peft_diff is None or peft_diff <= tolerance)
+        and pool["max_diff"] <= tolerance,
         "adapter_pool": pool,
     }
 
@@ -208,6 +256,7 @@ def _check_with_peft(
 
 def format_summary(summary: dict) -> str:
     peft_diff = summary["peft_max_diff"]
+    pool = summary["adapter_pool"]
     rows = [
         ("device / backend", f"{summary['device']} / {summary['backend']}"),
         ("LoRA layers", str(summary["layers"])),
@@ -220,8 +269,8 @@ def format_summary(summary: dict) -> str:
         ("peft reload, max |dlogits|", "peft not installed" if peft_diff is None else f"{peft_diff:.2e}"),
         ("peftkern reload, max |dlogits|", f"{summary['reload_max_diff']:.2e}"),
         ("logits match", "yes" if summary["logits_match"] else "NO"),
-        ("adapter pool serving", "skipped (not wired yet: peftkern.demo.serve_with_adapter_pool)"
-         if summary["adapter_pool"] is None else str(summary["adapter_pool"])),
+        ("adapter pool: mixed batch", f"{pool['rows']} rows over {pool['adapters']} adapters + base, one pass; "
+                                      f"max |dlogits| vs each adapter alone {pool['max_diff']:.2e}"),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"| {'':<{width}} | result", f"|{'-' * (width + 2)}|{'-' * 40}"]

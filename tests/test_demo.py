@@ -23,11 +23,14 @@ def test_quick_demo_learns_saves_and_reloads_with_peft(tmp_path, capsys):
     assert summary["peft_max_diff"] is not None and summary["peft_max_diff"] <= 1e-4
     assert summary["reload_max_diff"] <= 1e-4 and summary["logits_match"]
     assert summary["tokens_per_s"] > 0
-    assert summary["adapter_pool"] is None  # the hook is not wired yet, and says so
+    pool = summary["adapter_pool"]  # two adapters and the base in one mixed batch, each row checked
+    assert pool["adapters"] == 2 and pool["rows"] == 9 and pool["max_diff"] <= 1e-4
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == demo.DemoConfig().rank
     table = capsys.readouterr().out
-    for row in ("device / backend", "parameters trained", "loss before -> after", "tokens/s", "logits match"):
+    rows = ("device / backend", "parameters trained", "loss before -> after", "tokens/s", "logits match",
+            "adapter pool: mixed batch")
+    for row in rows:
         assert row in table
     assert "| logits match                   | yes" in table
 
