@@ -3,6 +3,8 @@ GPU) lora_linear on backend "cuda" against the float64 reference, outputs and ev
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,7 +15,7 @@ import torch
 from _helpers import DTYPES, assert_close, cast
 
 import peftkern
-from peftkern import reference
+from peftkern import backends, reference
 from peftkern.backends import cuda_backend_available, cuda_backend_status, resolve_backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +57,42 @@ def test_status_reports_why_the_backend_cannot_run_here():
     else:
         assert "not built" in status
     assert cuda_backend_available() is False
+
+
+@pytest.fixture
+def fresh_extension_cache():
+    backends._load_cuda_extension.cache_clear()
+    yield
+    backends._load_cuda_extension.cache_clear()
+
+
+def test_status_when_the_extension_is_missing_or_unloadable(monkeypatch, fresh_extension_cache):
+    """A missing or broken binary is reported, never raised at import, and the cuda backend names it."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peftkern._C" else real_find_spec(name, *a)
+    )
+    assert "unavailable: the CUDA C++ extension peftkern._C is not built" in cuda_backend_status()
+    assert not cuda_backend_available()
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run: .*not built"):
+        backends.cuda_extension()
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    backends._load_cuda_extension.cache_clear()
+
+    real_import = importlib.import_module
+
+    def broken_import(name, *args):
+        if name == "peftkern._C":
+            raise ImportError("libcuda.so.1: undefined symbol cuFoo")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", broken_import)
+    if importlib.util.find_spec("peftkern._C") is None:
+        pytest.skip("peftkern._C is not built here: the load-failure path needs a binary to find")
+    status = cuda_backend_status()
+    assert status.startswith("unavailable: the CUDA C++ extension peftkern._C failed to load: ImportError: ")
+    assert "undefined symbol cuFoo" in status
+    assert not cuda_backend_available()
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the error on a machine without a GPU")
