@@ -355,3 +355,24 @@ def test_torch_compile_treats_the_cuda_op_as_opaque(no_tf32):
     eager = f(x, weight, bias, lora_a, lora_b)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, weight, bias, lora_a, lora_b)
     assert_close(compiled, eager, "compiled y", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_offsets_past_2_31_elements():
+    """x with more than 2**31 elements: int64 offsets (and dropout counters) give the right far rows."""
+    K, N, r = 4096, 32, 8
+    M = 2**31 // K + 64
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    lora_a = torch.randn(r, K, device="cuda") / K**0.5
+    lora_b = torch.randn(N, r, device="cuda")
+    y = peftkern.lora_linear(x, weight, None, lora_a, lora_b, 1.0, 0.1, seed=5, backend="cuda")
+    tail = slice(M - 96, M)
+    offsets = torch.arange((M - 96) * K, M * K, dtype=torch.int64).reshape(96, K)
+    mask = reference.philox_uniform(5, offsets) >= 0.1
+    expected = reference.lora_linear(
+        x[tail].cpu().double(), weight.cpu().double(), None, lora_a.cpu().double(), lora_b.cpu().double(),
+        1.0, 0.1, keep_mask=mask,
+    )
+    assert_close(y[tail], expected, "y tail", torch.bfloat16)
