@@ -79,7 +79,7 @@ def cuda_extension():
 
 
 def cuda_backend_status() -> str:
-    """Why the CUDA C++ backend can or cannot run here, in one line ("available: ..." or "unavailable: ...")."""
+    """Why the CUDA C++ backend can or cannot run here, in one line: "available: ..." / "unavailable: ..."."""
     module, why = _load_cuda_extension()
     if module is None:
         return f"unavailable: {why}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -70,7 +72,9 @@ def test_status_when_the_extension_is_missing_or_unloadable(monkeypatch, fresh_e
     """A missing or broken binary is reported, never raised at import, and the cuda backend names it."""
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "peftkern._C" else real_find_spec(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "peftkern._C" else real_find_spec(name, *a),
     )
     assert "unavailable: the CUDA C++ extension peftkern._C is not built" in cuda_backend_status()
     assert not cuda_backend_available()
@@ -169,6 +173,51 @@ def test_vendoring_example_compiles_and_runs_where_it_can(tmp_path):
     else:
         assert run.returncode == 2, run.stdout + run.stderr
         assert "no CUDA device here" in run.stdout
+
+
+def _cuda_include_dir() -> Path | None:
+    """Where cuda_runtime.h lives, as nvcc reports it (nvcc may be a wrapper outside the toolkit)."""
+    dry = subprocess.run([NVCC, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True, timeout=60)
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if "INCLUDES=" in line:
+            for flag in shlex.split(line.split("=", 1)[1]):
+                if flag.startswith("-I") and (Path(flag[2:]) / "cuda_runtime.h").is_file():
+                    return Path(flag[2:])
+    return None
+
+
+@pytest.mark.skipif(NVCC is None or shutil.which("g++") is None, reason="needs the CUDA headers and g++")
+def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
+    """No GPU here, so run the header's launchers on a CPU emulation of the CUDA model
+    (tests/cuda_emulator): one thread per CUDA thread, buffers sized exactly to their strides, under
+    AddressSanitizer. Covers every index, guard, stride path, dropout counter and partial-sum reduction of
+    forward and backward, for fp32, fp16 with fp32 adapters and bf16; only the tensor-core (WMMA) inner
+    product is replaced by the FMA path."""
+    include = _cuda_include_dir()
+    if include is None:
+        pytest.skip("nvcc did not report its include directory")
+    header_dir = tmp_path / "peftkern"
+    header_dir.mkdir()
+    shutil.copy(ROOT / "csrc" / "include" / "peftkern" / "common.cuh", header_dir)
+    source = (ROOT / "csrc" / "include" / "peftkern" / "lora.cuh").read_text()
+    # kernel<T><<<grid, block, smem, stream>>>(args) -> ::emu::launch(kernel<T>, grid, ..., stream, args)
+    launch = re.compile(r"([\w:]+(?:<[^<>]*>)?)<<<(.*?)>>>\(", flags=re.S)
+    emulated, launches = launch.subn(r"::emu::launch(\1, \2, ", source)
+    assert launches >= 5 and "<<<" not in emulated
+    (header_dir / "lora.cuh").write_text(emulated)
+    binary = tmp_path / "lora_emulated"
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+    build = subprocess.run(
+        ["g++", "-std=c++20", "-O0", "-pthread", "-Wno-unknown-pragmas", *sanitize, f"-I{tmp_path}",
+         f"-I{include}", f"-I{ROOT / 'tests' / 'cuda_emulator'}",
+         str(ROOT / "tests" / "cuda_emulator" / "lora_emulated.cpp"), "-o", str(binary)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(binary), "--quick"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert run.stdout.strip().endswith("54 cases, 0 failures"), run.stdout[-2000:]
 
 
 # ---- GPU: every dtype and odd shape against the float64 reference ------------------------------------------
