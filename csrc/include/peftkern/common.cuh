@@ -120,6 +120,33 @@ __host__ __device__ inline bool dropout_keep(int64_t seed, int64_t row, int64_t 
   return philox_uniform(static_cast<uint64_t>(seed), offset) >= p;
 }
 
+// ---- asynchronous copies (sm_80+: cp.async; elsewhere plain copies, and the waits are no-ops) ------------
+
+// Copy 16 bytes from global to shared memory; both addresses 16-byte aligned.
+__device__ inline void copy16_async(void* smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+#else
+  *reinterpret_cast<uint4*>(smem_dst) = *reinterpret_cast<const uint4*>(gmem_src);
+#endif
+}
+
+// Close the group of copies issued so far by this thread.
+__device__ inline void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Wait until at most `kPending` of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ inline void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
 // ---- launch helpers ------------------------------------------------------------------------------------
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

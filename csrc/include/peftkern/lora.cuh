@@ -36,7 +36,6 @@ constexpr int kThreads = 128;  // every kernel here: 4 warps
 constexpr int kBM = 64;
 constexpr int kBN = 64;
 constexpr int kBK = 32;
-constexpr int kPitch = kBK + 8;  // operand rows in shared memory: 16-byte multiple, WMMA ldm multiple of 8
 constexpr int kCPitch = kBN + 4;
 constexpr int kRankChunk = 16;  // the rank dimension is walked in chunks of 16
 constexpr int kRankPitch = kRankChunk + 1;
@@ -78,24 +77,44 @@ struct GemmParams {
   bool p_vec, q_vec;  // operand rows readable 16 bytes at a time (see rows_vectorizable)
 };
 
-// Copy the tile [r0, r0 + ROWS) x [l0, l0 + kBK) of src (element (r, l) at src[r * s_row + l * s_l]) into
-// dst[ROWS][kPitch], zero outside [0, rows_valid) x [0, l_valid).
-template <typename T, int ROWS>
+// Operand tiles in shared memory: rows of kBK elements padded by 16 bytes (rows stay 16-byte aligned for
+// the async copies, WMMA's ldm stays a multiple of 8 for 16-bit types, and the padding spreads the banks).
+template <typename T>
+__host__ __device__ constexpr int operand_pitch() {
+  return kBK + 16 / static_cast<int>(sizeof(T));
+}
+// One pipeline stage: the P tile [kBM][pitch] followed by the Q tile [kBN][pitch].
+template <typename T>
+__host__ __device__ constexpr int stage_elems() {
+  return (kBM + kBN) * operand_pitch<T>();
+}
+template <typename T>
+__host__ __device__ constexpr int gemm_operand_bytes() {
+  constexpr int stages = 2 * stage_elems<T>() * static_cast<int>(sizeof(T));
+  constexpr int c = kBM * kCPitch * static_cast<int>(sizeof(float));
+  return ((stages > c ? stages : c) + 127) / 128 * 128;
+}
+
+// Start copying the tile [r0, r0 + ROWS) x [l0, l0 + kBK) of src (element (r, l) at src[r * s_row + l * s_l])
+// into dst[ROWS][PITCH], zero outside [0, rows_valid) x [0, l_valid). Chunks that lie wholly inside a
+// 16-byte-readable source go through copy16_async (complete after cp_async_wait); everything else is
+// stored directly.
+template <typename T, int ROWS, int PITCH>
 __device__ inline void load_tile(T* dst, const T* src, int64_t r0, int64_t l0, int64_t rows_valid,
                                  int64_t l_valid, int64_t s_row, int64_t s_l, bool vec) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   constexpr int kChunksPerRow = kBK / kVec;
   const T zero = from_float<T>(0.0f);
   const int tid = threadIdx.x;
-  if (vec) {  // s_l == 1, rows 16-byte aligned: one 16-byte load per chunk that lies wholly inside
+  if (vec) {  // s_l == 1, rows 16-byte aligned
     for (int c = tid; c < ROWS * kChunksPerRow; c += kThreads) {
       const int r = c / kChunksPerRow;
       const int l = (c % kChunksPerRow) * kVec;
       const int64_t gr = r0 + r;
       const int64_t gl = l0 + l;
-      T* d = dst + r * kPitch + l;
+      T* d = dst + r * PITCH + l;
       if (gr < rows_valid && gl + kVec <= l_valid) {
-        *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(src + gr * s_row + gl);
+        copy16_async(d, src + gr * s_row + gl);
       } else {
 #pragma unroll
         for (int v = 0; v < kVec; ++v) {
@@ -109,7 +128,7 @@ __device__ inline void load_tile(T* dst, const T* src, int64_t r0, int64_t l0, i
       const int l = e / ROWS;
       const int64_t gr = r0 + r;
       const int64_t gl = l0 + l;
-      dst[r * kPitch + l] = (gr < rows_valid && gl < l_valid) ? src[gr + gl * s_l] : zero;
+      dst[r * PITCH + l] = (gr < rows_valid && gl < l_valid) ? src[gr + gl * s_l] : zero;
     }
   } else {
     for (int e = tid; e < ROWS * kBK; e += kThreads) {
@@ -117,96 +136,126 @@ __device__ inline void load_tile(T* dst, const T* src, int64_t r0, int64_t l0, i
       const int l = e % kBK;
       const int64_t gr = r0 + r;
       const int64_t gl = l0 + l;
-      dst[r * kPitch + l] = (gr < rows_valid && gl < l_valid) ? src[gr * s_row + gl * s_l] : zero;
+      dst[r * PITCH + l] = (gr < rows_valid && gl < l_valid) ? src[gr * s_row + gl * s_l] : zero;
     }
   }
 }
 
+// The inner products of one kBK step on tensor cores: 4 warps in 2 x 2, each 32 x 32 as 2 x 2 WMMA tiles.
 template <typename T>
-__host__ __device__ constexpr int gemm_operand_bytes() {
-  constexpr int ab = 2 * kBM * kPitch * static_cast<int>(sizeof(T));
-  constexpr int c = kBM * kCPitch * static_cast<int>(sizeof(float));
-  return ((ab > c ? ab : c) + 127) / 128 * 128;
-}
+struct WmmaMath {
+  static constexpr int kP = operand_pitch<T>();
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  int wm, wn;
 
-// The K loop of the GEMM; leaves the fp32 tile in c[kBM][kCPitch] (which aliases the operand tiles).
-template <typename T, typename TA>
-__device__ inline void gemm_mainloop(const GemmParams<T, TA>& prm, int64_t m0, int64_t n0, unsigned char* smem) {
-  T* ps = reinterpret_cast<T*>(smem);
-  T* qs = ps + kBM * kPitch;
-  float* cs = reinterpret_cast<float*>(smem);
-  const int tid = threadIdx.x;
-  if constexpr (use_tensor_cores<T>()) {
-    namespace wmma = nvcuda::wmma;
-    const int warp = tid / 32;
-    const int wm = warp / 2;
-    const int wn = warp % 2;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  __device__ inline void init() {
+    const int warp = threadIdx.x / 32;
+    wm = warp / 2;
+    wn = warp % 2;
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    for (int64_t l0 = 0; l0 < prm.red; l0 += kBK) {
-      __syncthreads();  // the previous step's fragments are loaded before the tiles are overwritten
-      load_tile<T, kBM>(ps, prm.p, m0, l0, prm.rows, prm.red, prm.p_stride_row, prm.p_stride_red, prm.p_vec);
-      load_tile<T, kBN>(qs, prm.q, n0, l0, prm.cols, prm.red, prm.q_stride_col, prm.q_stride_red, prm.q_vec);
-      __syncthreads();
+      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+  __device__ inline void step(const T* ps, const T* qs) {
+    namespace wmma = nvcuda::wmma;
 #pragma unroll
-      for (int kk = 0; kk < kBK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+    for (int kk = 0; kk < kBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], ps + (wm * 32 + i * 16) * kPitch + kk, kPitch);
-        // qs holds Q transposed ([col][red]): column-major Q, as matrix_b wants it.
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], ps + (wm * 32 + i * 16) * kP + kk, kP);
+      // qs holds Q transposed ([col][red]): column-major Q, as matrix_b wants it.
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], qs + (wn * 32 + j * 16) * kPitch + kk, kPitch);
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], qs + (wn * 32 + j * 16) * kP + kk, kP);
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-      }
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
-    __syncthreads();  // c aliases the operand tiles
+  }
+  __device__ inline void store(float* cs) const {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(cs + (wm * 32 + i * 16) * kCPitch + wn * 32 + j * 16, acc[i][j], kCPitch,
-                                wmma::mem_row_major);
-  } else {
-    // FMA: thread (ty, tx) owns rows ty + 16 i (i < 4) and columns tx + 8 j (j < 8).
-    const int ty = tid / 8;
-    const int tx = tid % 8;
-    float acc[4][8];
+        nvcuda::wmma::store_matrix_sync(cs + (wm * 32 + i * 16) * kCPitch + wn * 32 + j * 16, acc[i][j], kCPitch,
+                                        nvcuda::wmma::mem_row_major);
+  }
+};
+
+// The same on FMA units (fp32, or 16-bit types where tensor cores are unavailable): thread (ty, tx) owns
+// rows ty + 16 i (i < 4) and columns tx + 8 j (j < 8).
+template <typename T>
+struct FmaMath {
+  static constexpr int kP = operand_pitch<T>();
+  float acc[4][8];
+  int ty, tx;
+
+  __device__ inline void init() {
+    ty = threadIdx.x / 8;
+    tx = threadIdx.x % 8;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
-    for (int64_t l0 = 0; l0 < prm.red; l0 += kBK) {
-      __syncthreads();
-      load_tile<T, kBM>(ps, prm.p, m0, l0, prm.rows, prm.red, prm.p_stride_row, prm.p_stride_red, prm.p_vec);
-      load_tile<T, kBN>(qs, prm.q, n0, l0, prm.cols, prm.red, prm.q_stride_col, prm.q_stride_red, prm.q_vec);
-      __syncthreads();
+  }
+  __device__ inline void step(const T* ps, const T* qs) {
 #pragma unroll 4
-      for (int l = 0; l < kBK; ++l) {
-        float a[4];
-        float b[8];
+    for (int l = 0; l < kBK; ++l) {
+      float a[4];
+      float b[8];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = to_float(ps[(ty + 16 * i) * kPitch + l]);
+      for (int i = 0; i < 4; ++i) a[i] = to_float(ps[(ty + 16 * i) * kP + l]);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) b[j] = to_float(qs[(tx + 8 * j) * kPitch + l]);
+      for (int j = 0; j < 8; ++j) b[j] = to_float(qs[(tx + 8 * j) * kP + l]);
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < 4; ++i)
 #pragma unroll
-          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-      }
+        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
     }
-    __syncthreads();
+  }
+  __device__ inline void store(float* cs) const {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 8; ++j) cs[(ty + 16 * i) * kCPitch + tx + 8 * j] = acc[i][j];
   }
+};
+
+// The K loop of the GEMM, two stages deep: the copies of step s + 1 are in flight while step s computes.
+// Leaves the fp32 tile in cs[kBM][kCPitch], which aliases the stages.
+template <typename T, typename TA>
+__device__ inline void gemm_mainloop(const GemmParams<T, TA>& prm, int64_t m0, int64_t n0, unsigned char* smem) {
+  constexpr int kP = operand_pitch<T>();
+  using Math = std::conditional_t<use_tensor_cores<T>(), WmmaMath<T>, FmaMath<T>>;
+  T* stages = reinterpret_cast<T*>(smem);
+  const int64_t steps = ceil_div(prm.red, kBK);
+  auto load_stage = [&](int64_t step) {
+    T* ps = stages + (step % 2) * stage_elems<T>();
+    T* qs = ps + kBM * kP;
+    const int64_t l0 = step * kBK;
+    load_tile<T, kBM, kP>(ps, prm.p, m0, l0, prm.rows, prm.red, prm.p_stride_row, prm.p_stride_red, prm.p_vec);
+    load_tile<T, kBN, kP>(qs, prm.q, n0, l0, prm.cols, prm.red, prm.q_stride_col, prm.q_stride_red, prm.q_vec);
+    cp_async_commit();
+  };
+  Math math;
+  math.init();
+  if (steps > 0) load_stage(0);
+  for (int64_t step = 0; step < steps; ++step) {
+    // The stage written here was last read in step - 1, which ended at a barrier.
+    if (step + 1 < steps) {
+      load_stage(step + 1);
+      cp_async_wait<1>();  // this thread's copies of `step` have landed
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // ... and every other thread's
+    const T* ps = stages + (step % 2) * stage_elems<T>();
+    math.step(ps, ps + kBM * kP);
+    __syncthreads();
+  }
+  math.store(reinterpret_cast<float*>(smem));
   __syncthreads();
 }
 
