@@ -217,7 +217,7 @@ def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(binary), "--quick"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    assert run.stdout.strip().endswith("54 cases, 0 failures"), run.stdout[-2000:]
+    assert run.stdout.strip().endswith("72 cases, 0 failures"), run.stdout[-2000:]
 
 
 # ---- GPU: every dtype and odd shape against the float64 reference ------------------------------------------

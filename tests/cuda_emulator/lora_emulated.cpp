@@ -191,10 +191,11 @@ template <typename T, typename TA>
 int run_all(bool quick) {
   // (M, K, N, R): odd sizes around the tiles (64 x 64 x 32, rank chunks of 16, dY tiles of 32), M = 0,
   // K a multiple of 8 but not of 32 (the 16-byte path with a partial tile), ranks past one chunk.
-  // The first reaches every path: 2 x 2 GEMM tiles, 3 dY chunks x 3 splits, 2 dA column tiles, 2 rank chunks.
-  const int64_t shapes[][4] = {{70, 72, 70, 20}, {0, 9, 5, 2}, {17, 33, 17, 8},
+  // The first reaches nearly every path: 2 x 2 GEMM tiles, 3 dY chunks x 3 splits, 2 dA column tiles,
+  // 2 rank chunks; the fourth has a rank past the dY kernel's shared-memory dS (64).
+  const int64_t shapes[][4] = {{70, 72, 70, 20}, {0, 9, 5, 2}, {17, 33, 17, 8}, {33, 40, 35, 70},
                                {1, 17, 33, 1}, {65, 17, 1, 17}, {130, 100, 70, 33}};
-  const int n_shapes = quick ? 3 : 6;
+  const int n_shapes = quick ? 4 : 7;
   int cases = 0;
   for (int i = 0; i < n_shapes; ++i)
     for (float p : {0.0f, 0.3f})

@@ -412,6 +412,11 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float dys[BM][BN + 1];
   __shared__ float bs[BN][kRankPitch];
   __shared__ float ss[BM][kRankPitch];
+  // dS of the current row tile, summed over the split's columns here rather than in ds_part (ranks up to
+  // kLocalRanks; larger ranks add into ds_part directly). Each element has one owner thread throughout.
+  constexpr int kLocalRanks = 64;
+  __shared__ float ds_local[BM][kLocalRanks];
+  const bool local = R <= kLocalRanks;
   const int tid = threadIdx.x;
   const int64_t chunk = blockIdx.x;
   const int64_t split = blockIdx.y;
@@ -459,7 +464,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 8
           for (int j = 0; j < BN; ++j) ds = fmaf(dys[i][j], bs[j][r], ds);
           const int64_t gi = m0 + i;
-          if (gi < row_end && gr < R) ds_slice[gi * R + gr] += ds;
+          if (gi < row_end && gr < R) {
+            if (local) {
+              ds_local[i][gr] = n0 == col_start ? ds : ds_local[i][gr] + ds;
+            } else {
+              ds_slice[gi * R + gr] += ds;
+            }
+          }
           // dB rows
           const int j = e / kRankChunk;
           float db = 0.0f;
@@ -467,6 +478,18 @@ __global__ void __launch_bounds__(kThreads)
           for (int ii = 0; ii < BM; ++ii) db = fmaf(dys[ii][j], ss[ii][r], db);
           const int64_t gj = n0 + j;
           if (gj < col_end && gr < R) db_slice[gj * R + gr] += db;
+        }
+      }
+    }
+    if (local && col_start < col_end) {  // each owner writes its finished dS elements (same mapping as above)
+      for (int64_t r0 = 0; r0 < R; r0 += kRankChunk) {
+#pragma unroll
+        for (int t = 0; t < kPerThread; ++t) {
+          const int e = tid + kThreads * t;
+          const int i = e / kRankChunk;
+          const int64_t gr = r0 + e % kRankChunk;
+          const int64_t gi = m0 + i;
+          if (gi < row_end && gr < R) ds_slice[gi * R + gr] = ds_local[i][gr];
         }
       }
     }
