@@ -429,3 +429,36 @@ def test_offsets_past_2_31_elements():
         1.0, 0.1, keep_mask=mask,
     )
     assert_close(y[tail], expected, "y tail", torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_backend():
+    x, weight, bias, lora_a, lora_b = make_inputs(5, 12, 7, 3, torch.float32)
+    seed = torch.tensor([3], dtype=torch.int64, device="cuda")
+    torch.library.opcheck(
+        torch.ops.peftkern.lora_linear.default,
+        (x, weight, bias, lora_a, lora_b, 0.5, 0.2, seed, "cuda"),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+@pytest.mark.gpu
+def test_lora_linear_layer_on_the_cuda_backend(no_tf32):
+    """The layer path end to end (base frozen, adapters trained) on backend "cuda"."""
+    base = torch.nn.Linear(40, 24, device="cuda")
+    layer = peftkern.LoRALinear.from_linear(base, r=6, alpha=12, dropout=0.0, backend="cuda")
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 40, device="cuda", requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    x64 = x.detach().cpu().double().requires_grad_(True)
+    a64 = layer.lora_A.detach().cpu().double().requires_grad_(True)
+    b64 = layer.lora_B.detach().cpu().double().requires_grad_(True)
+    y64 = reference.lora_linear(
+        x64, base.weight.detach().cpu().double(), base.bias.detach().cpu().double(), a64, b64, 2.0, 0.0
+    )
+    y64.square().sum().backward()
+    assert_close(y, y64, "y", torch.float32)
+    assert_close(x.grad, x64.grad, "dx", torch.float32)
+    assert_close(layer.lora_A.grad, a64.grad, "dA", torch.float32)
+    assert_close(layer.lora_B.grad, b64.grad, "dB", torch.float32)
