@@ -2,9 +2,10 @@
 // a GPU: one std::thread per CUDA thread, one block at a time, __shared__ as function statics (one copy,
 // shared by the block's threads), __syncthreads as a std::barrier. Compiled by the host compiler (with
 // AddressSanitizer in the test), it executes every index computation and bounds guard of the kernels on
-// exactly-sized buffers. Tensor-core (WMMA) code cannot run here: __CUDA_ARCH__ is set below 700 so the
-// GEMM takes its FMA path for every dtype. Launches must be rewritten `kernel<<<cfg>>>(args)` ->
-// `::emu::launch(kernel, cfg, args)` (tests/test_cuda_backend.py does it on a copy of the header).
+// exactly-sized buffers. __CUDA_ARCH__ stays undefined, so 16-bit GEMMs take their tensor-core path (WMMA,
+// emulated below) and the async copies their plain-copy form. Launches must be rewritten
+// `kernel<<<cfg>>>(args)` -> `::emu::launch(kernel, cfg, args)` (tests/test_cuda_backend.py does it on a copy
+// of the header).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -15,30 +16,75 @@
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
-// Declarations only: the WMMA branch is discarded for every instantiation here, but its non-dependent names
-// must resolve.
+// WMMA, emulated per thread: every thread of a warp holds the whole 16 x 16 tile (as float, which holds
+// fp16/bf16 values exactly), so the collective loads, products and stores reduce to loops. The pointer and
+// ldm rules of the real API (32-byte aligned pointers; ldm a multiple of 16 bytes) are checked, so a
+// layout mistake aborts here instead of corrupting a tile on the GPU.
 namespace nvcuda {
 namespace wmma {
-struct row_major;
-struct col_major;
-struct matrix_a;
-struct matrix_b;
-struct accumulator;
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
 enum layout_t { mem_row_major, mem_col_major };
+
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {};
-template <typename F, typename V>
-void fill_fragment(F&, V);
-template <typename F, typename P>
-void load_matrix_sync(F&, const P*, unsigned);
-template <typename C, typename A, typename B>
-void mma_sync(C&, const A&, const B&, const C&);
+struct fragment {
+  float x[16 * 16];  // logical [row][col]
+};
+
+inline float element(float v) { return v; }
+inline float element(__half v) { return __half2float(v); }
+inline float element(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+inline void check_pointer(const void* p, unsigned ldm, size_t element_bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ldm * element_bytes) % 16 != 0) {
+    std::fprintf(stderr, "wmma: pointer %p not 32-byte aligned or ldm %u not a 16-byte multiple\n", p, ldm);
+    std::abort();
+  }
+}
+
 template <typename F>
-void store_matrix_sync(float*, const F&, unsigned, layout_t);
+void fill_fragment(F& f, float v) {
+  for (auto& e : f.x) e = v;
+}
+
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  check_pointer(p, ldm, sizeof(T));
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      f.x[r * 16 + c] = element(std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+template <typename TA, typename TB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const TA& a, const TB& b,
+              const fragment<accumulator, 16, 16, 16, float>& c) {
+  fragment<accumulator, 16, 16, 16, float> out;
+  for (int i = 0; i < 16; ++i)
+    for (int n = 0; n < 16; ++n) {
+      float acc = c.x[i * 16 + n];
+      for (int k = 0; k < 16; ++k) acc = std::fma(a.x[i * 16 + k], b.x[k * 16 + n], acc);
+      out.x[i * 16 + n] = acc;
+    }
+  d = out;
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  check_pointer(p, ldm, sizeof(float));
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * 16 + c];
+}
 }  // namespace wmma
 }  // namespace nvcuda
 
@@ -111,4 +157,3 @@ using std::min;
 #define __syncthreads() ::emu::syncthreads()
 #define cudaGetLastError() cudaSuccess
 #define cudaMemsetAsync(ptr, value, bytes, stream) (std::memset((ptr), (value), (bytes)), cudaSuccess)
-#define __CUDA_ARCH__ 600
