@@ -92,6 +92,9 @@ void raise_on_error(cudaError_t err, const char* what) {
 
 void use_device(int device, const char* what) {
   if (device < 0) throw py::value_error("device: expected a CUDA device index >= 0, got " + std::to_string(device));
+  // Switch only when needed (torch has normally made the tensors' device current already).
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current == device) return;
   raise_on_error(cudaSetDevice(device), what);
 }
 

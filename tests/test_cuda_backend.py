@@ -466,3 +466,30 @@ def test_lora_linear_layer_on_the_cuda_backend(no_tf32):
     assert_close(x.grad, x64.grad, "dx", torch.float32)
     assert_close(layer.lora_A.grad, a64.grad, "dA", torch.float32)
     assert_close(layer.lora_B.grad, b64.grad, "dB", torch.float32)
+
+
+@pytest.mark.gpu
+def test_forward_captures_in_a_cuda_graph(no_tf32):
+    """No host sync, no allocation in the extension: the forward replays from a CUDA graph."""
+    x, weight, bias, lora_a, lora_b = make_inputs(33, 65, 47, 8, torch.bfloat16)
+    seed = torch.tensor([21], device="cuda", dtype=torch.int64)
+    x = x.detach()
+
+    def run():
+        return peftkern.lora_linear(x, weight, bias, lora_a, lora_b, 0.5, 0.3, seed=seed, backend="cuda")
+
+    with torch.no_grad():
+        eager = run()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        x.copy_(x * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = run()
+    assert torch.equal(out, expected) and not torch.equal(out, eager)
