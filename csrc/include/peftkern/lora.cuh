@@ -12,8 +12,9 @@
 //   da       partials of dA = dS.T @ (x * mask / (1 - p)), then summed
 //
 // Types: T (x, W, b, y, dY, dX) is half, __nv_bfloat16 or float; TA (A, B, dA, dB) is T or float (fp32
-// adapters with 16-bit activations). The 16-bit GEMMs run on tensor cores (WMMA, fp32 accumulate); fp32
-// runs on FMA. Every matrix argument takes two int64 strides; every offset is computed in int64.
+// adapters with 16-bit activations). The GEMM: 64 x 64 tiles, 32-deep steps, 4 warps, a two-stage cp.async
+// pipeline; 16-bit on tensor cores (WMMA, fp32 accumulate), fp32 on FMA. Simple and not yet tuned on a GPU.
+// Every matrix argument takes two int64 strides; every offset is computed in int64.
 // Dropout: a device pointer to an int64 seed (read on the device, so no host sync) and p in [0, 1); the
 // mask is the Philox stream of common.cuh, the same as the Triton kernels and reference.py.
 // Each launch_* returns the cudaError_t of its launches (cudaGetLastError), or cudaErrorInvalidValue /
