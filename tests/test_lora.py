@@ -8,11 +8,13 @@ from _helpers import DTYPES, assert_close, cast
 
 import peftkern
 from peftkern import reference
-from peftkern.backends import triton_interpreting
+from peftkern.backends import cuda_backend_available, triton_interpreting
 
 BACKENDS = ["torch", "triton"]
 if torch.cuda.is_available():
     DEVICE = "cuda"
+    if cuda_backend_available():
+        BACKENDS.append("cuda")
 else:
     DEVICE = "cpu"
     if not triton_interpreting():
