@@ -242,7 +242,7 @@ def lora_linear(
         [..., N] in x's dtype. Gradients flow to x, lora_a, lora_b, and to weight/bias only if they
         require grad.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         # Behave like F.linear under autocast: the base runs in the autocast dtype; adapters keep theirs.
         dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype)
