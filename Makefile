@@ -22,6 +22,9 @@ test:
 gpu-test:
 	$(PYTHON) -m pytest -q -m gpu tests
 
+demo:
+	$(PYTHON) -m peftkern.demo
+
 # Every benchmark, on a GPU: JSON rows, summary.json, summary.md and plots/ in benchmarks/results/<device>/.
 bench:
 	$(PYTHON) benchmarks/run_all.py --out benchmarks/results --plot

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 SWEEP_KEYS = ("tokens", "rank", "adapters")
 # The value other sizes are held at, where a sweep measured it; otherwise the most common value.
 HEADLINE = {"tokens": 8192, "hidden": 4096, "rank": 16, "dropout_p": 0.1, "adapters": 8}
-BASELINES = ("torch_unfused", "peft", "base")
+BASELINES = ("torch_unfused", "peft", "peft_style", "base")
 NOT_PLOTTED = {"base", "base_two_gemms", "d2d_copy"}
 
 

@@ -42,8 +42,11 @@ TARGETS: dict[str, tuple[str, float]] = {
     "multi_lora_decode64_vs_floor": ("<=", 1.25),
     "multi_lora_decode_speedup_vs_peft": (">=", 10.0),
     "multi_lora_prefill_vs_base": ("<=", 1.1),
+    "multi_lora_train_speedup_vs_loop": (">=", 1.3),  # issue 5
     "prompt_concat_speedup": (">=", 1.5),
     "prompt_concat_bandwidth_fraction": (">=", 0.8),
+    "adapter_train_speedup_vs_unfused": (">=", 1.3),  # issue 9
+    "adapter_train_vs_two_gemms": ("<=", 1.1),
     "train_e2e_speedup_vs_peft": (">=", 1.3),
     "train_e2e_memory_ratio_vs_peft": ("<", 1.0),
 }

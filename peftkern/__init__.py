@@ -8,7 +8,16 @@ from .adapters import (
     save_bottleneck_adapters,
 )
 from .backends import cuda_backend_status, use_backend
-from .io import load_soft_prompt, save_soft_prompt
+from .io import load_adapter, load_soft_prompt, save_adapter, save_soft_prompt
+from .model import (
+    from_peft,
+    inject_lora,
+    mark_trainable,
+    merge,
+    merge_and_unload,
+    trainable_parameters,
+    unmerge,
+)
 from .nn import (
     BottleneckAdapter,
     LoRALinear,
@@ -36,16 +45,25 @@ __all__ = [
     "PromptTuningForCausalLM",
     "bottleneck_adapter",
     "cuda_backend_status",
+    "from_peft",
     "inject_adapters",
+    "inject_lora",
+    "load_adapter",
     "load_bottleneck_adapters",
     "load_soft_prompt",
     "lora_linear",
+    "mark_trainable",
+    "merge",
+    "merge_and_unload",
     "multi_lora_linear",
     "prefix_kv",
     "prompt_concat",
     "remove_adapters",
+    "save_adapter",
     "save_bottleneck_adapters",
     "save_soft_prompt",
+    "trainable_parameters",
+    "unmerge",
     "use_adapter_ids",
     "use_backend",
 ]

@@ -17,21 +17,19 @@ key, shape and dtype before it touches the model: on any error the model is unch
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import reference
+from .io import read_adapter_files, write_atomically
 from .nn.bottleneck import BottleneckAdapter
 
 __all__ = [
@@ -212,19 +210,6 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 # ---- files ------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(target: Path, write) -> None:
-    """``write(temporary_path)`` then rename over ``target``: readers never see a half-written file."""
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 def save_bottleneck_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the model's bottleneck adapters to the directory ``path`` (created if missing)."""
     config = getattr(model, _CONFIG_ATTR, None)
@@ -244,26 +229,16 @@ def save_bottleneck_adapters(model: nn.Module, path: str | os.PathLike) -> None:
         "config": config.to_dict(),
     }
     # Tensors first, config last: a config on disk always describes a complete weights file.
-    write_weights = lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT})
-    _atomic_write(directory / ADAPTER_WEIGHTS_NAME, write_weights)
     text = json.dumps(header, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / ADAPTER_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_atomically({
+        directory / ADAPTER_WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}),
+        directory / ADAPTER_CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+    })
 
 
 def _read(path: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter path {str(directory)!r}: expected a directory, found none")
-    config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise FileNotFoundError(f"{required}: missing ({required.name} is required)")
-    try:
-        header = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from error
-    if not isinstance(header, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(header).__name__}")
+    header, tensors = read_adapter_files(path, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
+    config_path = Path(path) / ADAPTER_CONFIG_NAME
     if header.get("format") != FORMAT:
         raise ValueError(f"{config_path}: key 'format': expected {FORMAT!r}, got {header.get('format')!r}")
     if header.get("format_version") != FORMAT_VERSION:
@@ -275,10 +250,6 @@ def _read(path: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch
         config = AdapterConfig.from_dict(header.get("config"))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{config_path}: key 'config': {error}") from error
-    try:
-        tensors = load_file(str(weights_path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{weights_path}: not a valid safetensors file ({error})") from error
     return header, config, tensors
 
 

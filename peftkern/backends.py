@@ -63,12 +63,19 @@ def cuda_backend_available() -> bool:
     return False
 
 
+@torch.compiler.assume_constant_result
+def _current_override() -> str | None:
+    # torch.compile cannot trace a ContextVar lookup (a graph break): it calls this at trace time and bakes
+    # the answer in as a constant, as the module docstring promises.
+    return _override.get()
+
+
 def resolve_backend(device: torch.device, op: str, backend: str | None = None) -> str:
     """The backend an op runs on for tensors on ``device``; raises if it cannot run there."""
     if backend is not None:
         name = _validate(backend, "backend")
-    elif _override.get() is not None:
-        name = _override.get()
+    elif _current_override() is not None:
+        name = _current_override()
     elif os.environ.get("PEFTKERN_BACKEND"):
         name = _validate(os.environ["PEFTKERN_BACKEND"], "environment variable PEFTKERN_BACKEND")
     elif device.type == "cuda":

@@ -1,11 +1,13 @@
-"""Adapter files that are damaged, forged or missing, for every format we read: soft prompts (peft's prompt /
-prefix tuning files), bottleneck adapter files, PEFT LoRA directories loaded into an ``AdapterPool``.
+"""Adapter files that are damaged, forged or missing, for every format we read: peft LoRA files
+(``load_adapter``), soft prompts (peft's prompt / prefix tuning files), bottleneck adapter files, PEFT LoRA
+directories loaded into an ``AdapterPool``.
 
 Each gives a clear ``ValueError``/``FileNotFoundError`` naming the file, and changes nothing in the model or
 the pool. A pickle is never unpickled (a forged one would run code: here it would create a marker file).
 Saves are atomic: a writer killed mid-write leaves the previous file loadable. The cases test_adapters.py,
 test_prompt_io.py and test_pool.py already cover (bad JSON, wrong config fields, shapes, missing keys of the
-bottleneck format, ...) are not repeated here.
+bottleneck format, ...) and test_io.py (LoRA config keys, shapes, dtypes, missing and extra keys) are not
+repeated here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from _models import randomize_adapters, tiny_llama
 from safetensors.torch import load_file, save_file
 from test_adapters import saved_model, small_llama
 
@@ -105,6 +108,40 @@ def _assert_same_state(module: nn.Module, before: dict[str, torch.Tensor]) -> No
     assert after.keys() == before.keys()
     for name, value in before.items():
         assert torch.equal(after[name], value), f"{name} changed"
+
+
+# ---- peft LoRA files (load_adapter) ----------------------------------------------------------------------
+
+
+def _saved_lora(tmp_path):
+    """(a model with its own LoRA layers, the directory of another adapter for the same layers)."""
+    source = peftkern.inject_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8)
+    randomize_adapters(source, seed=3)
+    peftkern.save_adapter(source, tmp_path / "lora")
+    model = peftkern.inject_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8)
+    randomize_adapters(model, seed=4)
+    return model, tmp_path / "lora"
+
+
+@pytest.mark.parametrize("damage", list(BROKEN_WEIGHTS))
+def test_lora_file_damaged_or_pickled(tmp_path, damage):
+    model, path = _saved_lora(tmp_path)
+    BROKEN_WEIGHTS[damage](path / WEIGHTS_NAME)
+    before = _state(model)
+    with pytest.raises(ValueError, match=f"{WEIGHTS_NAME}: not a valid safetensors file"):
+        peftkern.load_adapter(model, path)
+    _assert_same_state(model, before)
+    assert not (path / "PWNED").exists()
+
+
+def test_lora_forged_pickle_only_directory_is_never_unpickled(tmp_path):
+    model, path = _saved_lora(tmp_path)
+    _pickle_only(path / WEIGHTS_NAME)
+    before = _state(model)
+    with pytest.raises(FileNotFoundError, match=r"adapter_model.bin \(pickle\), which peftkern never loads"):
+        peftkern.load_adapter(model, path)
+    _assert_same_state(model, before)
+    assert not (path / "PWNED").exists()
 
 
 # ---- bottleneck adapter files -----------------------------------------------------------------------------
@@ -324,7 +361,7 @@ _WRITER = textwrap.dedent(
     import torch
     from safetensors.torch import save
 
-    from {module} import _atomic_write
+    from peftkern.io import write_atomically
 
     target = Path(sys.argv[1])
     for version in range(1, 10**6):
@@ -339,20 +376,20 @@ _WRITER = textwrap.dedent(
                     handle.flush()
                     time.sleep(0.002)
 
-        _atomic_write(target, write)
+        write_atomically({{target: write}})
         if version == 1:
             print("saved", flush=True)
     """
 )
 
 
-@pytest.mark.parametrize("module", ["peftkern.io", "peftkern.adapters"])
-def test_killed_writer_leaves_the_previous_file_loadable(tmp_path, module):
-    """SIGKILL a process that keeps rewriting one file through the library's atomic write: whenever it
-    dies, the file on disk is one complete version (every value the same), never a torn mix."""
+def test_killed_writer_leaves_the_previous_file_loadable(tmp_path):
+    """SIGKILL a process that keeps rewriting one file through the library's atomic writer (every adapter
+    format saves through it): whenever it dies, the file on disk is one complete version (every value the
+    same), never a torn mix."""
     target = tmp_path / "weights.safetensors"
     script = tmp_path / "writer.py"
-    script.write_text(_WRITER.format(module=module))
+    script.write_text(_WRITER.format())
     for delay in (0.05, 0.3):
         writer = subprocess.Popen([sys.executable, str(script), str(target)], stdout=subprocess.PIPE)
         try:

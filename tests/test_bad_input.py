@@ -67,6 +67,7 @@ LORA_CASES = [
     ({"x": torch.randint(0, 3, (4, 8))}, TypeError, r"x: expected dtype in"),
     ({"weight": torch.randn(6, 8, dtype=torch.float16)}, TypeError, r"weight: expected the dtype of x"),
     ({"lora_b": torch.randn(6, 2, dtype=torch.float64)}, TypeError, r"lora_b: expected the dtype of lora_a"),
+    ({"bias": torch.randn(6, dtype=torch.float64)}, TypeError, r"bias: expected the dtype of x"),
     ({"x": [[1.0] * 8]}, TypeError, r"x: expected a torch.Tensor, got list"),
     ({"scaling": math.nan}, ValueError, r"scaling: expected a finite number, got nan"),
     ({"scaling": math.inf}, ValueError, r"scaling: expected a finite number, got inf"),

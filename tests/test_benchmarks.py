@@ -42,7 +42,7 @@ def smoke_run(tmp_path_factory) -> Path:
 
 def _rows(directory: Path) -> list[dict]:
     rows = []
-    for name in ("limits", "lora", "train"):
+    for name in ("limits", "lora", "train", "adapter", "prompt", "multi_lora"):
         document = json.loads((directory / f"{name}.json").read_text())
         assert set(document) == {"op", "env", "skipped", "errors", "rows"}
         assert document["errors"] == []
@@ -80,20 +80,205 @@ def test_summary_holds_only_measured_keys(smoke_run):
     assert all(isinstance(value, float) for value in summary.values())
     assert set(summary) <= set(run_all.TARGETS)
     rows = _rows(smoke_run)
+    import bench_adapter
     import bench_lora
+    import bench_multi_lora
+    import bench_prompt
     import bench_train
 
-    recomputed = {**bench_lora.summarize(rows, True), **bench_train.summarize(rows, True)}
+    recomputed = {}
+    for module in (bench_lora, bench_train, bench_adapter, bench_prompt, bench_multi_lora):
+        recomputed.update(module.summarize(rows, True))
     assert summary == pytest.approx(recomputed)
-    # Measured from this run's rows: the LoRA timing ratios. Not measurable on CPU: peak memory.
+    # Measured from this run's rows: the LoRA and adapter timing ratios. Not measurable on CPU: peak memory.
     assert {"lora_fwd_vs_base", "lora_train_speedup_vs_peft", "lora_train_vs_base"} <= set(summary)
+    assert {"adapter_train_speedup_vs_unfused", "adapter_train_vs_two_gemms"} <= set(summary)
+    adapter = harness.find_rows(rows, op="adapter", mode="full")
+    ours = harness.find_row(adapter, provider=bench_adapter.ours(rows))
+    assert summary["adapter_train_speedup_vs_unfused"] == pytest.approx(
+        harness.find_row(adapter, provider="torch_unfused")["median_ms"] / ours["median_ms"])
+    assert summary["adapter_train_vs_two_gemms"] == pytest.approx(ours["ratios"]["vs_two_gemms"])
     assert "lora_memory_ratio_vs_peft" not in summary
-    assert not any(key.startswith(("multi_lora", "prompt")) for key in summary)
+    multi_lora_keys = {key for key in run_all.TARGETS if key.startswith("multi_lora")}
+    assert multi_lora_keys <= set(summary)  # peft is installed: its mixed batch is measured too
+    decode64 = harness.find_row(rows, op="multi_lora", provider=bench_multi_lora.ours(rows), mode="forward",
+                                shapes={"tokens": 4, "adapters": 4, "rank": 4})
+    assert summary["multi_lora_decode64_vs_floor"] == decode64["ratios"]["vs_floor"]
+    assert summary["multi_lora_decode_speedup_vs_peft"] == pytest.approx(
+        1 / decode64["ratios"]["vs_peft_mixed_batch"])
+    prompt = harness.find_rows(rows, op="prompt", mode="forward")
+    ours_prompt = harness.find_row(prompt, provider=bench_prompt.ours(rows))
+    assert summary["prompt_concat_speedup"] == pytest.approx(1 / ours_prompt["ratios"]["vs_peft_style"])
+    assert summary["prompt_concat_bandwidth_fraction"] == ours_prompt["ratios"]["bandwidth_fraction"]
     has_ours = harness.find_row(rows, op="train", provider="peftkern") is not None
     assert ("train_e2e_speedup_vs_peft" in summary) == has_ours
     manifest = json.loads((smoke_run / "run.json").read_text())
     assert manifest["errors"] == [] and manifest["env"]["smoke"] is True
     assert "CPU smoke run" in (smoke_run / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_adapter_rows(smoke_run):
+    """bench_adapter: the floor, the unfused baseline and Triton in forward and full, with their ratios;
+    torch.compile (not in CPU smoke) and cuda (not built) recorded as skipped, not as errors."""
+    import bench_adapter
+
+    document = json.loads((smoke_run / "adapter.json").read_text())
+    rows = document["rows"]
+    assert {row["mode"] for row in rows} == {"forward", "full"}
+    assert {row["provider"] for row in rows} == {"two_gemms", "torch_unfused", "triton"}
+    for mode in ("forward", "full"):
+        floor = harness.find_row(rows, provider="two_gemms", mode=mode)
+        assert floor["params"] == {} and floor["ratios"] == {}
+        assert floor["shapes"] == {**bench_adapter.SMOKE, "bottleneck": 4}
+        for provider in ("torch_unfused", "triton"):
+            row = harness.find_row(rows, provider=provider, mode=mode, params={"activation": "relu"})
+            assert row["ratios"]["vs_two_gemms"] == pytest.approx(row["median_ms"] / floor["median_ms"])
+        assert "vs_torch_unfused" in harness.find_row(rows, provider="triton", mode=mode)["ratios"]
+    assert {entry["provider"] for entry in document["skipped"]} == {"torch_compile", "cuda"}
+
+
+def test_adapter_check_catches_a_wrong_provider():
+    """bench_adapter's output check passes the bf16 unfused computation and rejects one without the
+    scaling or the up bias (the adapter term is far above its tolerance)."""
+    import bench_adapter
+
+    from peftkern import reference
+
+    tensors = bench_adapter._inputs(torch.device("cpu"), 64, 256, 16, torch.bfloat16)
+    x, down_weight, down_bias, up_weight, up_bias = (t.detach() for t in tensors)
+    expected = reference.bottleneck_adapter(
+        *(t.float() for t in (x, down_weight, down_bias, up_weight, up_bias)), scaling=bench_adapter.SCALING
+    )
+    hidden = torch.relu(torch.nn.functional.linear(x, down_weight, down_bias))
+    for scaling, bias, right in ((bench_adapter.SCALING, up_bias, True), (1.0, up_bias, False),
+                                 (bench_adapter.SCALING, None, False)):
+        out = x + scaling * torch.nn.functional.linear(hidden, up_weight, bias)
+        if right:
+            harness.check_close("unfused", out, expected, *bench_adapter.CHECK_TOLERANCE)
+        else:
+            with pytest.raises(harness.ProviderWrong):
+                harness.check_close("wrong", out, expected, *bench_adapter.CHECK_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_smoke_prompt_rows(smoke_run):
+    """bench_prompt: peft_style and Triton in forward and backward, each row with the bytes it must move
+    and its ratios to this bench's own copy bandwidth; torch.compile and cuda recorded as skipped."""
+    import bench_prompt
+
+    document = json.loads((smoke_run / "prompt.json").read_text())
+    rows = document["rows"]
+    copy = harness.find_row(rows, provider="d2d_copy")
+    assert copy["bandwidth_gbps"] > 0
+    timed = [row for row in rows if row is not copy]
+    assert {row["provider"] for row in timed} == {"peft_style", "triton"}
+    assert {row["mode"] for row in timed} == {"forward", "backward"}
+    for row in timed:
+        assert row["shapes"] == bench_prompt.SMOKE
+        distinct = (row["bytes_moved"] - bench_prompt.bytes_moved(row["shapes"], 2, 0)[row["mode"]]) // (
+            row["shapes"]["virtual_tokens"] * row["shapes"]["hidden"] * 2)
+        assert 1 <= distinct <= row["shapes"]["tasks"]
+        assert row["bytes_moved"] == bench_prompt.bytes_moved(row["shapes"], 2, distinct)[row["mode"]]
+        floor_ms = row["bytes_moved"] / (copy["bandwidth_gbps"] * 1e9) * 1e3
+        assert row["ratios"]["vs_floor"] == pytest.approx(row["median_ms"] / floor_ms)
+        assert row["ratios"]["bandwidth_fraction"] == pytest.approx(floor_ms / row["median_ms"])
+        assert ("vs_peft_style" in row["ratios"]) == (row["provider"] == "triton")
+    assert {entry["provider"] for entry in document["skipped"]} == {"torch_compile", "cuda"}
+
+
+@pytest.mark.slow
+def test_smoke_multi_lora_rows(smoke_run):
+    """bench_multi_lora: every provider in forward on each smoke case; full mode (no peft: it refuses
+    adapter_names in training) on the prefill case only; decode rows carry W plus the distinct adapters'
+    bytes and their ratio to the bench's own copy."""
+    import bench_multi_lora
+
+    document = json.loads((smoke_run / "multi_lora.json").read_text())
+    assert document["errors"] == [] and {e["provider"] for e in document["skipped"]} == {"cuda"}
+    rows = document["rows"]
+    prefill_tokens, decode_tokens = bench_multi_lora.SMOKE["prefill"][0], bench_multi_lora.SMOKE_DECODE_TOKENS
+    providers = {"peft_mixed_batch", "torch_gather_bmm", "loop_per_adapter", "triton"}
+    cases = {(r["shapes"]["tokens"], r["shapes"]["adapters"], r["shapes"]["rank"], r["params"]["ranks"])
+             for r in rows if "adapters" in r["shapes"]}
+    assert cases == {(4, 2, 4, "uniform"), (4, 4, 4, "uniform"), (prefill_tokens, 2, 4, "uniform")}
+    hidden = bench_multi_lora.SMOKE_HIDDEN
+    weight_bytes = hidden * hidden * 2
+    for tokens, adapters, rank, ranks in cases:
+        shapes = {"tokens": tokens, "adapters": adapters, "rank": rank}
+        case_rows = harness.find_rows(rows, shapes=shapes, params={"ranks": ranks})
+        assert {r["provider"] for r in case_rows if r["mode"] == "forward"} == providers
+        full = {r["provider"] for r in case_rows if r["mode"] == "full"}
+        assert full == (providers - {"peft_mixed_batch"} if tokens == prefill_tokens else set())
+        for row in case_rows:
+            assert row["ratios"]["vs_base"] > 0
+            if tokens <= decode_tokens and row["mode"] == "forward":
+                # min(tokens, adapters) distinct adapters, A and B each [rank, hidden] in bf16
+                adapter_bytes = 2 * hidden * 2 * min(tokens, adapters) * rank
+                assert row["bytes_moved"] == weight_bytes + adapter_bytes and row["ratios"]["vs_floor"] > 0
+            else:
+                assert row["bytes_moved"] is None and "vs_floor" not in row["ratios"]
+    base = harness.find_row(rows, provider="base", mode="forward", shapes={"tokens": 4})
+    assert base["bytes_moved"] == weight_bytes
+
+
+def test_multi_lora_batches_and_baselines():
+    """bench_multi_lora's batches (requests, distinct adapters, unsorted ids) and its two torch baselines
+    against the reference, with mixed ranks and a base-only row."""
+    import bench_multi_lora
+
+    from peftkern import reference
+
+    ids, requests, length = bench_multi_lora.batch_ids(64, 8)
+    assert (requests, length) == (64, 1) and len(set(ids.tolist())) == 8
+    assert not bool((ids[1:] >= ids[:-1]).all())  # unsorted
+    ids, requests, length = bench_multi_lora.batch_ids(8192, 8)
+    assert (requests, length) == (8, 1024) and sorted(ids[::1024].tolist()) == list(range(8))
+    assert bool((ids.view(8, 1024) == ids[::1024, None]).all())  # each request's rows are contiguous
+    ids, requests, length = bench_multi_lora.batch_ids(256, 512)
+    assert (requests, length) == (256, 1) and len(set(ids.tolist())) == 256
+
+    assert bench_multi_lora.slot_ranks(5, "mixed") == [8, 16, 64, 8, 16]
+    assert bench_multi_lora.case_keys(64, 5, [8, 16, 64, 8, 16], "mixed", 16) == (
+        {"tokens": 16, "hidden": 64, "adapters": 5, "rank": 64}, {"ranks": "mixed"})
+    pool = bench_multi_lora._Pool(torch.device("cpu"), 24, [2, 4, 8], torch.float32)
+    assert not bool(pool.lora_a[0, 2:].any()) and not bool(pool.lora_b[1, :, 4:].any())  # zero padding
+    x = torch.randn(7, 24)
+    ids = torch.tensor([2, 0, -1, 1, 2, 2, 0])
+    expected = reference.multi_lora_linear(x, pool.weight, None, pool.lora_a, pool.lora_b, ids, pool.scalings,
+                                           pool.ranks)
+    gathered = bench_multi_lora._gather_bmm(x, pool.weight, pool.lora_a, pool.lora_b, ids, pool.scalings)
+    looped = bench_multi_lora._loop_per_adapter(x, pool.weight, pool.lora_a, pool.lora_b, ids, pool.slot_ranks,
+                                                pool.scalings.tolist())
+    torch.testing.assert_close(gathered, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(looped, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, torch.nn.functional.linear(x, pool.weight), atol=1e-2)
+
+
+def test_prompt_bytes_and_checks():
+    """bench_prompt's byte count by hand, its peft-style baseline equal to the reference, and its mask and
+    label check rejecting a provider that drops the given padding."""
+    import bench_prompt
+
+    from peftkern import reference
+
+    shapes = {"batch": 4, "tokens": 10, "virtual_tokens": 3, "hidden": 16, "vocab": 50, "tasks": 8}
+    moved = bench_prompt.bytes_moved(shapes, 2, distinct_tasks=4)
+    # forward: 40 token rows + 4 distinct prompts x 3 rows read, 4 x 13 rows written (16 bf16 each); 40 ids,
+    # mask and label entries and 4 task ids read, 52 mask and label entries written (int64)
+    assert moved["forward"] == (40 + 12 + 52) * 16 * 2 + (3 * 40 + 4 + 2 * 52) * 8
+    assert moved["backward"] == (4 * 3 + 4 * 3) * 16 * 2 + 4 * 8
+    inputs = bench_prompt._inputs(torch.device("cpu"), shapes, torch.bfloat16)
+    expected = reference.prompt_concat(*inputs)
+    got = bench_prompt._peft_style(*inputs)
+    assert torch.equal(got[0], expected.inputs_embeds)
+    bench_prompt._check_mask_and_labels("peft_style", got, expected)
+    input_ids, embed_weight, prompts, prompt_ids, attention_mask, labels = inputs
+    assert not bool(attention_mask.all())  # some padding, or the next check could not fail
+    unpadded = bench_prompt._peft_style(input_ids, embed_weight, prompts, prompt_ids,
+                                        torch.ones_like(attention_mask), labels)
+    with pytest.raises(harness.ProviderWrong, match="attention_mask"):
+        bench_prompt._check_mask_and_labels("wrong", unpadded, expected)
 
 
 @pytest.mark.slow
@@ -106,6 +291,9 @@ def test_plot_writes_pngs(smoke_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     pngs = sorted(tmp_path.glob("*.png"))
     assert tmp_path / "lora_speedup_vs_tokens_full.png" in pngs
+    for name in ("adapter_speedup_vs_tokens_full", "prompt_speedup_vs_tokens_forward",
+                 "multi_lora_speedup_vs_tokens_forward", "bandwidth_fraction"):
+        assert tmp_path / f"{name}.png" in pngs, name
     assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in pngs)
 
 

@@ -100,3 +100,19 @@ def test_extra_repr_and_bad_arguments():
         peftkern.LoRALinear.from_linear(torch.nn.Linear(4, 4), r=2, alpha=1, init="kaiming")
     with pytest.raises(TypeError, match="base_layer"):
         peftkern.LoRALinear(torch.nn.Conv1d(4, 4, 1), r=2, alpha=1)
+
+
+def test_autocast_bf16_with_fp32_adapters():
+    layer = peftkern.LoRALinear.from_linear(torch.nn.Linear(16, 12), r=4, alpha=8)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    expected = reference.lora_linear(
+        x.detach().bfloat16().double(), layer.weight.bfloat16().double(), layer.bias.bfloat16().double(),
+        layer.lora_A.double(), layer.lora_B.double(), layer.scaling,
+    )
+    assert torch.allclose(y.double(), expected, atol=2e-2, rtol=2e-2)

@@ -31,6 +31,33 @@ def fp32_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def gemm_configs(wide: bool = False) -> list[triton.Config]:
+    """Autotune configs for the row-by-column GEMM kernels (meta-parameters BLOCK_M, BLOCK_N, BLOCK_K,
+    GROUP); ``wide`` adds a 128 x 256 tile. Under the interpreter, one small config: tuning there only
+    costs time."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
+    shapes = [(128, 256, 64, 8, 3)] if wide else []
+    shapes += [
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 64, 64, 4, 4),
+        (16, 64, 128, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the row count: its power-of-two bucket, not the exact M, which varies every step."""
+    return triton.next_power_of_2(max(m, 1))
+
+
 def rank_block(rank: int) -> int:
     """Padded tile width for the rank dimension: a power of two, at least 16 (``tl.dot``'s minimum)."""
     return max(16, triton.next_power_of_2(rank))

@@ -29,29 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_in_fp32, fp32_precision, grouped_tile, interpreting, mma
+from ._common import dot_in_fp32, fp32_precision, gemm_configs, grouped_tile, interpreting, m_bucket, mma
 
 __all__ = ["ACTIVATION_CODES", "bottleneck_forward", "bottleneck_backward"]
 
 # constexpr code of each activation name ("swish" is "silu").
 ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swish": 3, "tanh": 4}
 
-
-def _gemm_configs() -> list[triton.Config]:
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 4),
-            (128, 128, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 4),
-            (64, 64, 64, 4, 4),
-            (32, 64, 64, 4, 4),
-            (16, 64, 128, 4, 4),
-        ]
-    ]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -161,7 +145,7 @@ def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.con
 # --------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "NB", "K", "L"])
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "NB", "K", "L"])
 @triton.jit
 def _bottleneck_down_kernel(
     X, W, BIAS, IDS, H, A,
@@ -191,7 +175,7 @@ def _bottleneck_down_kernel(
     tl.store(A + offsets, activate(acc, ACT).to(A.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "NB", "L"])
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "NB", "L"])
 @triton.jit
 def _bottleneck_up_kernel(
     A, W, BIAS, IDS, RES, Y,
@@ -226,7 +210,7 @@ def _bottleneck_up_kernel(
 # --------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "NB", "N", "L"])
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "NB", "N", "L"])
 @triton.jit
 def _bottleneck_bwd_dh_kernel(
     DY, W, IDS, H, DH,
@@ -251,7 +235,7 @@ def _bottleneck_bwd_dh_kernel(
     tl.store(DH + offsets, (scaling * acc * activate_grad(h, ACT)).to(DH.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "K", "NB", "L"])
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "K", "NB", "L"])
 @triton.jit
 def _bottleneck_bwd_dx_kernel(
     DH, W, IDS, DY, DX,
@@ -342,10 +326,6 @@ def _bottleneck_bwd_dw_kernel(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _m_bucket(m: int) -> int:
-    # Autotune per power-of-two bucket of M, not per exact M: token counts vary every step.
-    return triton.next_power_of_2(max(m, 1))
-
 
 def _operand_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, torch.dtype]:
     """(whether the GEMMs run in fp32, the dtype of the A and dH operands)."""
@@ -382,7 +362,7 @@ def bottleneck_forward(
     res = x if residual is None else residual
     precision = fp32_precision()
     act = ACTIVATION_CODES[activation]
-    bucket = _m_bucket(M)
+    bucket = m_bucket(M)
 
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(NB, meta["BLOCK_N"]),)
     _bottleneck_down_kernel[grid](
@@ -485,7 +465,7 @@ def bottleneck_backward(
     dot_fp32, operand = _operand_dtype(x, down_weight)
     precision = fp32_precision()
     act = ACTIVATION_CODES[activation]
-    bucket = _m_bucket(M)
+    bucket = m_bucket(M)
     ids = adapter_ids.contiguous() if adapter_ids is not None else h
 
     dh = torch.empty((M, NB), device=x.device, dtype=operand)

@@ -23,31 +23,16 @@ from ._common import (
     dot_in_fp32,
     dropout_keep,
     fp32_precision,
+    gemm_configs,
     grouped_tile,
     interpreting,
+    m_bucket,
     mma,
     rank_block,
 )
 
 __all__ = ["lora_forward", "lora_backward"]
 
-
-def _gemm_configs() -> list[triton.Config]:
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 256, 64, 8, 3),
-            (128, 128, 64, 8, 4),
-            (128, 128, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 4),
-            (64, 64, 64, 4, 4),
-            (32, 64, 64, 4, 4),
-            (16, 64, 128, 4, 4),
-        ]
-    ]
 
 
 def _row_block() -> int:
@@ -95,7 +80,7 @@ def _lora_shrink_kernel(
     tl.store(S + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
+@triton.autotune(configs=gemm_configs(wide=True), key=["M_BUCKET", "N", "K", "R"])
 @triton.jit
 def _lora_fwd_kernel(
     X, W, BIAS, S, B, Y,
@@ -186,7 +171,7 @@ def _lora_bwd_dy_kernel(
                  mask=row_ok[:, None] & rank_ok[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
+@triton.autotune(configs=gemm_configs(wide=True), key=["M_BUCKET", "N", "K", "R"])
 @triton.jit
 def _lora_bwd_dx_kernel(
     DY, W, DS, A, DX, SEED,
@@ -270,10 +255,6 @@ def _lora_bwd_da_kernel(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _m_bucket(m: int) -> int:
-    # Autotune per power-of-two bucket of M, not per exact M: token counts vary every step.
-    return triton.next_power_of_2(max(m, 1))
-
 
 def _dropout_args(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor):
     if seed is None or dropout_p == 0.0:
@@ -313,7 +294,7 @@ def lora_forward(
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _lora_fwd_kernel[grid](
         x, weight, bias if bias is not None else y, s, lora_b, y,
-        M, N, K, R, _m_bucket(M),
+        M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         float(scaling),
@@ -378,7 +359,7 @@ def lora_backward(
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
         _lora_bwd_dx_kernel[grid](
             grad_y, weight, ds, lora_a, dx, seed_arg,
-            M, N, K, R, _m_bucket(M),
+            M, N, K, R, m_bucket(M),
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
             p_drop, inv_keep,

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_in_fp32, fp32_precision, grouped_tile, interpreting, mma
+from ._common import dot_in_fp32, fp32_precision, grouped_tile, interpreting, m_bucket, mma
 
 __all__ = ["DECODE_MAX_ROWS", "Segments", "build_segments", "multi_lora_forward", "multi_lora_backward"]
 
@@ -92,9 +92,6 @@ def _rank_chunk(r_max: int) -> int:
 # Rank columns per step of the prefill epilogue loop (``tl.dot``'s minimum inner size).
 _EXPAND_CHUNK = 16
 
-
-def _m_bucket(m: int) -> int:
-    return triton.next_power_of_2(max(m, 1))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -434,14 +431,14 @@ def _fused(inp, w, w_strides, bias, t, e, e_strides, ids, segments, ranks, scale
     if decode:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)
         _multi_lora_fused_decode_kernel[grid](
-            inp, w, bias, t, e, ids, ranks, scales, out, M, C, J, R, L, _m_bucket(M), *strides, **common,
+            inp, w, bias, t, e, ids, ranks, scales, out, M, C, J, R, L, m_bucket(M), *strides, **common,
         )
     else:
         n_tiles = segments.tiles.shape[1]
         grid = lambda meta: (n_tiles * triton.cdiv(C, meta["BLOCK_N"]),)
         _multi_lora_fused_segment_kernel[grid](
             inp, w, bias, t, e, segments.perm, segments.tiles, ranks, scales, out,
-            M, C, J, R, L, n_tiles, _m_bucket(M), *strides,
+            M, C, J, R, L, n_tiles, m_bucket(M), *strides,
             BLOCK_R=_EXPAND_CHUNK, BLOCK_M=segments.block_m, **common,
         )
 

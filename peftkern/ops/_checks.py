@@ -1,5 +1,5 @@
-"""Input checks shared by the ops. Each raises before any kernel launch, naming the argument and showing
-what was expected and what came."""
+"""Input checks and dtype rules shared by the ops. Each check raises before any kernel launch, naming the
+argument and showing what was expected and what came."""
 
 from __future__ import annotations
 
@@ -12,6 +12,21 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def intermediate_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """dtype of the small saved intermediates ([M, r] or [M, bottleneck]): fp32, or float64 for float64."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def autocast_inputs(x: object, *others: object) -> tuple:
+    """Under ``torch.autocast``, cast x and ``others`` (the base layer's tensors; None passes) to the autocast
+    dtype, as ``F.linear`` would; adapter weights are not passed and keep their dtype (fp32 adapters)."""
+    # The meta device has no autocast state (asking raises): tensors there pass unchanged.
+    if not isinstance(x, torch.Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
+        return (x, *others)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x, *others))
 
 
 def _names(dtypes: Sequence[torch.dtype]) -> str:

@@ -15,20 +15,18 @@ from .. import reference
 from ..backends import resolve_backend
 from ._checks import (
     INDEX_DTYPES,
+    autocast_inputs,
     check_backend_dtypes,
     check_finite_scalar,
     check_same_device,
     check_shape,
     check_tensor,
+    intermediate_dtype,
 )
 
 __all__ = ["bottleneck_adapter"]
 
 OP = "bottleneck_adapter"
-
-
-def _intermediate_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _activation_grad(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -64,7 +62,7 @@ def _row_masks(adapter_ids: torch.Tensor | None, num_adapters: int, like: torch.
 
 
 def _torch_forward(x, down_weight, down_bias, up_weight, up_bias, residual, adapter_ids, activation, scaling):
-    compute = _intermediate_dtype(x.dtype, down_weight.dtype)
+    compute = intermediate_dtype(x.dtype, down_weight.dtype)
     x_c = x.to(compute)
     masks = _row_masks(adapter_ids, down_weight.shape[0], x_c)
     # One product per adapter, its rows selected: simple and free of host syncs; the kernels gather per tile.
@@ -156,7 +154,7 @@ def _bottleneck_adapter_op(
 @_bottleneck_adapter_op.register_fake
 def _(x, down_weight, down_bias, up_weight, up_bias, residual, adapter_ids, activation, scaling, backend):
     y = x.new_empty(x.shape)
-    h = x.new_empty((x.shape[0], down_weight.shape[1]), dtype=_intermediate_dtype(x.dtype, down_weight.dtype))
+    h = x.new_empty((x.shape[0], down_weight.shape[1]), dtype=intermediate_dtype(x.dtype, down_weight.dtype))
     return y, h
 
 
@@ -358,11 +356,8 @@ def bottleneck_adapter(
     Returns:
         [..., D] in x's dtype. Gradients flow to x, residual, and the four adapter tensors.
     """
-    if isinstance(x, torch.Tensor) and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-        # Like nn.Linear under autocast: activations run in the autocast dtype; adapters keep theirs.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-        residual = residual.to(dtype) if isinstance(residual, torch.Tensor) else residual
+    # Like nn.Linear under autocast: activations run in the autocast dtype; adapters keep theirs.
+    x, residual = autocast_inputs(x, residual)
     _check_inputs(x, down_weight, down_bias, up_weight, up_bias, residual, adapter_ids, activation)
     scaling = check_finite_scalar("scaling", scaling)
     name = resolve_backend(x.device, OP, backend)

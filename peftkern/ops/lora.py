@@ -14,21 +14,19 @@ import torch.nn.functional as F
 from .. import reference
 from ..backends import resolve_backend
 from ._checks import (
+    autocast_inputs,
     check_backend_dtypes,
     check_finite_scalar,
     check_probability,
     check_same_device,
     check_shape,
     check_tensor,
+    intermediate_dtype,
 )
 
 __all__ = ["lora_linear", "new_dropout_seed"]
 
 OP = "lora_linear"
-
-
-def _intermediate_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _keep_mask(seed: torch.Tensor | None, shape: tuple[int, int], dropout_p: float, device) -> torch.Tensor | None:
@@ -41,7 +39,7 @@ def _keep_mask(seed: torch.Tensor | None, shape: tuple[int, int], dropout_p: flo
 
 
 def _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-    compute = _intermediate_dtype(x.dtype, lora_a.dtype)
+    compute = intermediate_dtype(x.dtype, lora_a.dtype)
     dropped = x.to(compute)
     keep = _keep_mask(seed, tuple(x.shape), dropout_p, x.device)
     if keep is not None:
@@ -101,7 +99,7 @@ def _lora_linear_op(
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
     y = x.new_empty((x.shape[0], weight.shape[0]))
-    s = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=_intermediate_dtype(x.dtype, lora_a.dtype))
+    s = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=intermediate_dtype(x.dtype, lora_a.dtype))
     return y, s
 
 
@@ -207,6 +205,8 @@ def _check_inputs(x, weight, bias, lora_a, lora_b):
     check_same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     if weight.dtype != x.dtype:
         raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias: expected the dtype of x ({x.dtype}), got {bias.dtype}")
     if lora_b.dtype != lora_a.dtype:
         raise TypeError(f"lora_b: expected the dtype of lora_a ({lora_a.dtype}), got {lora_b.dtype}")
     if lora_a.dtype not in (x.dtype, torch.float32, torch.float64):
@@ -242,11 +242,7 @@ def lora_linear(
         [..., N] in x's dtype. Gradients flow to x, lora_a, lora_b, and to weight/bias only if they
         require grad.
     """
-    if isinstance(x, torch.Tensor) and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-        # Behave like F.linear under autocast: the base runs in the autocast dtype; adapters keep theirs.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-        weight = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
+    x, weight, bias = autocast_inputs(x, weight, bias)
     _check_inputs(x, weight, bias, lora_a, lora_b)
     scaling = check_finite_scalar("scaling", scaling)
     dropout_p = check_probability("dropout_p", dropout_p)

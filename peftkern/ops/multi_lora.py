@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from ..backends import resolve_backend
 from ._checks import (
     INDEX_DTYPES,
+    autocast_inputs,
     check_backend_dtypes,
     check_same_device,
     check_shape,
     check_tensor,
+    intermediate_dtype,
 )
 
 __all__ = ["multi_lora_linear"]
@@ -35,10 +37,6 @@ OP = "multi_lora_linear"
 PATHS = ("auto", "decode", "prefill")
 # Rows per gather in the torch backend: bounds its [rows, r_max, K] and [rows, N, r_max] temporaries.
 _TORCH_ROW_CHUNK = 256
-
-
-def _intermediate_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 # ---- torch backend: plain torch ops, no host sync, same semantics as the kernels ---------------------------
@@ -57,7 +55,7 @@ def _row_meta(adapter_ids, scalings, ranks, r_max, compute):
 
 
 def _torch_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks):
-    compute = _intermediate_dtype(x.dtype, lora_a.dtype)
+    compute = intermediate_dtype(x.dtype, lora_a.dtype)
     M = x.shape[0]
     r_max = lora_a.shape[1]
     valid, safe, keep, scale = _row_meta(adapter_ids, scalings, ranks, r_max, compute)
@@ -145,7 +143,7 @@ def _multi_lora_linear_op(
 @_multi_lora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks, backend, path):
     y = x.new_empty((x.shape[0], weight.shape[0]))
-    s = x.new_empty((x.shape[0], lora_a.shape[1]), dtype=_intermediate_dtype(x.dtype, lora_a.dtype))
+    s = x.new_empty((x.shape[0], lora_a.shape[1]), dtype=intermediate_dtype(x.dtype, lora_a.dtype))
     return y, s
 
 
@@ -359,11 +357,7 @@ def multi_lora_linear(
         [..., N] in x's dtype. Gradients flow to x, lora_a, lora_b (each adapter's from its own rows),
         and to weight/bias only if they require grad.
     """
-    if isinstance(x, torch.Tensor) and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-        weight = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
-        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
+    x, weight, bias = autocast_inputs(x, weight, bias)
     _check_inputs(x, weight, bias, lora_a, lora_b, adapter_ids)
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids: expected a bool, got {type(check_ids).__name__}")
@@ -380,7 +374,7 @@ def multi_lora_linear(
             raise RuntimeError(
                 f"{OP}: backend 'cuda' has no multi-LoRA kernels in this build ({error})"
             ) from error
-    scale_dtype = _intermediate_dtype(x.dtype, lora_a.dtype)
+    scale_dtype = intermediate_dtype(x.dtype, lora_a.dtype)
     scalings_t = _as_scalings(scalings, num_adapters, x, scale_dtype, check_ids)
     ranks_t = _as_ranks(ranks, num_adapters, r_max, x, check_ids)
     if check_ids:

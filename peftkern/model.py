@@ -1,0 +1,441 @@
+"""Model surgery for LoRA: inject ``LoRALinear`` into a model, convert a ``peft`` model to our layers,
+merge and unmerge, freeze everything but the adapters, and count parameters.
+
+Module names follow ``peft``: for a Hugging Face model they are the names of ``model.named_modules()``
+(``model.layers.0.self_attn.q_proj``); for a ``peft`` ``PeftModel`` they are taken inside its wrapped base
+model (``peft_model.base_model.model``), so the same names and the same matching rules apply to both.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch.nn as nn
+
+from .backends import BACKENDS
+from .nn.lora import LoRALinear
+
+__all__ = [
+    "ALL_LINEAR",
+    "ParameterCount",
+    "from_peft",
+    "inject_lora",
+    "lora_layers",
+    "mark_trainable",
+    "merge",
+    "merge_and_unload",
+    "trainable_parameters",
+    "unmerge",
+    "unwrap_model",
+]
+
+# peft's shorthand for "every linear layer except the output head".
+ALL_LINEAR = "all-linear"
+
+
+# ---- finding the model and its modules -------------------------------------------------------------------
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    # Duck-typed so that peft stays an optional dependency: PeftModel -> LoraModel (.base_model) -> .model.
+    return type(model).__module__.startswith("peft.") and isinstance(
+        getattr(getattr(model, "base_model", None), "model", None), nn.Module
+    )
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose ``named_modules()`` names match ``peft``'s: unwraps ``torch.compile``
+    (``_orig_mod``), DDP (``.module``) and a ``peft`` ``PeftModel`` (``.base_model.model``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ == "DistributedDataParallel" and isinstance(
+            getattr(model, "module", None), nn.Module
+        ):
+            model = model.module
+        elif _is_peft_model(model):
+            model = model.base_model.model
+        else:
+            return model
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """``(name, layer)`` for every ``LoRALinear`` in ``model``, names as ``peft`` writes them (see
+    :func:`unwrap_model`)."""
+    for name, module in unwrap_model(model).named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child_name, module)
+
+
+def _output_head_names(root: nn.Module) -> set[str]:
+    # peft's "all-linear" leaves out the output embeddings of a transformers model (the LM head).
+    get_output = getattr(root, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is None:
+        return set()
+    return {name for name, module in root.named_modules() if module is head}
+
+
+def _inside_lora(name: str, lora_names: list[str]) -> bool:
+    return any(name.startswith(prefix + ".") for prefix in lora_names)
+
+
+# ---- matching, as peft matches --------------------------------------------------------------------------
+
+
+def _matches(spec: str | Iterable[str], name: str) -> bool:
+    """peft's ``target_modules`` rule: a string is a regex that must match the whole name
+    (``re.fullmatch``); a list matches a name equal to an entry or ending in ``"." + entry``."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in spec)
+
+
+def pattern_value(patterns: Mapping[str, float], name: str, default: float) -> float:
+    """peft's ``rank_pattern`` / ``alpha_pattern`` rule: the first key (a regex) that matches the end of
+    ``name`` at a dot boundary, ``re.match(rf"(.*\\.)?({key})$", name)``, gives the value."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _check_target_modules(target_modules: object) -> str | tuple[str, ...]:
+    if isinstance(target_modules, str):
+        if not target_modules:
+            raise ValueError("target_modules: expected a non-empty name, regex or 'all-linear', got ''")
+        if target_modules.lower() == ALL_LINEAR:
+            return ALL_LINEAR
+        try:
+            re.compile(target_modules)
+        except re.error as error:
+            raise ValueError(f"target_modules: {target_modules!r} is not a valid regex ({error})") from error
+        return target_modules
+    if isinstance(target_modules, Iterable):
+        entries = tuple(target_modules)
+        if not entries or not all(isinstance(e, str) and e for e in entries):
+            raise ValueError(
+                f"target_modules: expected a non-empty list of module names or suffixes, got {entries!r}"
+            )
+        return entries
+    raise TypeError(
+        "target_modules: expected a module name list, a regex string or 'all-linear', "
+        f"got {type(target_modules).__name__}"
+    )
+
+
+def _check_rank(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _check_alpha(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_patterns(name: str, patterns: object, check) -> dict[str, float]:
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, Mapping):
+        raise TypeError(f"{name}: expected a dict of regex -> value, got {type(patterns).__name__}")
+    checked = {}
+    for key, value in patterns.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{name}: expected non-empty string keys, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise ValueError(f"{name}: key {key!r} is not a valid regex ({error})") from error
+        checked[key] = check(f"{name}[{key!r}]", value)
+    return checked
+
+
+@dataclass(frozen=True)
+class LoRASite:
+    """One linear layer chosen for an adapter: its module name, rank and alpha."""
+
+    name: str
+    in_features: int
+    out_features: int
+    r: int
+    alpha: float
+
+
+def plan_lora(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    r: int,
+    alpha: float,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    exclude_modules: str | Iterable[str] | None = None,
+) -> list[LoRASite]:
+    """The linear layers :func:`inject_lora` would wrap, without touching the model (so callers can
+    validate everything before changing anything). Raises ``ValueError`` when nothing matches, or when a
+    matched module is not an ``nn.Linear`` or already carries a LoRA adapter."""
+    spec = _check_target_modules(target_modules)
+    r = _check_rank("r", r)
+    alpha = _check_alpha("alpha", alpha)
+    ranks = _check_patterns("rank_pattern", rank_pattern, _check_rank)
+    alphas = _check_patterns("alpha_pattern", alpha_pattern, _check_alpha)
+    exclude = None if exclude_modules is None else _check_target_modules(exclude_modules)
+    root = unwrap_model(model)
+    lora_names = [name for name, module in root.named_modules() if isinstance(module, LoRALinear)]
+    heads = _output_head_names(root) if spec == ALL_LINEAR else set()
+
+    sites = []
+    for name, module in root.named_modules():
+        if not name or _inside_lora(name, lora_names) or name in heads:
+            continue
+        if spec == ALL_LINEAR:
+            chosen = type(module) is nn.Linear
+        else:
+            chosen = _matches(spec, name)
+        if not chosen or (exclude is not None and _matches(exclude, name)):
+            continue
+        if isinstance(module, LoRALinear):
+            raise ValueError(
+                f"target_modules: module {name!r} already has a LoRA adapter (peftkern holds one adapter per "
+                "layer; merge_and_unload first to stack another)"
+            )
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"target_modules: module {name!r} matched but is a {type(module).__name__}; only "
+                "torch.nn.Linear layers take a LoRA adapter"
+            )
+        sites.append(
+            LoRASite(
+                name,
+                module.in_features,
+                module.out_features,
+                int(pattern_value(ranks, name, r)),
+                float(pattern_value(alphas, name, alpha)),
+            )
+        )
+    if not sites:
+        raise ValueError(
+            f"target_modules: {target_modules!r} matched no torch.nn.Linear module of "
+            f"{type(root).__name__} (names look like {_example_names(root)})"
+        )
+    return sites
+
+
+def _example_names(root: nn.Module) -> list[str]:
+    return [name for name, module in root.named_modules() if isinstance(module, nn.Linear)][:3]
+
+
+def apply_lora(
+    model: nn.Module,
+    sites: Iterable[LoRASite],
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    init: str = "default",
+    backend: str | None = None,
+) -> None:
+    """Replace each planned site's ``nn.Linear`` by a ``LoRALinear`` wrapping it (in place)."""
+    root = unwrap_model(model)
+    for site in sites:
+        base = root.get_submodule(site.name)
+        layer = LoRALinear(base, site.r, site.alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+                           backend=backend)
+        _set_submodule(root, site.name, layer)
+
+
+# ---- the public surgery ---------------------------------------------------------------------------------
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    *,
+    exclude_modules: str | Iterable[str] | None = None,
+    init: str = "default",
+    backend: str | None = None,
+) -> nn.Module:
+    """Wrap matching ``nn.Linear`` layers of ``model`` in ``LoRALinear`` (in place) and freeze everything
+    else; returns ``model``.
+
+    ``target_modules`` as in ``peft``: a list of names or name suffixes (``["q_proj", "v_proj"]``), a
+    regex string matched against the whole module name, or ``"all-linear"`` (every ``nn.Linear`` except
+    the output head). ``rank_pattern`` / ``alpha_pattern`` map regexes to per-layer rank / alpha, matched
+    as ``peft`` matches them. ``scaling`` is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+    A new adapter starts as the base model (B = 0, A Kaiming-uniform, as ``peft``).
+    """
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    sites = plan_lora(model, target_modules, r, alpha, rank_pattern, alpha_pattern, exclude_modules)
+    apply_lora(model, sites, dropout=dropout, use_rslora=use_rslora, init=init, backend=backend)
+    mark_trainable(model)
+    return model
+
+
+def mark_trainable(model: nn.Module, extra: str | Iterable[str] = ()) -> nn.Module:
+    """Freeze every parameter except the LoRA adapters' ``lora_A`` / ``lora_B`` (and the parameters of
+    modules matching ``extra``, with ``target_modules``' rules, e.g. ``["lm_head"]``); returns ``model``."""
+    root = unwrap_model(model)
+    if not isinstance(extra, str):
+        extra = tuple(extra)
+    extra_spec = _check_target_modules(extra) if extra else None
+    for parameter in root.parameters():
+        parameter.requires_grad_(False)
+    for name, module in root.named_modules():
+        if isinstance(module, LoRALinear):
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
+        elif extra_spec is not None and name and _matches(extra_spec, name):
+            for parameter in module.parameters():
+                parameter.requires_grad_(True)
+    return model
+
+
+def _peft_lora_classes():
+    try:
+        from peft.tuners.lora.layer import Linear as PeftLoraLinear
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError as error:  # pragma: no cover - peft is installed with the [peft] extra
+        raise ImportError("from_peft needs the peft package (pip install 'peftkern[peft]')") from error
+    return LoraLayer, PeftLoraLinear
+
+
+def _convert_peft_layer(name: str, layer: nn.Module, peft_linear: type, backend: str | None) -> LoRALinear:
+    """Validate one peft LoRA layer and build our layer around its base and its adapter Parameters."""
+    where = f"from_peft: layer {name!r}"
+    if type(layer) is not peft_linear:
+        raise ValueError(f"{where}: {type(layer).__name__} is not supported (only peft's lora.Linear)")
+    adapters = sorted(layer.lora_A.keys())
+    if len(adapters) != 1:
+        raise ValueError(f"{where}: expected exactly one adapter, found {adapters} (delete the others first)")
+    adapter = adapters[0]
+    if getattr(layer, "merged_adapters", None):
+        raise ValueError(f"{where}: adapter {adapter!r} is merged into the base weight; unmerge it first")
+    if layer.use_dora.get(adapter, False):
+        raise ValueError(f"{where}: DoRA (use_dora=True) is not supported")
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        raise ValueError(f"{where}: lora_bias=True is not supported")
+    if getattr(layer, "fan_in_fan_out", False):
+        raise ValueError(f"{where}: fan_in_fan_out=True (Conv1D weights) is not supported")
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear:
+        raise ValueError(f"{where}: base layer {type(base).__name__} is not supported (only torch.nn.Linear)")
+    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    if getattr(lora_a, "bias", None) is not None or getattr(lora_b, "bias", None) is not None:
+        raise ValueError(f"{where}: adapter biases are not supported")
+    r, alpha = int(layer.r[adapter]), float(layer.lora_alpha[adapter])
+    use_rslora = bool(getattr(layer, "use_rslora", {}).get(adapter, False))
+    dropout_module = layer.lora_dropout[adapter]
+    dropout = float(dropout_module.p) if isinstance(dropout_module, nn.Dropout) else 0.0
+    if not isinstance(dropout_module, (nn.Dropout, nn.Identity)):
+        raise ValueError(f"{where}: dropout module {type(dropout_module).__name__} is not supported")
+    ours = LoRALinear(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init="zeros", backend=backend)
+    scaling = float(layer.scaling[adapter])
+    if not math.isclose(scaling, ours.scaling, rel_tol=1e-12, abs_tol=0.0):
+        # peft's scale_layer / set_scale change scaling without changing alpha: carry it over as alpha.
+        ours.alpha = scaling * (math.sqrt(r) if use_rslora else r)
+    # The same Parameter objects: an optimizer built on the peft model keeps training them.
+    ours.lora_A = lora_a.weight
+    ours.lora_B = lora_b.weight
+    ours.train(layer.training)
+    return ours
+
+
+def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module:
+    """Swap every LoRA layer of a ``peft`` model for a ``LoRALinear`` in place; returns ``peft_model``.
+
+    Keeps the base layers and the adapters' Parameter objects (so existing optimizers keep working),
+    ranks, alphas (and any scale set on the layer), rsLoRA and the dropout probability: outputs and adapter
+    gradients stay those of ``peft`` (dropout draws differ: ours comes from a counter-based stream). Every
+    layer is checked first; on an unsupported layer (DoRA, lora_bias, several adapters, merged, Conv1D,
+    embeddings) a ``ValueError`` names it and the model is unchanged. After conversion save with
+    :func:`peftkern.save_adapter` (``peft``'s ``save_pretrained`` does not know our layers).
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    lora_layer, peft_linear = _peft_lora_classes()
+    root = unwrap_model(peft_model)
+    found = [(name, module) for name, module in root.named_modules() if isinstance(module, lora_layer)]
+    if not found:
+        raise ValueError(f"peft_model: no peft LoRA layers found in {type(peft_model).__name__}")
+    converted = [(name, _convert_peft_layer(name, layer, peft_linear, backend)) for name, layer in found]
+    for name, layer in converted:
+        _set_submodule(root, name, layer)
+    return peft_model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight, keeping the layers (``unmerge`` undoes it); returns
+    ``model``."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge`: subtract every merged adapter from its base weight; returns ``model``."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain ``nn.Linear`` back; returns the plain
+    model (for a ``peft`` model, its wrapped base model, as ``peft``'s ``merge_and_unload``)."""
+    root = unwrap_model(model)
+    layers = list(lora_layers(root))
+    for name, layer in layers:
+        layer.merge()
+        _set_submodule(root, name, layer.base_layer)
+    return root if _is_peft_model(model) else model
+
+
+class ParameterCount(NamedTuple):
+    """Parameter counts of a model (shared Parameters counted once)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.percent:.4f}"
+        )
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """How many parameters ``model`` trains and holds in all; ``str()`` of it reads like ``peft``'s
+    ``print_trainable_parameters``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    trainable = total = 0
+    for parameter in model.parameters():  # parameters() already yields a shared Parameter once
+        count = parameter.numel()
+        total += count
+        trainable += count if parameter.requires_grad else 0
+    return ParameterCount(trainable, total)
