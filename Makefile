@@ -39,3 +39,17 @@ lint:
 
 fuzz:
 	HYPOTHESIS_PROFILE=long $(TEST_ENV) $(PYTHON) -m pytest -q tests/test_fuzz.py
+
+# CUDA C++: the vendoring example (header only, no Python) and the GPU tests under compute-sanitizer.
+NVCC ?= nvcc
+CUDA_EXAMPLE_ARCH ?= 80
+.PHONY: cuda-example gpu-test-memcheck
+cuda-example:
+	mkdir -p build
+	$(NVCC) -std=c++17 -O2 -Icsrc/include -gencode=arch=compute_$(CUDA_EXAMPLE_ARCH),code=sm_$(CUDA_EXAMPLE_ARCH) \
+		csrc/examples/lora_forward_example.cu -o build/lora_forward_example
+
+# No caching allocator, so that every tensor is its own allocation and an out-of-bounds access is caught.
+gpu-test-memcheck:
+	PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+		$(PYTHON) -m pytest -q -m "gpu and not slow" tests/test_cuda_backend.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -54,13 +55,44 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def _load_cuda_extension() -> tuple[object | None, str]:
+    """(the module peftkern._C or None, why not). Imported once; a failure is reported, never raised."""
+    if importlib.util.find_spec("peftkern._C") is None:
+        return None, (
+            "the CUDA C++ extension peftkern._C is not built (no nvcc at install time, or "
+            "PEFTKERN_NO_CUDA=1; reinstall with nvcc on PATH to build it)"
+        )
+    try:
+        module = importlib.import_module("peftkern._C")
+    except Exception as error:  # an unloadable binary must not break `import peftkern`
+        return None, f"the CUDA C++ extension peftkern._C failed to load: {type(error).__name__}: {error}"
+    return module, ""
+
+
+def cuda_extension():
+    """The loaded ``peftkern._C`` module; raises RuntimeError saying why when it cannot be used."""
+    module, why = _load_cuda_extension()
+    if module is None:
+        raise RuntimeError(f"backend 'cuda' cannot run: {why}")
+    return module
+
+
 def cuda_backend_status() -> str:
-    """Why the CUDA C++ backend can or cannot run here, in one line."""
-    return "unavailable: the CUDA C++ extension peftkern._C is not part of this build"
+    """Why the CUDA C++ backend can or cannot run here, in one line: "available: ..." / "unavailable: ..."."""
+    module, why = _load_cuda_extension()
+    if module is None:
+        return f"unavailable: {why}"
+    built = f"peftkern._C built for sm {module.cuda_archs} with CUDA runtime {module.cudart_version}"
+    if not torch.cuda.is_available():
+        torch_cuda = torch.version.cuda or "none (a CPU build of torch)"
+        return f"unavailable: no CUDA device visible to torch (torch's CUDA: {torch_cuda}); {built}"
+    return f"available: {built}, {torch.cuda.device_count()} device(s)"
 
 
 def cuda_backend_available() -> bool:
-    return False
+    """Whether ``backend="cuda"`` can run here (extension loaded and a CUDA device visible)."""
+    return cuda_backend_status().startswith("available")
 
 
 @torch.compiler.assume_constant_result

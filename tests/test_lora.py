@@ -8,11 +8,13 @@ from _helpers import DTYPES, assert_close, cast
 
 import peftkern
 from peftkern import reference
-from peftkern.backends import triton_interpreting
+from peftkern.backends import cuda_backend_available, triton_interpreting
 
 BACKENDS = ["torch", "triton"]
 if torch.cuda.is_available():
     DEVICE = "cuda"
+    if cuda_backend_available():
+        BACKENDS.append("cuda")
 else:
     DEVICE = "cpu"
     if not triton_interpreting():
@@ -297,7 +299,7 @@ def test_reference_equals_peft_lora_linear():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 def test_offsets_past_2_31_elements(backend):
     """x with more than 2**31 elements: int64 offsets give the right rows at the far end."""
     K, N, r = 4096, 32, 8
