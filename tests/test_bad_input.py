@@ -17,9 +17,11 @@ from test_bottleneck import _good as bottleneck_args
 
 import peftkern
 from peftkern import reference
-from peftkern.backends import triton_interpreting
+from peftkern.backends import cuda_backend_available, triton_interpreting
 
 BACKENDS = ["torch"] + (["triton"] if torch.cuda.is_available() or triton_interpreting() else [])
+# The CUDA C++ backend has lora_linear kernels only; its checks run before any launch, so CPU inputs show them.
+LORA_BACKENDS = BACKENDS + (["cuda"] if cuda_backend_available() else [])
 META = "meta"
 
 
@@ -83,7 +85,7 @@ LORA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 @pytest.mark.parametrize("overrides, error, pattern", LORA_CASES, ids=lambda v: str(v)[:40])
 def test_lora_linear_bad_input(backend, overrides, error, pattern):
     _raises(peftkern.lora_linear, {**lora_args(**overrides), "backend": backend}, error, pattern)

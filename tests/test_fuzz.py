@@ -22,10 +22,12 @@ from test_prompt import _reference_grads as prompt_reference_grads
 
 import peftkern
 from peftkern import reference
-from peftkern.backends import triton_interpreting
+from peftkern.backends import cuda_backend_available, triton_interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch"] + (["triton"] if DEVICE == "cuda" or triton_interpreting() else [])
+# The CUDA C++ backend has lora_linear kernels only (the other ops raise on it).
+LORA_BACKENDS = BACKENDS + (["cuda"] if DEVICE == "cuda" and cuda_backend_available() else [])
 SIZES = st.sampled_from([0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 33, 64, 65])
 POSITIVE = st.sampled_from([1, 2, 3, 5, 7, 13, 16, 17, 31, 33, 40])
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
@@ -65,7 +67,7 @@ def _grad64(leaf: torch.Tensor) -> torch.Tensor:
     return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 @given(
     m=SIZES, k=POSITIVE, n=POSITIVE, rank=st.sampled_from([1, 2, 4, 8, 16, 24]), dtype=DTYPES,
     fp32_adapters=st.booleans(), has_bias=st.booleans(),
