@@ -169,6 +169,8 @@ def inject_adapters(
     batches (``num_adapters`` > 1): run the model inside ``peftkern.use_adapter_ids(ids)`` with ids [B].
     """
     config = _as_config(config)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
     if any(True for _ in adapter_modules(model)):
         raise ValueError("model: already holds bottleneck adapters (call remove_adapters(model) first)")
     sites = _sites(model, config)

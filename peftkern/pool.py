@@ -197,6 +197,9 @@ class AdapterPool:
         self, config: Mapping, tensors: Mapping[str, torch.Tensor], source: str
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """Validate a whole adapter against the pool: {layer name: (A [r, K], B [N, r], scaling)}."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"{source}: config: expected a mapping (adapter_config.json), got "
+                            f"{type(config).__name__}")
         peft_type = config.get("peft_type")
         if peft_type not in (None, "LORA"):
             raise ValueError(f"{source}: peft_type {peft_type!r} is not LoRA")
@@ -218,6 +221,9 @@ class AdapterPool:
                 )
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 raise ValueError(f"{source}: key {key!r}: expected a float tensor")
+            # A NaN or inf weight would turn every row using this adapter into NaN: refuse the file.
+            if value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{source}: key {key!r}: holds NaN or infinite values")
             pairs.setdefault(module, {})[match["which"]] = value
         if not pairs:
             raise ValueError(f"{source}: no LoRA weights found")
@@ -225,6 +231,9 @@ class AdapterPool:
         alpha_default = config.get("lora_alpha")
         rank_pattern = config.get("rank_pattern") or {}
         alpha_pattern = config.get("alpha_pattern") or {}
+        for field, value in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{source}: config field {field!r}: expected a mapping, got {value!r}")
         use_rslora = bool(config.get("use_rslora", False))
         plan = {}
         for module, pair in pairs.items():
@@ -240,7 +249,10 @@ class AdapterPool:
                     f"gives rank {expected}"
                 )
             alpha = _pattern_value(alpha_pattern, module, alpha_default)
-            alpha = float(rank if alpha is None else alpha)
+            alpha = rank if alpha is None else alpha
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+                raise ValueError(f"{source}: module {module!r}: lora_alpha: expected a number, got {alpha!r}")
+            alpha = float(alpha)
             scaling = alpha / (math.sqrt(rank) if use_rslora else rank) if rank > 0 else 0.0
             try:
                 layer.check_adapter(lora_a, lora_b, scaling)
@@ -273,6 +285,9 @@ class AdapterPool:
             config, tensors = read_peft_adapter(source)
             label = f"adapter {name!r} ({os.fspath(source)})"
         elif isinstance(source, Mapping):
+            if config is not None and not isinstance(config, Mapping):
+                raise TypeError(f"config: expected a mapping of adapter_config.json fields or None, got "
+                                f"{type(config).__name__}")
             tensors, config = source, dict(config or {})
             label = f"adapter {name!r}"
         else:

@@ -172,6 +172,9 @@ def bottleneck_adapter(
     ids = adapter_ids.reshape(-1).to(torch.int64)
     active = ids >= 0
     safe = torch.where(active, ids, torch.zeros_like(ids))
+    # A -1 row reaches no adapter, not even through its gradient: its x is dropped (not multiplied by 0,
+    # which would carry a NaN or inf of x into adapter 0's weight gradient).
+    x2 = torch.where(active[:, None], x2, torch.zeros_like(x2))
     # Gather each row's own weights: [rows, Bn, D] and [rows, D, Bn]. Slow and clear.
     h = torch.einsum("td,tbd->tb", x2, down_weight[safe])
     if down_bias is not None:

@@ -237,3 +237,75 @@ def test_loading_while_another_thread_runs_batches(llama):
     assert not any(thread.is_alive() for thread in threads), "a thread hung (lock never released?)"
     assert not failures, f"{len(failures)} of {batches[0]} batches saw a half-loaded adapter"
     assert batches[0] >= 20 and loads[0] >= 20, (batches[0], loads[0])
+
+
+def test_evicting_while_another_thread_runs_batches(llama):
+    """Evicting and reloading "b" while batches run: a batch asking for "b" is either refused (not loaded
+    when it began) or sees all of "b"; batches on "a" and base rows never notice."""
+    base, dirs, _ = llama
+    model, pool = _pool(base)
+    pool.load("a", dirs["a"])
+    pool.load("b", dirs["b"])
+    expected = {}
+    for name in ("a", "b"):
+        with torch.no_grad(), pool.batch([name, None]):
+            expected[name] = model(INPUT_IDS[:2]).logits
+    with torch.no_grad():
+        assert (expected["a"][0] - expected["b"][0]).abs().max() > 1e-2
+
+    stop = threading.Event()
+    failures, counts = [], {"batches": 0, "refused": 0, "evictions": 0}
+
+    def run_batches():
+        while not stop.is_set():
+            for name in ("a", "b"):
+                try:
+                    with torch.no_grad(), pool.batch([name, None]):
+                        logits = model(INPUT_IDS[:2]).logits
+                except ValueError as error:
+                    if name == "a" or "not loaded" not in str(error):
+                        failures.append(error)
+                    counts["refused"] += 1
+                    continue
+                if not torch.allclose(logits, expected[name], atol=1e-6, rtol=0):
+                    failures.append(f"batch on {name!r} saw a half-evicted or foreign adapter")
+                counts["batches"] += 1
+
+    def evict_and_reload():
+        while not stop.is_set():
+            pool.evict("b")
+            time.sleep(0.001)  # let a batch start while "b" is out
+            pool.load("b", dirs["b"])
+            counts["evictions"] += 1
+
+    threads = [threading.Thread(target=run_batches), threading.Thread(target=evict_and_reload)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 20
+    while (counts["batches"] < 150 or counts["evictions"] < 150) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung (lock never released?)"
+    assert not failures, failures[:3]
+    assert counts["batches"] >= 150 and counts["evictions"] >= 150, counts
+    assert pool.names == ["a", "b"]
+
+
+def test_evict_waits_for_a_running_batch(llama):
+    """An eviction from another thread blocks until the batch using the adapter has finished."""
+    base, dirs, _ = llama
+    model, pool = _pool(base)
+    pool.load("a", dirs["a"])
+    evicted = threading.Event()
+    evictor = threading.Thread(target=lambda: (pool.evict("a"), evicted.set()))
+    with torch.no_grad(), pool.batch(["a"]):
+        evictor.start()
+        assert not evicted.wait(timeout=0.3), "evicted while a batch was using the adapter"
+        logits = model(INPUT_IDS[:1]).logits
+        assert "a" in pool
+    evictor.join(timeout=30)
+    assert evicted.is_set() and "a" not in pool
+    with torch.no_grad(), pool.batch([None]):
+        assert not torch.allclose(model(INPUT_IDS[:1]).logits, logits)  # the adapter really left

@@ -373,7 +373,9 @@ def _multi_lora_grad_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mma(tl.trans(t), v, acc, True, PRECISION)
     if HAS_SCALE:
-        acc = tl.where(rank_ok[:, None], acc * tl.load(SCALES + adapter), 0.0)
+        acc = acc * tl.load(SCALES + adapter)
+    # Zero past the rank even where a non-finite activation made 0 * inf = NaN in the (unused) padding.
+    acc = tl.where(rank_ok[:, None], acc, 0.0)
     tl.store(G + split.to(tl.int64) * stride_gs + adapter * stride_gl + ranks[:, None] * stride_gr
              + cols[None, :] * stride_gc, acc.to(G.dtype.element_ty),
              mask=(ranks < R)[:, None] & col_ok[None, :])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..backends import resolve_backend
+from ..ops._checks import check_tensor
 from ..ops.bottleneck import bottleneck_adapter
 
 __all__ = ["BottleneckAdapter", "use_adapter_ids", "current_adapter_ids"]
@@ -84,6 +85,8 @@ class BottleneckAdapter(nn.Module):
             raise ValueError(f"init: expected one of {_INITS}, got {init!r}")
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
             raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         self.dim = dim
         self.reduction_factor = reduction_factor
         self.bottleneck = max(1, dim // reduction_factor)
@@ -148,6 +151,9 @@ class BottleneckAdapter(nn.Module):
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: [..., dim] -> [..., dim]. ``adapter_ids``: [...] = x.shape[:-1], [rows], or [B] for x
         [B, ..., dim]; default: the :func:`use_adapter_ids` context, else adapter 0 when L = 1."""
+        check_tensor("x", x, min_ndim=1)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected last dimension {self.dim} (dim), got shape {tuple(x.shape)}")
         ids = self._row_ids(x, adapter_ids)
         if ids is None:
             weights = (self.down_weight[0], self.down_bias[0], self.up_weight[0], self.up_bias[0])

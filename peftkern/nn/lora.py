@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..backends import resolve_backend
+from ..ops._checks import check_finite_scalar, check_probability
 from ..ops.lora import lora_linear
 
 __all__ = ["LoRALinear"]
@@ -39,12 +40,12 @@ class LoRALinear(nn.Module):
             raise TypeError(f"base_layer: expected torch.nn.Linear, got {type(base_layer).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r: expected a positive int, got {r!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        check_probability("dropout", dropout)
         if init not in _INITS:
             raise ValueError(f"init: expected one of {_INITS}, got {init!r}")
-        if not math.isfinite(float(alpha)):
-            raise ValueError(f"alpha: expected a finite number, got {alpha!r}")
+        check_finite_scalar("alpha", alpha)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features

@@ -4,12 +4,12 @@ computed by ``peftkern.multi_lora_linear``."""
 from __future__ import annotations
 
 import contextvars
-import math
 
 import torch
 import torch.nn as nn
 
 from ..backends import resolve_backend
+from ..ops._checks import check_finite_scalar, check_tensor
 from ..ops.multi_lora import multi_lora_linear
 
 __all__ = ["MultiLoRALinear", "broadcast_adapter_ids"]
@@ -57,6 +57,8 @@ class MultiLoRALinear(nn.Module):
         for arg, value in (("num_slots", num_slots), ("r_max", r_max)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg}: expected a positive int, got {value!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
@@ -96,6 +98,8 @@ class MultiLoRALinear(nn.Module):
             if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() != 2:
                 shown = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"{name}: expected a 2-D float tensor, got {shown}")
+            if value.device.type == "meta":
+                raise ValueError(f"{name}: expected a tensor with values, got one on the meta device")
         rank = lora_a.shape[0]
         if not 1 <= rank <= self.r_max:
             raise ValueError(
@@ -110,8 +114,7 @@ class MultiLoRALinear(nn.Module):
                 f"lora_b: expected shape [{self.out_features}, {rank}] (out_features, r), "
                 f"got {tuple(lora_b.shape)}"
             )
-        if not math.isfinite(float(scaling)):
-            raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
+        check_finite_scalar("scaling", scaling)
         return rank
 
     @torch.no_grad()
@@ -148,6 +151,7 @@ class MultiLoRALinear(nn.Module):
         return adapter_ids
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        check_tensor("x", x, min_ndim=1)
         ids = broadcast_adapter_ids(self._resolve_ids(adapter_ids), x.shape[:-1])
         return multi_lora_linear(
             x,

@@ -184,6 +184,8 @@ class PrefixEncoder(nn.Module):
     ) -> torch.Tensor:
         """Each row's prefix: [num_layers, 2, B, H_kv, n, head_dim] (``out[l, 0]`` keys, ``out[l, 1]``
         values of layer l), cast to ``dtype`` (the model's) before the gather: P tables, not B rows."""
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         table = self.table()
         if dtype is not None:
             table = table.to(dtype)

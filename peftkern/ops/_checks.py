@@ -22,7 +22,8 @@ def intermediate_dtype(*dtypes: torch.dtype) -> torch.dtype:
 def autocast_inputs(x: object, *others: object) -> tuple:
     """Under ``torch.autocast``, cast x and ``others`` (the base layer's tensors; None passes) to the autocast
     dtype, as ``F.linear`` would; adapter weights are not passed and keep their dtype (fp32 adapters)."""
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+    # The meta device has no autocast state (asking raises): tensors there pass unchanged.
+    if not isinstance(x, torch.Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
         return (x, *others)
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x, *others))

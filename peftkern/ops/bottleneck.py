@@ -50,31 +50,35 @@ def _activation_grad(name: str, h: torch.Tensor) -> torch.Tensor:
 
 
 def _row_masks(adapter_ids: torch.Tensor | None, num_adapters: int, like: torch.Tensor) -> list[torch.Tensor]:
-    """Per adapter, a [M, 1] 0/1 column selecting its rows (ids outside [0, L) select none)."""
+    """Per adapter, a [M, 1] bool column selecting its rows (ids outside [0, L) select none).
+
+    Rows are selected with ``torch.where``, never multiplied by a 0/1 mask: 0 * inf is NaN, and a
+    non-finite activation in one row must not reach another row's output or another adapter's gradient.
+    """
     if adapter_ids is None:
-        return [torch.ones((like.shape[0], 1), dtype=like.dtype, device=like.device)]
+        return [torch.ones((like.shape[0], 1), dtype=torch.bool, device=like.device)]
     ids = adapter_ids.reshape(-1, 1)
-    return [(ids == adapter).to(like.dtype) for adapter in range(num_adapters)]
+    return [ids == adapter for adapter in range(num_adapters)]
 
 
 def _torch_forward(x, down_weight, down_bias, up_weight, up_bias, residual, adapter_ids, activation, scaling):
     compute = intermediate_dtype(x.dtype, down_weight.dtype)
     x_c = x.to(compute)
     masks = _row_masks(adapter_ids, down_weight.shape[0], x_c)
-    # One masked product per adapter: simple and free of host syncs; the kernels gather per tile instead.
+    # One product per adapter, its rows selected: simple and free of host syncs; the kernels gather per tile.
     h = x_c.new_zeros((x.shape[0], down_weight.shape[1]))
     for adapter, mask in enumerate(masks):
         part = x_c @ down_weight[adapter].to(compute).T
         if down_bias is not None:
             part = part + down_bias[adapter].to(compute)
-        h = h + mask * part
+        h = torch.where(mask, part, h)
     a = reference.apply_activation(activation, h)
     out = x_c.new_zeros(x_c.shape)
     for adapter, mask in enumerate(masks):
         part = a @ up_weight[adapter].to(compute).T
         if up_bias is not None:
             part = part + up_bias[adapter].to(compute)
-        out = out + mask * part
+        out = torch.where(mask, part, out)
     res = x if residual is None else residual
     return (res.to(compute) + scaling * out).to(x.dtype), h
 
@@ -87,23 +91,23 @@ def _torch_backward(grad_y, x, down_weight, up_weight, h, adapter_ids, activatio
     masks = _row_masks(adapter_ids, down_weight.shape[0], h)
     grad_a = h.new_zeros(h.shape)
     for adapter, mask in enumerate(masks):
-        grad_a = grad_a + mask * (dy @ up_weight[adapter].to(compute))
+        grad_a = torch.where(mask, dy @ up_weight[adapter].to(compute), grad_a)
     grad_h = scaling * grad_a * _activation_grad(activation, h)
     grad_x = None
     if need_dx:
         grad_x = dy.clone() if add_grad_y else x_c.new_zeros(x_c.shape)
         for adapter, mask in enumerate(masks):
-            grad_x = grad_x + mask * (grad_h @ down_weight[adapter].to(compute))
+            grad_x = torch.where(mask, grad_x + grad_h @ down_weight[adapter].to(compute), grad_x)
         grad_x = grad_x.to(x.dtype)
     if not need_weights:
         return grad_x, None, None, None, None
     a = reference.apply_activation(activation, h)
     d_down, d_up, d_down_bias, d_up_bias = [], [], [], []
     for mask in masks:
-        dy_l = dy * mask
-        dh_l = grad_h * mask
-        d_up.append(scaling * (dy_l.T @ a))
-        d_down.append(dh_l.T @ x_c)
+        dy_l = torch.where(mask, dy, 0.0)
+        dh_l = torch.where(mask, grad_h, 0.0)
+        d_up.append(scaling * (dy_l.T @ torch.where(mask, a, 0.0)))
+        d_down.append(dh_l.T @ torch.where(mask, x_c, 0.0))
         d_up_bias.append(scaling * dy_l.sum(0))
         d_down_bias.append(dh_l.sum(0))
     wdtype = down_weight.dtype

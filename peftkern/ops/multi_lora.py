@@ -63,10 +63,12 @@ def _torch_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks
     lora = torch.empty((M, weight.shape[0]), device=x.device, dtype=compute)
     for start in range(0, M, _TORCH_ROW_CHUNK):
         rows = slice(start, start + _TORCH_ROW_CHUNK)
-        a = lora_a[safe[rows]].to(compute)  # [c, r_max, K]
+        # The padding past each rank is never computed: masked with where (not a product), so whatever it
+        # holds (even NaN or inf) cannot reach the output, as in the reference.
+        a = torch.where(keep[rows, :, None], lora_a[safe[rows]].to(compute), 0.0)  # [c, r_max, K]
         s_rows = torch.bmm(a, x[rows].to(compute).unsqueeze(-1)).squeeze(-1)
         s_rows = torch.where(keep[rows], s_rows, 0.0)
-        b = lora_b[safe[rows]].to(compute)  # [c, N, r_max]
+        b = torch.where(keep[rows, None, :], lora_b[safe[rows]].to(compute), 0.0)  # [c, N, r_max]
         lora_rows = torch.bmm(b, s_rows.unsqueeze(-1)).squeeze(-1) * scale[rows, None]
         s[rows] = s_rows
         lora[rows] = torch.where(valid[rows, None], lora_rows, 0.0)
@@ -82,20 +84,29 @@ def _torch_backward(grad_y, x, weight, lora_a, lora_b, adapter_ids, scalings, ra
     grad_a = torch.zeros(lora_a.shape, device=x.device, dtype=compute)
     grad_b = torch.zeros(lora_b.shape, device=x.device, dtype=compute)
     lora_dx = torch.empty((M, x.shape[1]), device=x.device, dtype=compute) if need_dx else None
-    slots = torch.arange(num_adapters, device=x.device)
+    keep_slots = torch.arange(r_max, device=x.device) < ranks.to(torch.int64).clamp(0, r_max)[:, None]
     for start in range(0, M, _TORCH_ROW_CHUNK):
         rows = slice(start, start + _TORCH_ROW_CHUNK)
         dy = grad_y[rows].to(compute)
-        b = lora_b[safe[rows]].to(compute)
+        b = torch.where(keep[rows, None, :], lora_b[safe[rows]].to(compute), 0.0)
         grad_s = torch.bmm(dy.unsqueeze(1), b).squeeze(1) * scale[rows, None]
         grad_s = torch.where(keep[rows], grad_s, 0.0)
         if need_dx:
-            a = lora_a[safe[rows]].to(compute)
+            a = torch.where(keep[rows, :, None], lora_a[safe[rows]].to(compute), 0.0)
             lora_dx[rows] = torch.bmm(grad_s.unsqueeze(1), a).squeeze(1)
-        # Per-adapter sums through a one-hot matrix: a fixed-order (deterministic) reduction, no index_add.
-        onehot = ((safe[rows][None, :] == slots[:, None]) & valid[rows][None, :]).to(compute)  # [L, c]
-        grad_a += torch.einsum("lc,cr,ck->lrk", onehot, grad_s, x[rows].to(compute))
-        grad_b += torch.einsum("lc,cn,cr->lnr", onehot * scale[rows][None, :], dy, s[rows])
+        # Per-adapter sums in a fixed order (deterministic, no index_add). Rows of other adapters are
+        # dropped with where, not multiplied by 0: a non-finite x in one adapter's row must not turn
+        # another adapter's gradient into NaN (0 * inf), as it does not in the reference.
+        x_rows = x[rows].to(compute)
+        for adapter in range(num_adapters):
+            mine = ((safe[rows] == adapter) & valid[rows])[:, None]  # [c, 1]
+            grad_s_mine = torch.where(mine, grad_s, 0.0)
+            grad_a[adapter] += grad_s_mine.T @ torch.where(mine, x_rows, 0.0)
+            dy_mine = torch.where(mine, dy * scale[rows, None], 0.0)
+            grad_b[adapter] += dy_mine.T @ torch.where(mine, s[rows], 0.0)
+    # The padding past each rank gets no gradient (0 * inf there would be NaN).
+    grad_a = torch.where(keep_slots[:, :, None], grad_a, 0.0)
+    grad_b = torch.where(keep_slots[:, None, :], grad_b, 0.0)
     grad_x = None
     if need_dx:
         grad_x = ((grad_y @ weight).to(compute) + lora_dx).to(x.dtype)
@@ -296,6 +307,8 @@ def _as_ranks(ranks, num_adapters: int, r_max: int, x: torch.Tensor, check_value
 
 def check_adapter_ids(adapter_ids: torch.Tensor, num_adapters: int) -> None:
     """Raise ValueError if any id lies outside [-1, num_adapters). Reads the ids on the host: syncs."""
+    if adapter_ids.device.type == "meta":  # no values to check; the fake implementation gives the shapes
+        return
     bad = (adapter_ids < -1) | (adapter_ids >= num_adapters)
     if adapter_ids.numel() and bool(bad.any()):
         position = tuple(int(i) for i in bad.nonzero()[0])

@@ -233,7 +233,7 @@ _prefix_kv_op.register_autograd(_prefix_backward, setup_context=_prefix_setup_co
 
 def _check_ids_in_range(name: str, ids: torch.Tensor, upper: int, meaning: str) -> None:
     """Every id in [0, upper): one host sync, skipped while torch.compile traces (data-dependent)."""
-    if ids.numel() == 0 or torch.compiler.is_compiling():
+    if ids.numel() == 0 or ids.device.type == "meta" or torch.compiler.is_compiling():
         return
     low, high = torch.stack([ids.min(), ids.max()]).tolist()
     if low < 0 or high >= upper:
@@ -368,6 +368,8 @@ def prefix_kv(
     if isinstance(prompt_ids, int) and not isinstance(prompt_ids, bool):
         if batch_size is None:
             raise ValueError("batch_size: expected the number of rows when prompt_ids is a single int")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size: expected an int >= 0, got {batch_size!r}")
         prompt_ids = torch.full((batch_size,), prompt_ids, dtype=torch.int64, device=prefix.device)
     check_tensor("prompt_ids", prompt_ids, ndim=1, dtypes=INDEX_DTYPES)
     check_same_device("prefix", prefix, prompt_ids=prompt_ids)
