@@ -89,16 +89,6 @@ def _inputs(device: torch.device, tokens: int, hidden: int, bottleneck: int, dty
     return tuple(t.requires_grad_(True) for t in (x, down_weight, down_bias, up_weight, up_bias))
 
 
-def _cuda_runs(forward: Callable[[], object]) -> None:
-    """ProviderUnavailable when the built CUDA backend has no kernel for this op (its own RuntimeError)."""
-    try:
-        with torch.no_grad():
-            forward()
-    except RuntimeError as error:
-        if "backend 'cuda'" in str(error):
-            raise harness.ProviderUnavailable(str(error)) from error
-        raise
-
 
 def run(bench: harness.Bench) -> None:
     torch.manual_seed(0)
@@ -154,7 +144,7 @@ def _run_case(bench: harness.Bench, tokens: int, hidden: int, reduction: int, ac
                 x, down_weight, down_bias, up_weight, up_bias, activation, SCALING, backend=backend
             )
             if backend == "cuda":
-                _cuda_runs(forward)
+                harness.require_cuda_kernel(forward)
             return forward, list(tensors)
 
         return build

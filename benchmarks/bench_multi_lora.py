@@ -211,16 +211,6 @@ def _loop_per_adapter(x, weight, lora_a, lora_b, ids, slot_ranks, scalings):
     return out
 
 
-def _cuda_runs(forward: Callable[[], object]) -> None:
-    """ProviderUnavailable when the built CUDA backend has no kernel for this op (its own RuntimeError)."""
-    try:
-        with torch.no_grad():
-            forward()
-    except RuntimeError as error:
-        if "backend 'cuda'" in str(error):
-            raise harness.ProviderUnavailable(str(error)) from error
-        raise
-
 
 def run(bench: harness.Bench) -> None:
     torch.manual_seed(0)
@@ -326,7 +316,7 @@ def _run_case(bench, pool: _Pool, peft_model, adapters: int, rank, tokens: int, 
                     check_ids=False, backend=backend,
                 )
                 if backend == "cuda":
-                    _cuda_runs(forward)
+                    harness.require_cuda_kernel(forward)
                 return forward, grads
 
             return build

@@ -143,16 +143,6 @@ def _check_mask_and_labels(provider: str, outputs, expected) -> None:
             raise harness.ProviderWrong(f"{OP}/{provider}: {name} differs from the reference's")
 
 
-def _cuda_runs(forward: Callable[[], object]) -> None:
-    """ProviderUnavailable when the built CUDA backend has no kernel for this op (its own RuntimeError)."""
-    try:
-        with torch.no_grad():
-            forward()
-    except RuntimeError as error:
-        if "backend 'cuda'" in str(error):
-            raise harness.ProviderUnavailable(str(error)) from error
-        raise
-
 
 def run(bench: harness.Bench) -> None:
     torch.manual_seed(0)
@@ -178,7 +168,7 @@ def _run_case(bench: harness.Bench, shapes: dict) -> None:
     def checked(provider: str, full: Callable[[], tuple]):
         def build():
             if provider == "cuda":
-                _cuda_runs(full)
+                harness.require_cuda_kernel(full)
             with torch.no_grad():
                 _check_mask_and_labels(provider, full(), expected)
             return (lambda: full()[0]), [prompts]

@@ -119,6 +119,18 @@ class ProviderUnavailable(RuntimeError):
     """A provider cannot run here (missing package, missing backend); the run records it as skipped."""
 
 
+def require_cuda_kernel(forward: Callable[[], object]) -> None:
+    """Run ``forward`` once; ProviderUnavailable when the built CUDA backend has no kernel for this op (the
+    op's own RuntimeError naming backend 'cuda'), so the provider is recorded as skipped, not failed."""
+    try:
+        with torch.no_grad():
+            forward()
+    except RuntimeError as error:
+        if "backend 'cuda'" in str(error):
+            raise ProviderUnavailable(str(error)) from error
+        raise
+
+
 # ---- environment -------------------------------------------------------------------------------------------
 
 
