@@ -561,6 +561,9 @@ def _read_soft_prompt(directory: Path, kind: str, expected_shape: tuple[int, int
     weights_path = directory / WEIGHTS_NAME
     if PROMPT_KEY not in tensors:
         raise ValueError(f"{weights_path}: missing key {PROMPT_KEY!r} (found {sorted(tensors)})")
+    extra = sorted(set(tensors) - {PROMPT_KEY})
+    if extra:
+        raise ValueError(f"{weights_path}: unexpected key {extra[0]!r} (a soft prompt holds only {PROMPT_KEY!r})")
     table = tensors[PROMPT_KEY]
     if tuple(table.shape) != tuple(expected_shape):
         raise ValueError(
@@ -569,6 +572,8 @@ def _read_soft_prompt(directory: Path, kind: str, expected_shape: tuple[int, int
         )
     if not table.is_floating_point():
         raise ValueError(f"{weights_path}: key {PROMPT_KEY!r} expected a float tensor, got {table.dtype}")
+    if not torch.isfinite(table).all():
+        raise ValueError(f"{weights_path}: key {PROMPT_KEY!r} holds NaN or inf values")
     return table
 
 
