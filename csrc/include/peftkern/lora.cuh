@@ -337,6 +337,27 @@ __global__ void __launch_bounds__(kThreads) lora_gemm_kernel(const GemmParams<T,
   }
 }
 
+// Stage x[m0 : m0+BM, k0 : k0+BK] times its dropout keep-mask into shared memory as fp32; rows at or past
+// row_end and columns past K read as 0. The shrink (forward) and dA (backward) kernels both call it, so they
+// drop exactly the same elements. Multiplying by 0 (not assigning it) keeps NaN as NaN, as torch does.
+template <int BM, int BK, typename T>
+__device__ inline void stage_dropped_x(float (*xs)[BK + 1], const Strided2D<const T>& x, int64_t m0,
+                                       int64_t row_end, int64_t k0, int64_t K, bool has_dropout, int64_t seed,
+                                       float dropout_p) {
+  for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
+    const int i = e / BK;
+    const int l = e % BK;
+    const int64_t gi = m0 + i;
+    const int64_t gl = k0 + l;
+    float v = 0.0f;
+    if (gi < row_end && gl < K) {
+      v = to_float(x.at(gi, gl));
+      if (has_dropout && !dropout_keep(seed, gi, gl, K, dropout_p)) v *= 0.0f;
+    }
+    xs[i][l] = v;
+  }
+}
+
 // S[M, R] (fp32, row stride R) = (x * keep) @ A.T * scale. Block: 64 rows x 16 ranks; thread owns rank
 // tid % 16 of rows 8 * (tid / 16) + i.
 template <typename T, typename TA>
@@ -360,18 +381,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < kRowsPerThread; ++i) acc[i] = 0.0f;
   for (int64_t k0 = 0; k0 < K; k0 += BK) {
     __syncthreads();
-    for (int e = tid; e < BM * BK; e += kThreads) {
-      const int i = e / BK;
-      const int l = e % BK;
-      const int64_t gi = m0 + i;
-      const int64_t gl = k0 + l;
-      float v = 0.0f;
-      if (gi < M && gl < K) {
-        v = to_float(x.at(gi, gl));
-        if (has_dropout && !dropout_keep(seed, gi, gl, K, dropout_p)) v *= 0.0f;
-      }
-      xs[i][l] = v;
-    }
+    stage_dropped_x<BM, BK>(xs, x, m0, M, k0, K, has_dropout, seed, dropout_p);
     for (int e = tid; e < kRankChunk * BK; e += kThreads) {
       const int r = e / BK;
       const int l = e % BK;
@@ -524,18 +534,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int q = 0; q < kRanksPerThread; ++q) acc[q] = 0.0f;
   for (int64_t m0 = row_start; m0 < row_end; m0 += BM) {
     __syncthreads();
-    for (int e = tid; e < BM * BK; e += kThreads) {
-      const int i = e / BK;
-      const int l = e % BK;
-      const int64_t gi = m0 + i;
-      const int64_t gl = k0 + l;
-      float v = 0.0f;
-      if (gi < row_end && gl < K) {
-        v = to_float(x.at(gi, gl));
-        if (has_dropout && !dropout_keep(seed, gi, gl, K, dropout_p)) v *= 0.0f;
-      }
-      xs[i][l] = v;
-    }
+    stage_dropped_x<BM, BK>(xs, x, m0, row_end, k0, K, has_dropout, seed, dropout_p);
     for (int e = tid; e < BM * kRankChunk; e += kThreads) {
       const int i = e / kRankChunk;
       const int r = e % kRankChunk;
