@@ -98,6 +98,23 @@ void use_device(int device, const char* what) {
   raise_on_error(cudaSetDevice(device), what);
 }
 
+// Make ``device`` current, then run the entry point for the activation dtype with the GIL released, on the
+// caller's stream; raises with cudaGetErrorString on failure. Other dtypes were refused before this.
+template <typename Args>
+void launch_for_dtype(int dtype, int device, uintptr_t stream, const char* what, const Args& args,
+                      cudaError_t (*f16)(const Args&, cudaStream_t), cudaError_t (*bf16)(const Args&, cudaStream_t),
+                      cudaError_t (*f32)(const Args&, cudaStream_t)) {
+  use_device(device, what);
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  cudaError_t err = cudaSuccess;
+  {
+    py::gil_scoped_release release;
+    const auto entry = dtype == peftkern_ext::kFloat16 ? f16 : dtype == peftkern_ext::kBFloat16 ? bf16 : f32;
+    err = entry(args, cuda_stream);
+  }
+  raise_on_error(err, what);
+}
+
 void lora_forward(int dtype, int adapter_dtype, uintptr_t x, Strides x_strides, uintptr_t weight, Strides w_strides,
                   uintptr_t bias, int64_t bias_stride, uintptr_t lora_a, Strides a_strides, uintptr_t lora_b,
                   Strides b_strides, uintptr_t s, uintptr_t y, Strides y_strides, int64_t M, int64_t N, int64_t K,
@@ -123,24 +140,8 @@ void lora_forward(int dtype, int adapter_dtype, uintptr_t x, Strides x_strides, 
   args.seed = dropout_p > 0.0f ? seed : 0;
   args.adapter_fp32 = adapter_dtype == peftkern_ext::kFloat32;
   if (M == 0) return;
-  use_device(device, "lora_forward");
-  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  cudaError_t err = cudaSuccess;
-  {
-    py::gil_scoped_release release;
-    switch (dtype) {
-      case peftkern_ext::kFloat16:
-        err = peftkern_ext::lora_forward_f16(args, cuda_stream);
-        break;
-      case peftkern_ext::kBFloat16:
-        err = peftkern_ext::lora_forward_bf16(args, cuda_stream);
-        break;
-      default:
-        err = peftkern_ext::lora_forward_f32(args, cuda_stream);
-        break;
-    }
-  }
-  raise_on_error(err, "lora_forward");
+  launch_for_dtype(dtype, device, stream, "lora_forward", args, peftkern_ext::lora_forward_f16,
+                   peftkern_ext::lora_forward_bf16, peftkern_ext::lora_forward_f32);
 }
 
 int64_t workspace_floats(int64_t M, int64_t N, int64_t K, int64_t R) {
@@ -184,24 +185,8 @@ void lora_backward(int dtype, int adapter_dtype, uintptr_t grad_y, Strides gy_st
   args.seed = dropout_p > 0.0f ? seed : 0;
   args.adapter_fp32 = adapter_dtype == peftkern_ext::kFloat32;
   if (M == 0 && R * K == 0 && N * R == 0) return;
-  use_device(device, "lora_backward");
-  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  cudaError_t err = cudaSuccess;
-  {
-    py::gil_scoped_release release;
-    switch (dtype) {
-      case peftkern_ext::kFloat16:
-        err = peftkern_ext::lora_backward_f16(args, cuda_stream);
-        break;
-      case peftkern_ext::kBFloat16:
-        err = peftkern_ext::lora_backward_bf16(args, cuda_stream);
-        break;
-      default:
-        err = peftkern_ext::lora_backward_f32(args, cuda_stream);
-        break;
-    }
-  }
-  raise_on_error(err, "lora_backward");
+  launch_for_dtype(dtype, device, stream, "lora_backward", args, peftkern_ext::lora_backward_f16,
+                   peftkern_ext::lora_backward_bf16, peftkern_ext::lora_backward_f32);
 }
 
 // The dropout stream on the host, from the very function the kernels call: lets CPU-only tests check it
