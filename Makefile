@@ -52,4 +52,4 @@ cuda-example:
 # No caching allocator, so that every tensor is its own allocation and an out-of-bounds access is caught.
 gpu-test-memcheck:
 	PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
-		$(PYTHON) -m pytest -q -m "gpu and not slow" tests/test_cuda_backend.py
+		$(PYTHON) -m pytest -q -m "gpu and not slow" tests/test_cuda_*.py

@@ -26,8 +26,10 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
-KERNEL_SOURCES = ["lora_f16.cu", "lora_bf16.cu", "lora_f32.cu"]  # one per dtype: they compile in parallel
-HOST_SOURCES = ["bindings.cpp"]
+# Every csrc/*.cu is a kernel translation unit (nvcc; one per op and dtype, so they compile in parallel) and
+# every csrc/bindings*.cpp a pybind11 unit (the host compiler): a new op adds files, not entries here.
+KERNEL_SOURCES = sorted(p.name for p in CSRC.glob("*.cu"))
+HOST_SOURCES = sorted(p.name for p in CSRC.glob("bindings*.cpp"))
 DEFAULT_ARCHS = "80;90a"
 
 

@@ -7,15 +7,9 @@
 
 #include <cstdint>
 
+#include "raw_api.h"
+
 namespace peftkern_ext {
-
-enum DTypeCode : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
-
-struct RawMatrix {
-  uintptr_t data;
-  int64_t stride0;
-  int64_t stride1;
-};
 
 struct RawForward {
   RawMatrix x, weight, lora_a, lora_b, y;

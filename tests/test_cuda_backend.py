@@ -6,12 +6,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import re
-import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
+import _emulator
 import pytest
 import torch
 from _helpers import DTYPES, assert_close, cast
@@ -177,55 +176,17 @@ def test_vendoring_example_compiles_and_runs_where_it_can(tmp_path):
         assert "no CUDA device here" in run.stdout
 
 
-def _cuda_include_dir() -> Path | None:
-    """Where cuda_runtime.h lives, as nvcc reports it (nvcc may be a wrapper outside the toolkit)."""
-    dry = subprocess.run([NVCC, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                         capture_output=True, text=True, timeout=60)
-    for line in (dry.stdout + dry.stderr).splitlines():
-        if "INCLUDES=" in line:
-            for flag in shlex.split(line.split("=", 1)[1]):
-                if flag.startswith("-I") and (Path(flag[2:]) / "cuda_runtime.h").is_file():
-                    return Path(flag[2:])
-    return None
-
-
-@pytest.mark.skipif(NVCC is None or shutil.which("g++") is None, reason="needs the CUDA headers and g++")
 def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
     """No GPU here, so run the header's launchers on a CPU emulation of the CUDA model
     (tests/cuda_emulator): one thread per CUDA thread, buffers sized exactly to their strides, under
     AddressSanitizer. Covers every index, guard, stride path, dropout counter and partial-sum reduction of
     forward and backward, for fp32, fp16 with fp32 adapters and bf16, with WMMA emulated per thread (its
     pointer alignment and ldm rules checked). Not covered: real asynchronous copies and warp-level timing."""
-    include = _cuda_include_dir()
-    if include is None:
-        pytest.skip("nvcc did not report its include directory")
-    header_dir = tmp_path / "peftkern"
-    header_dir.mkdir()
-    shutil.copy(ROOT / "csrc" / "include" / "peftkern" / "common.cuh", header_dir)
-    source = (ROOT / "csrc" / "include" / "peftkern" / "lora.cuh").read_text()
-    # kernel<T><<<grid, block, smem, stream>>>(args) -> ::emu::launch(kernel<T>, grid, ..., stream, args)
-    launch = re.compile(r"([\w:]+(?:<[^<>]*>)?)<<<(.*?)>>>\(", flags=re.S)
-    emulated, launches = launch.subn(r"::emu::launch(\1, \2, ", source)
-    assert launches >= 5 and "<<<" not in emulated
-    (header_dir / "lora.cuh").write_text(emulated)
-    binary = tmp_path / "lora_emulated"
-    compile_command = [
-        "g++", "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", f"-I{tmp_path}", f"-I{include}",
-        f"-I{ROOT / 'tests' / 'cuda_emulator'}", str(ROOT / "tests" / "cuda_emulator" / "lora_emulated.cpp"),
-        "-o", str(binary),
-    ]
-    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-    build = subprocess.run(compile_command + sanitize, capture_output=True, text=True, timeout=600)
-    if build.returncode != 0 and "san" in build.stderr:  # no sanitizer runtime here: still check the values
-        build = subprocess.run(compile_command, capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stderr[-4000:]
+    binary = _emulator.build(tmp_path, "lora_emulated")
+    assert _emulator.emulated_headers(tmp_path)["lora.cuh"] >= 5
     # PEFTKERN_EMULATE_FULL=1: every shape x dtype pairing x layout (210 cases, minutes) instead of CI's 48.
-    full = os.environ.get("PEFTKERN_EMULATE_FULL", "0") not in ("", "0")
-    command = [str(binary)] + ([] if full else ["--quick"])
-    run = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    expected = "210 cases, 0 failures" if full else "48 cases, 0 failures"
-    assert run.stdout.strip().endswith(expected), run.stdout[-2000:]
+    expected = "210 cases, 0 failures" if _emulator.FULL else "48 cases, 0 failures"
+    assert _emulator.run(binary).strip().endswith(expected)
 
 
 # ---- GPU: every dtype and odd shape against the float64 reference ------------------------------------------

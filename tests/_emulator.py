@@ -1,0 +1,84 @@
+"""Build and run a CUDA C++ test program on the CPU emulator (tests/cuda_emulator/emulate.h).
+
+The headers of csrc/include/peftkern are copied with every ``kernel<<<grid, block, smem, stream>>>(args)``
+rewritten to ``::emu::launch(kernel, grid, block, smem, stream, args)``, then the program is compiled by g++
+with AddressSanitizer and UBSan (buffers are sized exactly to their strides, so any out-of-bounds access
+aborts). Each op's test calls :func:`build` with its program in tests/cuda_emulator/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADERS = ROOT / "csrc" / "include" / "peftkern"
+EMULATOR = ROOT / "tests" / "cuda_emulator"
+NVCC = shutil.which("nvcc") or (
+    "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
+)
+AVAILABLE = NVCC is not None and shutil.which("g++") is not None
+needs_emulator = pytest.mark.skipif(not AVAILABLE, reason="needs the CUDA headers (nvcc) and g++")
+# PEFTKERN_EMULATE_FULL=1: each program's full case list instead of CI's quick one.
+FULL = os.environ.get("PEFTKERN_EMULATE_FULL", "0") not in ("", "0")
+
+_LAUNCH = re.compile(r"([\w:]+(?:<[^<>]*>)?)<<<(.*?)>>>\(", flags=re.S)
+
+
+def cuda_include_dir() -> Path | None:
+    """Where cuda_runtime.h lives, as nvcc reports it (nvcc may be a wrapper outside the toolkit)."""
+    dry = subprocess.run([NVCC, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True, timeout=60)
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if "INCLUDES=" in line:
+            for flag in shlex.split(line.split("=", 1)[1]):
+                if flag.startswith("-I") and (Path(flag[2:]) / "cuda_runtime.h").is_file():
+                    return Path(flag[2:])
+    return None
+
+
+def emulated_headers(tmp_path: Path) -> dict[str, int]:
+    """Copy every header into tmp_path/peftkern with its launches rewritten; returns launches per header."""
+    out = tmp_path / "peftkern"
+    out.mkdir(exist_ok=True)
+    counts = {}
+    for header in sorted(HEADERS.glob("*.cuh")):
+        emulated, counts[header.name] = _LAUNCH.subn(r"::emu::launch(\1, \2, ", header.read_text())
+        assert "<<<" not in emulated, f"{header.name}: a launch the rewrite did not catch"
+        (out / header.name).write_text(emulated)
+    return counts
+
+
+def build(tmp_path: Path, program: str) -> Path:
+    """Compile tests/cuda_emulator/<program>.cpp against the emulated headers; skips without the tools."""
+    if not AVAILABLE:
+        pytest.skip("needs the CUDA headers (nvcc) and g++")
+    include = cuda_include_dir()
+    if include is None:
+        pytest.skip("nvcc did not report its include directory")
+    emulated_headers(tmp_path)
+    binary = tmp_path / program
+    command = [
+        "g++", "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", f"-I{tmp_path}", f"-I{include}",
+        f"-I{EMULATOR}", str(EMULATOR / f"{program}.cpp"), "-o", str(binary),
+    ]
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+    result = subprocess.run(command + sanitize, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0 and "san" in result.stderr:  # no sanitizer runtime here: still check the values
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return binary
+
+
+def run(binary: Path, *args: str, timeout: int = 1800) -> str:
+    """Run an emulated program (``--quick`` unless PEFTKERN_EMULATE_FULL); returns stdout, asserts exit 0."""
+    command = [str(binary), *args] + ([] if FULL else ["--quick"])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout
