@@ -4,7 +4,8 @@
 prompt_concat returns three tensors from one launch (inputs_embeds, the extended mask, the extended labels);
 the op always returns a labels tensor, empty ([0]) when no labels were given, and the public function turns
 that back into None. Gradients go to ``prompts`` (summed per task) and to ``embed_weight`` only if it
-requires grad; the Triton backward is deterministic (fixed-order sums, no atomics).
+requires grad; the Triton and CUDA C++ backwards are deterministic (fixed-order sums, no atomics). The CUDA
+backend (csrc/include/peftkern/prompt.cuh, launched from ``_cuda_prompt``) mirrors the Triton kernels.
 """
 
 from __future__ import annotations
@@ -21,11 +22,6 @@ MASK_DTYPES = (
     torch.bool, torch.uint8, torch.int32, torch.int64,
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
 )
-
-
-def _no_cuda_kernel(op: str):
-    # resolve_backend lets "cuda" through only once the extension is built; this op has no C++ kernel yet.
-    raise RuntimeError(f"{op}: backend 'cuda' has no kernel for this op yet; use 'triton' or 'torch'")
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -83,7 +79,9 @@ def _prompt_concat_op(
             input_ids, embed_weight, prompts, prompt_ids, attention_mask, labels
         )
     elif backend == "cuda":
-        _no_cuda_kernel("prompt_concat")
+        from ._cuda_prompt import prompt_concat_forward as cuda_forward
+
+        embeds, mask, new_labels = cuda_forward(input_ids, embed_weight, prompts, prompt_ids, attention_mask, labels)
     else:
         embeds, mask, new_labels = reference.prompt_concat(
             input_ids, embed_weight, prompts, prompt_ids, attention_mask, labels
@@ -122,7 +120,12 @@ def _prompt_concat_backward_op(
             embed_weight.dtype, need_prompts, need_embed,
         )
     elif backend == "cuda":
-        _no_cuda_kernel("prompt_concat")
+        from ._cuda_prompt import prompt_concat_backward as cuda_backward
+
+        grad_prompts, grad_embed = cuda_backward(
+            grad, input_ids, prompt_ids, prompts.shape[0], prompts.dtype, embed_weight.shape[0],
+            embed_weight.dtype, need_prompts, need_embed,
+        )
     else:
         grad_prompts, grad_embed = _torch_prompt_backward(
             grad, input_ids, prompt_ids, prompts, embed_weight, need_prompts, need_embed
@@ -182,7 +185,9 @@ def _prefix_kv_op(
 
         return prefix_kv_forward(prefix, prompt_ids, num_layers, num_kv_heads)
     if backend == "cuda":
-        _no_cuda_kernel("prefix_kv")
+        from ._cuda_prompt import prefix_kv_forward as cuda_forward
+
+        return cuda_forward(prefix, prompt_ids, num_layers, num_kv_heads)
     return reference.prefix_kv(prefix, prompt_ids, num_layers, num_kv_heads)
 
 
@@ -202,7 +207,9 @@ def _prefix_kv_backward_op(
 
         return prefix_kv_backward(grad, prompt_ids, prefix.shape[0], prefix.dtype)
     if backend == "cuda":
-        _no_cuda_kernel("prefix_kv")
+        from ._cuda_prompt import prefix_kv_backward as cuda_backward
+
+        return cuda_backward(grad, prompt_ids, prefix.shape[0], prefix.dtype)
     return _torch_prefix_backward(grad, prompt_ids, prefix)
 
 
@@ -309,8 +316,8 @@ def prompt_concat(
         attention_mask: [B, T] or None; labels: [B, T] int or None.
         backend: "torch" | "triton" | "cuda"; see :mod:`peftkern.backends`.
         check_ids: reject out-of-range ids with a ValueError (one host sync). False skips the sync (CUDA
-            graphs, serving); the Triton kernel then still reads nothing out of bounds (such rows come out
-            zero), while the torch backend raises torch's own indexing error.
+            graphs, serving); the Triton and CUDA kernels then still read nothing out of bounds (such rows
+            come out zero), while the torch backend raises torch's own indexing error.
     Returns:
         ``PromptConcatOutput(inputs_embeds [B, n+T, D] in embed_weight's dtype, attention_mask [B, n+T]
         (ones over the prompt; int64 ones if none was given), labels [B, n+T] with -100 over the prompt or
@@ -345,7 +352,8 @@ def prefix_kv(
         prompt_ids: [B] int32/int64 tasks in [0, P), or one int for every row (then ``batch_size`` rows).
         num_layers, num_kv_heads: the model's layer count and key/value head count (GQA: fewer than the
             query heads).
-        check_ids: as in :func:`prompt_concat` (False: no host sync; bad ids give zero rows on Triton).
+        check_ids: as in :func:`prompt_concat` (False: no host sync; bad ids give zero rows on Triton and
+            CUDA).
     Returns:
         [num_layers, 2, B, num_kv_heads, n, head_dim], contiguous: ``out[l, 0]`` / ``out[l, 1]`` are layer
         l's key / value prefix [B, H_kv, n, head_dim]. Gradients flow to ``prefix``, summed per task.
