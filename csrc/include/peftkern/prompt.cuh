@@ -392,6 +392,8 @@ __global__ void __launch_bounds__(kThreads)
       float acc[VEC];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+      // Unrolled so that several rows' loads are in flight at once (the sum itself stays in row order).
+#pragma unroll 4
       for (int64_t b = row_start; b < row_end; ++b) {
         if (a.prompt_ids.at(b, 0) != p) continue;  // ids out of range match no task
         float v[VEC];
@@ -531,6 +533,7 @@ __global__ void __launch_bounds__(kThreads) embed_grad_kernel(const EmbedGradArg
       float acc[VEC];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+#pragma unroll 4
       for (int64_t i = start; i < end; ++i) {
         const int64_t flat = a.order[i];
         if (flat < 0 || flat >= positions) continue;  // a malformed order entry: read nothing
