@@ -336,6 +336,23 @@ def test_prompt_concat_cuda_opcheck():
 
 
 @pytest.mark.gpu
+def test_torch_compile_treats_the_cuda_prompt_ops_as_opaque():
+    input_ids, embed, prompts, prompt_ids, mask, labels = _concat_inputs(3, 5, 11, 24, 2, 2)
+    embed_t, prompts_t = embed.float(), prompts.float()
+    prefix = torch.randn(2, 3, 2 * 2 * 2 * 8, device="cuda")
+
+    def f(input_ids, embed_t, prompts_t, prompt_ids, mask, labels, prefix):
+        out = peftkern.prompt_concat(input_ids, embed_t, prompts_t, prompt_ids, mask, labels, backend="cuda")
+        return out.inputs_embeds, out.attention_mask, peftkern.prefix_kv(prefix, prompt_ids, 2, 2, backend="cuda")
+
+    args = (input_ids, embed_t, prompts_t, prompt_ids, mask, labels, prefix)
+    eager = f(*args)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    for got, want in zip(compiled, eager):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
 def test_prompt_concat_cuda_captures_in_a_cuda_graph():
     """No host sync in the launchers (check_ids=False): the forward replays from a CUDA graph."""
     input_ids, embed, prompts, prompt_ids, mask, labels = _concat_inputs(4, 9, 13, 40, 3, 2)
