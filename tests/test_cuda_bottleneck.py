@@ -371,3 +371,32 @@ def test_adapter_layer_on_the_cuda_backend(no_tf32):
         results.append([out, x.grad, *(p.grad for p in layer.parameters())])
     for ours, theirs in zip(*results):
         assert_close(ours, theirs, "cuda vs torch", torch.float32)
+
+
+def test_op_dispatches_backend_cuda_to_the_cuda_launchers(monkeypatch):
+    """Without a GPU: the custom op hands backend "cuda" to peftkern.ops._cuda_bottleneck with the Triton
+    launchers' arguments, forward and backward (the launchers are stood in for by the torch backend)."""
+    from peftkern.ops import _cuda_bottleneck
+    from peftkern.ops import bottleneck as op
+
+    calls = []
+
+    def forward(*args):
+        calls.append(("forward", len(args)))
+        return op._torch_forward(*args)
+
+    def backward(*args):
+        calls.append(("backward", len(args)))
+        return op._torch_backward(*args)
+
+    monkeypatch.setattr(_cuda_bottleneck, "bottleneck_forward", forward)
+    monkeypatch.setattr(_cuda_bottleneck, "bottleneck_backward", backward)
+    inputs = make_inputs((7,), 12, 4, num_adapters=2)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, 1])
+    leaves = [inputs[n].float().requires_grad_() for n in NAMES[:5]]
+    y, h = torch.ops.peftkern.bottleneck_adapter(*leaves, None, ids, "gelu", 0.5, "cuda")
+    y.sum().backward()
+    assert calls == [("forward", 9), ("backward", 13)]
+    expected = reference.bottleneck_adapter(*(inputs[n] for n in NAMES[:5]), "gelu", 0.5, None, ids)
+    assert_close(y, expected, "y")
+    assert all(leaf.grad is not None for leaf in leaves)
