@@ -254,6 +254,31 @@ void run_case(const Case& c) {
     return;
   }
 
+  // Garbage order and segments (a caller's bug) may give wrong gradients but never an access out of
+  // bounds (AddressSanitizer would abort): the kernels clamp both. Written into scratch outputs.
+  if (c.need_weights && ids.data != nullptr && M > 0) {
+    std::vector<int64_t> bad_order(M), bad_segments(L + 2);
+    for (int64_t m = 0; m < M; ++m) bad_order[m] = m % 3 == 0 ? M + 100 : (m % 3 == 1 ? -5 : order[m]);
+    for (int64_t l = 0; l < L + 2; ++l) bad_segments[l] = l % 2 == 0 ? M + 50 - l : -3 - l;
+    HostTensor<TW> scratch_wd(1, L * NB, D, 0, D, 1, 0.0f, false), scratch_wu(1, L * D, NB, 0, NB, 1, 0.0f, false);
+    HostTensor<TW> scratch_bd(1, 1, L * NB, 0, 0, 1, 0.0f, false), scratch_bu(1, 1, L * D, 0, 0, 1, 0.0f, false);
+    std::unique_ptr<float[]> scratch_workspace = poisoned(plan.workspace_floats);
+    std::unique_ptr<TW[]> scratch_dh(new TW[M * NB]);
+    auto bad = bwd;
+    bad.order = bad_order.data();
+    bad.segments = bad_segments.data();
+    bad.grad_x = {nullptr, 0, 0};
+    bad.grad_down_weight = scratch_wd.data.get();
+    bad.grad_up_weight = scratch_wu.data.get();
+    bad.grad_down_bias = scratch_bd.data.get();
+    bad.grad_up_bias = scratch_bu.data.get();
+    bad.dh = scratch_dh.get();
+    if (peftkern::launch_bottleneck_backward(bad, scratch_workspace.get(), nullptr) != cudaSuccess) {
+      ++failures;
+      std::printf("FAIL %s: backward with garbage order: launch error\n", label.c_str());
+    }
+  }
+
   // float64 reference from the stored (rounded) inputs.
   std::vector<double> h_ref(M * NB, 0.0), dh_ref(M * NB, 0.0);
   for (int64_t m = 0; m < M; ++m) {
