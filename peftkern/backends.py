@@ -22,7 +22,7 @@ BACKENDS = ("torch", "triton", "cuda")
 # Measured default per op on CUDA tensors (benchmarks/results/). Ops not listed use DEFAULT_CUDA_BACKEND.
 DEFAULT_CUDA_BACKEND = "triton"
 DEFAULT_CUDA_BACKEND_PER_OP: dict[str, str] = {
-    # No CUDA C++ bottleneck kernels yet: Triton even when peftkern._C exists.
+    # The CUDA C++ bottleneck kernels have not been timed on a GPU yet: Triton until a benchmark says otherwise.
     "bottleneck_adapter": "triton",
 }
 

@@ -281,8 +281,8 @@ def test_kernel_backends_reject_float64_and_cpu_cuda():
               "up_weight": torch.randn(8, 3), "up_bias": None}
     with pytest.raises(TypeError, match="backend 'triton' does not support"):
         bottleneck_adapter(**{**kwargs, "x": kwargs["x"].double()}, backend="triton")
-    # The CUDA C++ backend has no bottleneck kernels yet; on CPU tensors it is refused before anything runs.
-    with pytest.raises((ValueError, RuntimeError), match="backend 'cuda'"):
+    # The CUDA C++ backend needs CUDA tensors: CPU ones are refused before anything runs.
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
         bottleneck_adapter(**kwargs, backend="cuda")
 
 

@@ -144,8 +144,11 @@ def _bottleneck_adapter_op(
             x, down_weight, down_bias, up_weight, up_bias, residual, adapter_ids, activation, scaling
         )
     if backend == "cuda":
-        # resolve_backend refuses "cuda" before any call while the extension has no bottleneck kernels.
-        raise RuntimeError(f"{OP}: backend 'cuda' has no bottleneck adapter kernels in this build")
+        from ._cuda_bottleneck import bottleneck_forward
+
+        return bottleneck_forward(
+            x, down_weight, down_bias, up_weight, up_bias, residual, adapter_ids, activation, scaling
+        )
     return _torch_forward(
         x, down_weight, down_bias, up_weight, up_bias, residual, adapter_ids, activation, scaling
     )
@@ -184,7 +187,9 @@ def _bottleneck_adapter_backward_op(
 
         grads = bottleneck_backward(*args)
     elif backend == "cuda":
-        raise RuntimeError(f"{OP}: backend 'cuda' has no bottleneck adapter kernels in this build")
+        from ._cuda_bottleneck import bottleneck_backward
+
+        grads = bottleneck_backward(*args)
     else:
         grads = _torch_backward(*args)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
