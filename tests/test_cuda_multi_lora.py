@@ -1,0 +1,358 @@
+"""multi_lora_linear on the CUDA C++ backend (csrc/include/peftkern/multi_lora.cuh): the header's launchers on
+the CPU emulator, the bindings' argument checks, and (on a GPU) outputs and dX/dA/dB against the float64
+reference on both paths, against Triton, determinism, CUDA-graph replay with new ids, opcheck."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import _emulator
+import pytest
+import torch
+from _helpers import assert_close
+
+import peftkern
+from peftkern import reference
+
+EXTENSION_PRESENT = importlib.util.find_spec("peftkern._C") is not None
+needs_extension = pytest.mark.skipif(not EXTENSION_PRESENT, reason="peftkern._C is not built here")
+
+
+def _ext():
+    import peftkern._C
+
+    return peftkern._C
+
+
+# ---- CPU: the header on the emulator ------------------------------------------------------------------------
+
+
+def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
+    """The header's launchers on a CPU emulation of the CUDA model under AddressSanitizer: the device-built
+    segment table against a host stable sort (int32/int64 ids, -1, out of range, unsorted, groups longer
+    than one tile, several sort chunks), and forward (decode and prefill) and backward against float64
+    loops for one adapter, every row its own adapter, mixed ranks {4, 8, 16} with r_max 16 and a rank-0
+    slot, M = 0 / 1 / 17 / 33, strided and transposed layouts, fp32, fp16 + fp32 adapters, bf16, fp16. The
+    adapters' padding past each rank is NaN, so a read past a rank fails the comparison."""
+    binary = _emulator.build(tmp_path, "multi_lora_emulated")
+    assert _emulator.emulated_headers(tmp_path)["multi_lora.cuh"] >= 8
+    expected = "256 cases, 0 failures" if _emulator.FULL else "103 cases, 0 failures"
+    assert _emulator.run(binary).strip().endswith(expected)
+
+
+# ---- CPU: the bindings refuse bad arguments before any launch ----------------------------------------------
+
+
+def _forward_args(ext, **override):
+    args = dict(
+        dtype=ext.FLOAT16, adapter_dtype=ext.FLOAT16, x=256, x_strides=(8, 1), weight=256, weight_strides=(8, 1),
+        bias=0, bias_stride=0, lora_a=256, lora_a_strides=(16, 8, 1), lora_b=256, lora_b_strides=(8, 2, 1),
+        adapter_ids=256, ids_int64=True, scalings=256, ranks=256, s=256, y=256, y_strides=(4, 1), workspace=0,
+        workspace_bytes=0, M=3, N=4, K=8, L=2, R=2, path=1, device=0, stream=0,
+    )
+    args.update(override)
+    return args
+
+
+@needs_extension
+def test_bindings_check_arguments_before_any_launch():
+    ext = _ext()
+    cases = [
+        ({"dtype": 7}, r"dtype: expected a code in"),
+        ({"adapter_dtype": ext.BFLOAT16}, r"adapter_dtype: expected the activation dtype \(float16\)"),
+        ({"L": 0}, r"L: expected at least 1 adapter slot, got 0"),
+        ({"R": 0}, r"R: expected r_max >= 1, got 0"),
+        ({"M": -1}, r"sizes: expected M, N, K >= 0"),
+        ({"path": 3}, r"path: expected a code in \{0: auto, 1: decode, 2: prefill\}, got 3"),
+        ({"x": 0}, r"x: expected a device address, got 0 for a \[3, 8\] matrix"),
+        ({"lora_a": 0}, r"lora_a: expected a device address, got 0 for 32 elements"),
+        ({"lora_b": 0}, r"lora_b: expected a device address"),
+        ({"adapter_ids": 0}, r"adapter_ids: expected a device address, got 0 for 3 elements"),
+        ({"scalings": 0}, r"scalings: expected a device address"),
+        ({"ranks": 0}, r"ranks: expected a device address"),
+        ({"s": 0}, r"s: expected a device address"),
+        ({"path": 2}, r"workspace: expected at least \d+ bytes \(multi_lora_forward_workspace_bytes\), got 0"),
+        ({"path": 2, "workspace": 1000, "workspace_bytes": 1 << 20}, r"workspace: expected a 256-byte aligned"),
+        ({"device": -1}, r"device: expected a CUDA device index >= 0"),
+    ]
+    for override, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            ext.multi_lora_forward(**_forward_args(ext, **override))
+    # M == 0 is a no-op that touches no device (so it works even here).
+    assert ext.multi_lora_forward(**_forward_args(ext, M=0, x=0, s=0, y=0, adapter_ids=0, path=2)) is None
+
+    backward = dict(
+        dtype=ext.FLOAT32, adapter_dtype=ext.FLOAT32, grad_y=256, grad_y_strides=(4, 1), x=256, x_strides=(8, 1),
+        weight=256, weight_strides=(8, 1), lora_a=256, lora_a_strides=(16, 8, 1), lora_b=256,
+        lora_b_strides=(8, 2, 1), adapter_ids=256, ids_int64=False, scalings=256, ranks=256, s=256, grad_x=0,
+        grad_x_strides=(0, 0), grad_a=256, grad_b=256, workspace=256, workspace_bytes=0, M=3, N=4, K=8, L=2, R=2,
+        path=0, device=0, stream=0,
+    )
+    with pytest.raises(ValueError, match=r"workspace: expected at least \d+ bytes \(multi_lora_backward"):
+        ext.multi_lora_backward(**backward)
+    with pytest.raises(ValueError, match=r"grad_a: expected a device address"):
+        ext.multi_lora_backward(**{**backward, "grad_a": 0})
+    with pytest.raises(ValueError, match=r"grad_y: expected a device address"):
+        ext.multi_lora_backward(**{**backward, "grad_y": 0})
+
+
+@needs_extension
+def test_workspace_sizes_follow_the_shapes_only():
+    ext = _ext()
+    assert ext.multi_lora_forward_workspace_bytes(8, 4, 1) == 0  # decode: no segment table
+    assert ext.multi_lora_forward_workspace_bytes(8, 4, 0) == 0  # auto with M <= 64 is decode
+    assert ext.multi_lora_forward_workspace_bytes(65, 4, 0) > 0
+    prefill = ext.multi_lora_forward_workspace_bytes(8, 4, 2)
+    assert prefill == ext.multi_lora_segments_workspace_bytes(8, 4) and prefill % 256 == 0
+    assert ext.multi_lora_backward_workspace_bytes(8, 16, 32, 4, 16, 1) >= prefill + 8 * 16 * 4
+    assert ext.multi_lora_backward_workspace_bytes(0, 16, 32, 4, 16, 1) == 0
+    # The tile table: cdiv(M, 64) + min(L + 1, M), as the Triton build_segments with 64-row tiles.
+    for M, L in [(0, 3), (1, 3), (64, 1), (65, 1), (1000, 7), (5, 40)]:
+        assert ext.multi_lora_segment_tiles(M, L) == -(-M // 64) + min(L + 1, M)
+    assert (ext.MULTI_LORA_DECODE_MAX_ROWS, ext.MULTI_LORA_SEGMENT_ROWS) == (64, 64)
+    with pytest.raises(ValueError, match="path: expected a code"):
+        ext.multi_lora_forward_workspace_bytes(8, 4, 9)
+    with pytest.raises(ValueError, match="L: expected at least 1 adapter slot"):
+        ext.multi_lora_segments_workspace_bytes(8, 0)
+
+
+def test_launcher_refuses_an_unknown_path():
+    from peftkern.ops._cuda_multi_lora import _path_code
+
+    assert [_path_code(p) for p in ("auto", "decode", "prefill")] == [0, 1, 2]
+    with pytest.raises(ValueError, match="path: expected one of"):
+        _path_code("sideways")
+
+
+# ---- GPU: against the float64 reference ----------------------------------------------------------------------
+
+K, N = 40, 33
+
+# name: (M, L, r_max, ids, ranks)
+SCENARIOS = {
+    "one_adapter": (33, 3, 16, [2] * 33, [16, 4, 8]),
+    "every_row_distinct": (17, 17, 16, [(5 * t + 3) % 17 for t in range(17)], [(4, 8, 16)[i % 3] for i in range(17)]),
+    "mixed_ranks_unsorted_base_rows": (
+        33, 4, 16, [(-1 if t % 5 == 0 else (t * 7) % 4) for t in range(33)], [4, 8, 16, 0],
+    ),
+    "single_row": (1, 2, 8, [1], [8, 5]),
+    "prefill_sized": (130, 5, 16, [((t * 11) % 6) - 1 for t in range(130)], [16, 4, 8, 12, 1]),
+}
+PATHS = ["decode", "prefill", "auto"]
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),
+]
+
+
+def _pair_id(pair):
+    return "-".join(str(t).removeprefix("torch.") for t in pair)
+
+
+def _problem(M, L, r_max, ids, ranks, dtype, adapter_dtype, bias=True, seed=0):
+    """float64 CPU tensors already rounded to the tested dtypes (the reference sees the backend's values)."""
+    g = torch.Generator().manual_seed(seed + 97 * M + L)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64).to(dtype).double()
+    weight = (torch.randn(N, K, generator=g, dtype=torch.float64) / K**0.5).to(dtype).double()
+    b = torch.randn(N, generator=g, dtype=torch.float64).to(dtype).double() if bias else None
+    lora_a = (torch.randn(L, r_max, K, generator=g, dtype=torch.float64) / K**0.5).to(adapter_dtype).double()
+    lora_b = (torch.randn(L, N, r_max, generator=g, dtype=torch.float64) / r_max**0.5).to(adapter_dtype).double()
+    grad_y = torch.randn(M, N, generator=g, dtype=torch.float64).to(dtype).double()
+    scalings = torch.tensor([0.5 + 0.25 * i for i in range(L)], dtype=torch.float32)
+    return (x, weight, b, lora_a, lora_b, torch.as_tensor(ids, dtype=torch.int64).reshape(M),
+            scalings, torch.as_tensor(ranks, dtype=torch.int32), grad_y)
+
+
+def _reference(problem):
+    x, weight, b, lora_a, lora_b, ids, scalings, ranks, grad_y = problem
+    rx, ra, rb = (t.clone().requires_grad_() for t in (x, lora_a, lora_b))
+    y = reference.multi_lora_linear(rx, weight, b, ra, rb, ids, scalings.double(), ranks)
+    y.backward(grad_y)
+    return y.detach(), rx.grad, ra.grad, rb.grad
+
+
+def _run_cuda(problem, dtype, adapter_dtype, path, backend="cuda", ids_dtype=torch.int64, strided=False):
+    """Forward + backward on the GPU; returns (y, dX, dA, dB)."""
+    x, weight, b, lora_a, lora_b, ids, scalings, ranks, grad_y = problem
+    tx = x.to("cuda", dtype).requires_grad_()
+    ta = lora_a.to("cuda", adapter_dtype).requires_grad_()
+    tb = lora_b.to("cuda", adapter_dtype).requires_grad_()
+    x_in = tx
+    if strided:  # every other column of a wider buffer: odd row stride, not 16-byte aligned rows
+        x_in = torch.stack([tx, torch.zeros_like(tx)], dim=-1).flatten(-2)[:, ::2]
+        assert not x_in.is_contiguous()
+    y = peftkern.multi_lora_linear(
+        x_in, weight.to("cuda", dtype), None if b is None else b.to("cuda", dtype), ta, tb,
+        ids.to("cuda", ids_dtype), scalings.to("cuda"), ranks.to("cuda"), backend=backend, path=path,
+    )
+    y.backward(grad_y.to("cuda", dtype))
+    return y.detach(), tx.grad, ta.grad, tb.grad
+
+
+def _compare(got, expected, dtype, scale=1.0):
+    for name, g, e in zip(("y", "dX", "dA", "dB"), got, expected):
+        assert_close(g, e, name, dtype=dtype, scale=scale)
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=_pair_id)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_matches_reference(scenario, path, pair, no_tf32):
+    dtype, adapter_dtype = pair
+    problem = _problem(*SCENARIOS[scenario], dtype, adapter_dtype)
+    got = _run_cuda(problem, dtype, adapter_dtype, path, ids_dtype=torch.int32 if path == "auto" else torch.int64)
+    assert got[2].dtype == adapter_dtype and got[3].dtype == adapter_dtype
+    # dA and dB sum a segment's rows in 16-bit storage: twice the element tolerance there.
+    _compare(got, _reference(problem), dtype, scale=1.0 if dtype == torch.float32 else 2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_x_no_bias_and_ids_out_of_range_unchecked(path, dtype, no_tf32):
+    """Strided x, no bias; ids L, L + 3 and -5 act as -1 (check_ids=False: nothing read out of bounds)."""
+    M, L, r_max = 37, 3, 16
+    ids = [(t % 6) - 1 if t % 4 else (L + t % 5 if t % 8 else -5) for t in range(M)]
+    problem = _problem(M, L, r_max, ids, [16, 4, 8], dtype, dtype, bias=False)
+    as_base = problem[5].clone()
+    as_base[(as_base < -1) | (as_base >= L)] = -1
+    expected = _reference((*problem[:5], as_base, *problem[6:]))
+    x, weight, _, lora_a, lora_b, ids_t, scalings, ranks, grad_y = problem
+    tx = x.to("cuda", dtype).requires_grad_()
+    ta, tb = (t.to("cuda", dtype).requires_grad_() for t in (lora_a, lora_b))
+    x_in = torch.stack([tx, torch.zeros_like(tx)], dim=-1).flatten(-2)[:, ::2]
+    y = peftkern.multi_lora_linear(x_in, weight.to("cuda", dtype), None, ta, tb, ids_t.cuda(), scalings.cuda(),
+                                   ranks.cuda(), check_ids=False, backend="cuda", path=path)
+    y.backward(grad_y.to("cuda", dtype))
+    _compare((y.detach(), tx.grad, ta.grad, tb.grad), expected, dtype, scale=1.0 if dtype == torch.float32 else 2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=_pair_id)
+def test_empty_batch(pair):
+    dtype, adapter_dtype = pair
+    x = torch.empty(0, K, device="cuda", dtype=dtype, requires_grad=True)
+    lora_a = torch.randn(3, 8, K, device="cuda", dtype=adapter_dtype, requires_grad=True)
+    lora_b = torch.randn(3, N, 8, device="cuda", dtype=adapter_dtype, requires_grad=True)
+    y = peftkern.multi_lora_linear(x, torch.randn(N, K, device="cuda", dtype=dtype), None, lora_a, lora_b,
+                                   torch.empty(0, device="cuda", dtype=torch.int64), [1.0, 2.0, 3.0],
+                                   backend="cuda")
+    assert y.shape == (0, N)
+    y.sum().backward()
+    assert x.grad.shape == (0, K)
+    assert torch.equal(lora_a.grad, torch.zeros_like(lora_a)) and torch.equal(lora_b.grad, torch.zeros_like(lora_b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_and_prefill_paths_agree(dtype, no_tf32):
+    problem = _problem(*SCENARIOS["mixed_ranks_unsorted_base_rows"], dtype, dtype)
+    decode = _run_cuda(problem, dtype, dtype, "decode")
+    prefill = _run_cuda(problem, dtype, dtype, "prefill")
+    _compare(decode, prefill, dtype, scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_agrees_with_triton(path, no_tf32):
+    pytest.importorskip("triton")
+    dtype = torch.bfloat16
+    problem = _problem(*SCENARIOS["prefill_sized"], dtype, torch.float32)
+    cuda = _run_cuda(problem, dtype, torch.float32, path)
+    triton = _run_cuda(problem, dtype, torch.float32, path, backend="triton")
+    _compare(cuda, triton, dtype, scale=2.0)
+
+
+@pytest.mark.gpu
+def test_segment_table_matches_the_triton_builder():
+    pytest.importorskip("triton")
+    from peftkern.triton_kernels.multi_lora import build_segments as triton_build_segments
+
+    from peftkern.ops._cuda_multi_lora import build_segments
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for M, L in [(1, 1), (17, 3), (300, 5), (1000, 64), (4099, 2)]:
+        for dtype in (torch.int32, torch.int64):
+            ids = torch.randint(-3, L + 2, (M,), device="cuda", generator=g).to(dtype)
+            perm, bounds, tiles = build_segments(ids, L)
+            expected = triton_build_segments(ids, L, 64)
+            assert torch.equal(perm, expected.perm), (M, L)
+            assert torch.equal(bounds, expected.bounds), (M, L)
+            assert torch.equal(tiles, expected.tiles), (M, L)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_backward_is_deterministic(path):
+    problem = _problem(*SCENARIOS["prefill_sized"], torch.float32, torch.float32)
+    first = _run_cuda(problem, torch.float32, torch.float32, path)
+    second = _run_cuda(problem, torch.float32, torch.float32, path)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.gpu
+def test_many_rows_of_few_adapters_split_the_gradient_sums(no_tf32):
+    """Few adapters, many rows: dA / dB are summed in parts (fp32 partials added in a fixed order)."""
+    M, L = 1500, 2
+    problem = _problem(M, L, 16, [(t % 3) - 1 for t in range(M)], [16, 8], torch.float32, torch.float32)
+    _compare(_run_cuda(problem, torch.float32, torch.float32, "prefill"), _reference(problem), torch.float32,
+             scale=4.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path,M", [("decode", 8), ("prefill", 96)])
+def test_cuda_graph_capture_and_replay_with_new_ids(path, M, no_tf32):
+    L, r_max, K_, N_ = 6, 16, 256, 320
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K_, device="cuda", dtype=torch.bfloat16, generator=g)
+    weight = torch.randn(N_, K_, device="cuda", dtype=torch.bfloat16, generator=g) / 16
+    lora_a = torch.randn(L, r_max, K_, device="cuda", dtype=torch.bfloat16, generator=g) / 16
+    lora_b = torch.randn(L, N_, r_max, device="cuda", dtype=torch.bfloat16, generator=g) / 4
+    scalings = torch.tensor([0.5, 1.0, 2.0, 0.25, 1.5, 3.0], device="cuda")
+    ranks = torch.tensor([16, 4, 8, 16, 1, 12], device="cuda", dtype=torch.int32)
+    static_ids = torch.zeros(M, device="cuda", dtype=torch.int64)
+
+    def run():
+        return peftkern.multi_lora_linear(x, weight, None, lora_a, lora_b, static_ids, scalings, ranks,
+                                          check_ids=False, backend="cuda", path=path)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = run()
+    for trial in range(3):
+        new_ids = torch.randint(-1, L, (M,), device="cuda", generator=g)
+        static_ids.copy_(new_ids)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.multi_lora_linear(x.double().cpu(), weight.double().cpu(), None,
+                                               lora_a.double().cpu(), lora_b.double().cpu(), new_ids.cpu(),
+                                               scalings.cpu().double(), ranks.cpu())
+        assert_close(out, expected, f"replay {trial}", dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_backend():
+    problem = _problem(*SCENARIOS["mixed_ranks_unsorted_base_rows"], torch.float32, torch.float32)
+    x, weight, b, lora_a, lora_b, ids, scalings, ranks, _ = problem
+    args = (x.float().cuda().requires_grad_(), weight.float().cuda(), b.float().cuda(),
+            lora_a.float().cuda().requires_grad_(), lora_b.float().cuda().requires_grad_(), ids.cuda(),
+            scalings.cuda(), ranks.cuda(), "cuda")
+    for path in ("decode", "prefill"):
+        torch.library.opcheck(
+            torch.ops.peftkern.multi_lora_linear.default, (*args, path),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        )
