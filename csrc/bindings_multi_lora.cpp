@@ -66,7 +66,7 @@ void multi_lora_forward(int dtype, int adapter_dtype, uintptr_t x, Strides x_str
   require_address("scalings", scalings, L);
   require_address("ranks", ranks, L);
   require_address("s", s, M * R);
-  check_workspace(workspace, workspace_bytes, peftkern_ext::multi_lora_forward_workspace_bytes(M, L, path),
+  check_workspace(workspace, workspace_bytes, peftkern_ext::multi_lora_forward_workspace_bytes(M, N, K, L, path),
                   "multi_lora_forward_workspace_bytes");
   args.bias = bias;
   args.bias_stride = bias_stride;
@@ -153,10 +153,10 @@ void multi_lora_segments(uintptr_t adapter_ids, bool ids_int64, int64_t M, int64
   raise_on_error(err, "multi_lora_segments");
 }
 
-int64_t forward_workspace_bytes(int64_t M, int64_t L, int path) {
-  check_multi_sizes(M, 0, 0, L, 1);
+int64_t forward_workspace_bytes(int64_t M, int64_t N, int64_t K, int64_t L, int path) {
+  check_multi_sizes(M, N, K, L, 1);
   check_path(path);
-  return peftkern_ext::multi_lora_forward_workspace_bytes(M, L, path);
+  return peftkern_ext::multi_lora_forward_workspace_bytes(M, N, K, L, path);
 }
 
 int64_t backward_workspace_bytes(int64_t M, int64_t N, int64_t K, int64_t L, int64_t R, int path) {
@@ -201,7 +201,8 @@ void bind_multi_lora(py::module_& m) {
         py::arg("workspace_bytes"), py::arg("perm"), py::arg("bounds"), py::arg("tiles"), py::arg("device"),
         py::arg("stream"));
   m.def("multi_lora_forward_workspace_bytes", &forward_workspace_bytes,
-        "workspace bytes multi_lora_forward needs (0 on the decode path)", py::arg("M"), py::arg("L"), py::arg("path"));
+        "workspace bytes multi_lora_forward needs", py::arg("M"), py::arg("N"), py::arg("K"), py::arg("L"),
+        py::arg("path"));
   m.def("multi_lora_backward_workspace_bytes", &backward_workspace_bytes, "workspace bytes multi_lora_backward needs",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("L"), py::arg("R"), py::arg("path"));
   m.def("multi_lora_segments_workspace_bytes", &segments_workspace_bytes,

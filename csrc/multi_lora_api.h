@@ -50,7 +50,7 @@ struct RawMultiBackward {
 
 // Workspace bytes (peftkern::multi_lora_forward_plan / multi_lora_backward_plan); defined in
 // multi_lora_f32.cu.
-int64_t multi_lora_forward_workspace_bytes(int64_t M, int64_t L, int path);
+int64_t multi_lora_forward_workspace_bytes(int64_t M, int64_t N, int64_t K, int64_t L, int path);
 int64_t multi_lora_backward_workspace_bytes(int64_t M, int64_t N, int64_t K, int64_t L, int64_t R, int path);
 // The segment table alone (peftkern::launch_multi_lora_segments), for tests: perm, bounds, tiles written
 // into `out_*` device arrays of M, 2 (L + 1) and 3 n_tiles int64 after it ran in `workspace`.

@@ -11,8 +11,8 @@ cudaError_t multi_lora_backward_f32(const RawMultiBackward& args, cudaStream_t s
   return dispatch_multi_backward<float>(args, stream);
 }
 
-int64_t multi_lora_forward_workspace_bytes(int64_t M, int64_t L, int path) {
-  return peftkern::multi_lora_forward_plan(M, L, path).workspace_bytes;
+int64_t multi_lora_forward_workspace_bytes(int64_t M, int64_t N, int64_t K, int64_t L, int path) {
+  return peftkern::multi_lora_forward_plan(M, N, K, L, path).workspace_bytes;
 }
 
 int64_t multi_lora_backward_workspace_bytes(int64_t M, int64_t N, int64_t K, int64_t L, int64_t R, int path) {

@@ -36,7 +36,7 @@ def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
     adapters' padding past each rank is NaN, so a read past a rank fails the comparison."""
     binary = _emulator.build(tmp_path, "multi_lora_emulated")
     assert _emulator.emulated_headers(tmp_path)["multi_lora.cuh"] >= 8
-    expected = "256 cases, 0 failures" if _emulator.FULL else "103 cases, 0 failures"
+    expected = "256 cases, 0 failures" if _emulator.FULL else "105 cases, 0 failures"
     assert _emulator.run(binary).strip().endswith(expected)
 
 
@@ -99,10 +99,12 @@ def test_bindings_check_arguments_before_any_launch():
 @needs_extension
 def test_workspace_sizes_follow_the_shapes_only():
     ext = _ext()
-    assert ext.multi_lora_forward_workspace_bytes(8, 4, 1) == 0  # decode: no segment table
-    assert ext.multi_lora_forward_workspace_bytes(8, 4, 0) == 0  # auto with M <= 64 is decode
-    assert ext.multi_lora_forward_workspace_bytes(65, 4, 0) > 0
-    prefill = ext.multi_lora_forward_workspace_bytes(8, 4, 2)
+    # decode: no segment table; a shallow reduction is not split, a deep one is (fp32 partial tiles)
+    assert ext.multi_lora_forward_workspace_bytes(8, 16, 32, 4, 1) == 0
+    assert ext.multi_lora_forward_workspace_bytes(8, 16, 32, 4, 0) == 0  # auto with M <= 64 is decode
+    assert ext.multi_lora_forward_workspace_bytes(64, 4096, 4096, 8, 0) == 4 * 64 * 4096 * 4  # 4 splits
+    assert ext.multi_lora_forward_workspace_bytes(65, 16, 32, 4, 0) > 0
+    prefill = ext.multi_lora_forward_workspace_bytes(8, 16, 32, 4, 2)
     assert prefill == ext.multi_lora_segments_workspace_bytes(8, 4) and prefill % 256 == 0
     assert ext.multi_lora_backward_workspace_bytes(8, 16, 32, 4, 16, 1) >= prefill + 8 * 16 * 4
     assert ext.multi_lora_backward_workspace_bytes(0, 16, 32, 4, 16, 1) == 0
@@ -111,7 +113,7 @@ def test_workspace_sizes_follow_the_shapes_only():
         assert ext.multi_lora_segment_tiles(M, L) == -(-M // 64) + min(L + 1, M)
     assert (ext.MULTI_LORA_DECODE_MAX_ROWS, ext.MULTI_LORA_SEGMENT_ROWS) == (64, 64)
     with pytest.raises(ValueError, match="path: expected a code"):
-        ext.multi_lora_forward_workspace_bytes(8, 4, 9)
+        ext.multi_lora_forward_workspace_bytes(8, 16, 32, 4, 9)
     with pytest.raises(ValueError, match="L: expected at least 1 adapter slot"):
         ext.multi_lora_segments_workspace_bytes(8, 0)
 

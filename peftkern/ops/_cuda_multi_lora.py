@@ -87,7 +87,7 @@ def multi_lora_forward(
         bias = bias.to(x.dtype)  # the kernel reads bias in x's dtype (F.linear would require it)
     ids, ids_int64 = _ids(adapter_ids, M)
     scalings, ranks = _adapter_meta(scalings, ranks, L)
-    workspace_bytes = ext.multi_lora_forward_workspace_bytes(M, L, code)
+    workspace_bytes = ext.multi_lora_forward_workspace_bytes(M, N, K, L, code)
     workspace = _workspace(workspace_bytes, x.device)
     with torch.cuda.device(x.device):
         device, stream = _launch_context(x)

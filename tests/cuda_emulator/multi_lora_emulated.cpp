@@ -216,7 +216,7 @@ void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const st
   fwd.y = y.mut2();
   fwd.M = M, fwd.N = N, fwd.K = K, fwd.L = L, fwd.R = R;
   fwd.path = path;
-  const auto fplan = peftkern::multi_lora_forward_plan(M, L, path);
+  const auto fplan = peftkern::multi_lora_forward_plan(M, N, K, L, path);
   Workspace fws = workspace_of(fplan.workspace_bytes);
   if (peftkern::launch_multi_lora_forward(fwd, fplan.workspace_bytes > 0 ? fws.get() : nullptr, nullptr) !=
       cudaSuccess) {
@@ -354,6 +354,10 @@ void run_suite(bool quick) {
   }
   run_problem<T, TA>(make_problem(1, 17, 33, 2, 8, {8, 3}, "random", 0, true), "one row");
   run_problem<T, TA>(make_problem(0, 9, 5, 3, 16, {4, 8, 16}, "random", 0, true), "empty");
+  // Deep reductions: the decode GEMMs split them (K = 520: 3 splits forward; N = 300: 2 splits for dX).
+  // (the auto path, M = 5: decode), in the quick list for fp32 and bf16 only.
+  if (!quick || std::is_same_v<T, TA>)
+    run_problem<T, TA>(make_problem(5, 520, 300, 3, 16, {16, 8, 4}, "mixed", quick ? 0 : 2, true), "split", false);
   if (!quick) {
     // ranks past one chunk (R = 20), and M past the decode limit on the auto path (prefill)
     run_problem<T, TA>(make_problem(70, 72, 70, 3, 20, {20, 3, 17}, "mixed", 0, true), "R=20");

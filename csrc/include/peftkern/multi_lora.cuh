@@ -12,12 +12,16 @@
 //                                                16-byte loads where aligned, nothing loaded past r_i
 //     fused    y = x @ W.T + b + s_i S[t] @ B[i].T   lora.cuh's GEMM mainloop (WMMA for 16-bit); the
 //                                                expand gathered per row in the epilogue, its rank loop
-//                                                stopping at the tile's largest rank
+//                                                stopping at the tile's largest rank. With few row tiles
+//                                                the reduction is split (up to 8 parts, about 256 blocks)
+//                                                and the fp32 partial tiles summed in a fixed order.
 //   prefill (larger M)  rows grouped by adapter: a stable counting sort of the ids built on the device
 //                       (launch_multi_lora_segments: three small kernels, fixed grids), cut into 64-row
 //                       tiles that never straddle two adapters (the tile table has the fixed length
 //                       cdiv(M, 64) + min(L + 1, M)); rows are gathered through the sort permutation:
-//     shrink   S[rows] = x[rows] @ A[i, chunk].T     one block per (tile, rank chunk)
+//     shrink   S[rows] = x[rows] @ A[i].T            one block per (tile, 64 ranks) on the GEMM mainloop
+//                                                (tensor cores) when A is in x's 16-bit dtype; else one per
+//                                                (tile, 16 ranks) on FMA units
 //     fused    as above; the epilogue a dense [64, r_i] x [r_i, 64] product with the tile's one adapter
 // Backward (the segment table always; the forward's path for the row kernels):
 //   dS = s_i dY @ B[i]        the shrink with B in place of A
@@ -34,6 +38,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 #include "lora.cuh"
@@ -84,12 +89,18 @@ constexpr int kGradRows = 32;      // rows per step of the dA / dB kernel
 constexpr int kGradCols = 64;      // columns per dA / dB block
 constexpr int64_t kGradTargetBlocks = 512;  // split segments until about this many dA / dB blocks run
 constexpr int64_t kGradMaxSplits = 8;
+// Decode: few row tiles, so the fused GEMM splits its reduction until about this many blocks run (each
+// split at least kDecodeMinSplitRed deep), then sums the fp32 partial tiles in a fixed order.
+constexpr int64_t kDecodeTargetBlocks = 256;
+constexpr int64_t kDecodeMaxSplits = 8;
+constexpr int64_t kDecodeMinSplitRed = 256;
 
 __host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
 __device__ inline int64_t load_id(const void* ids, bool ids_int64, int64_t row) {
-  return ids_int64 ? static_cast<const int64_t*>(ids)[row] : static_cast<int64_t>(static_cast<const int32_t*>(ids)[row]);
+  if (ids_int64) return static_cast<const int64_t*>(ids)[row];
+  return static_cast<int64_t>(static_cast<const int32_t*>(ids)[row]);
 }
 
 // Sort key of an id: 0 = base only (ids outside [0, L) included), j = adapter j - 1.
@@ -375,6 +386,42 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Prefill with adapters in x's 16-bit dtype: the same product on tensor cores, as lora.cuh's GEMM mainloop
+// over one segment tile: P = the tile's rows (gathered through perm), Q[j, r] = F[i, r, j] with the columns
+// at or past the rank zero-filled by the tile loads (never read), the fp32 tile written straight to T.
+// One block per (segment tile, 64 ranks).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    shrink_segments_mma_kernel(const lora_detail::GemmParams<T, T> base, const Strided3D<const T> f,
+                               const int64_t* perm, const int64_t* tiles, int64_t n_tiles, const int32_t* ranks,
+                               const float* scales, float* out, int64_t M, int64_t R, int64_t L) {
+  __shared__ __align__(128) unsigned char smem[lora_detail::gemm_operand_bytes<T>()];
+  const int tid = threadIdx.x;
+  const int64_t tile = blockIdx.x;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const AdapterRank ar = adapter_rank(ranks, tiles[tile], L, R);
+  const int64_t start = tiles[n_tiles + tile];
+  const int64_t end = imin(imin(tiles[2 * n_tiles + tile], M), start + kBM);
+  if (start >= end) return;  // a padding tile
+  const bool live = c0 < ar.rank;  // else: zeros, nothing loaded
+  if (live) {
+    lora_detail::GemmParams<T, T> prm = base;
+    prm.q = f.data + ar.adapter * f.stride0;
+    prm.cols = ar.rank;
+    lora_detail::gemm_mainloop<T, T>(prm, start, c0, smem, perm, end);
+  }
+  const float* cs = reinterpret_cast<const float*>(smem);
+  const float scale = scales != nullptr ? scales[ar.adapter] : 1.0f;
+  for (int e = tid; e < kBM * kBN; e += kThreads) {
+    const int i = e / kBN;
+    const int j = e % kBN;
+    const int64_t col = c0 + j;
+    if (start + i < end && col < R) {
+      out[perm[start + i] * R + col] = (live && col < ar.rank) ? cs[i * lora_detail::kCPitch + j] * scale : 0.0f;
+    }
+  }
+}
+
 // ---- fused: OUT[t, c] = sum_j P[t, j] Q[j, c] + bias[c] + scale_i sum_{r < rank_i} T[t, r] E[i, r, c] --------
 
 template <typename T, typename TA>
@@ -390,14 +437,59 @@ struct FusedParams {
   const int32_t* ranks;
   const float* scales;   // nullptr: 1
   int64_t L, R;
+  float* parts;          // decode split over the reduction: fp32 partial tiles [splits, rows, cols]
+  int64_t split_red;     // reduction elements per split (a multiple of the GEMM's 32-deep step)
 };
+
+// What a fused_kernel launch does: the whole GEMM and its epilogue, or (decode, split over the reduction so
+// that a few row tiles still fill the device) the fixed-order sum of fused_parts_kernel's partial tiles and
+// the epilogue.
+enum FusedMode : int { kFusedWhole = 0, kFusedFromParts = 1 };
 
 // One block per (row tile, column tile) in lora.cuh's grouped order: the GEMM mainloop (WMMA for 16-bit),
 // then the expand in the epilogue. kSegments: the row tile is a segment tile (one adapter, rows gathered
 // through perm): E's [64 x 16] chunk is staged once in shared memory. Else (decode) each row gathers its
 // own adapter's E, up to its own rank, and the rank loop stops at the tile's largest rank.
-template <typename T, typename TA, bool kSegments>
+// (row tile, column tile) of block blockIdx.x in lora.cuh's grouped order: consecutive blocks walk kGroup row
+// tiles before moving to the next column tile, so they share column tiles of the weight in L2.
+struct TileIndex {
+  int64_t m, n;
+};
+__device__ inline TileIndex grouped_tile(int64_t tiles_m, int64_t tiles_n) {
+  const int64_t pid = blockIdx.x;
+  const int64_t per_group = lora_detail::kGroup * tiles_n;
+  const int64_t first_tile_m = (pid / per_group) * lora_detail::kGroup;
+  const int64_t group_rows = imin(tiles_m - first_tile_m, lora_detail::kGroup);
+  return {first_tile_m + (pid % per_group) % group_rows, (pid % per_group) / group_rows};
+}
+
+// Decode, split over the reduction: block (tile, split) writes its fp32 partial tile of P @ Q~ over the
+// split's slice of the reduction to parts[split] ([rows, cols]); fused_kernel<..., kFusedFromParts> sums them.
+template <typename T, typename TA>
+__global__ void __launch_bounds__(kThreads) fused_parts_kernel(const FusedParams<T, TA> prm) {
+  __shared__ __align__(128) unsigned char smem[lora_detail::gemm_operand_bytes<T>()];
+  const auto& g = prm.gemm;
+  const TileIndex tile = grouped_tile(ceil_div(g.rows, kBM), ceil_div(g.cols, kBN));
+  const int64_t m0 = tile.m * kBM;
+  const int64_t n0 = tile.n * kBN;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * prm.split_red;
+  lora_detail::GemmParams<T, TA> part = g;
+  part.p += k_begin * g.p_stride_red;  // k_begin is a multiple of 32 elements: 16-byte alignment holds
+  part.q += k_begin * g.q_stride_red;
+  part.red = imin(prm.split_red, g.red - k_begin);
+  lora_detail::gemm_mainloop<T, TA>(part, m0, n0, smem);
+  const float* cs = reinterpret_cast<const float*>(smem);
+  float* out = prm.parts + static_cast<int64_t>(blockIdx.y) * g.rows * g.cols;
+  for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
+    const int64_t row = m0 + e / kBN;
+    const int64_t col = n0 + e % kBN;
+    if (row < g.rows && col < g.cols) out[row * g.cols + col] = cs[(e / kBN) * lora_detail::kCPitch + e % kBN];
+  }
+}
+
+template <typename T, typename TA, bool kSegments, int kMode>
 __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedParams<T, TA> prm) {
+  static_assert(kMode == kFusedWhole || (kMode == kFusedFromParts && !kSegments), "only decode splits");
   __shared__ __align__(128) unsigned char smem[lora_detail::gemm_operand_bytes<T>()];
   __shared__ float lo_s[kBM][kRankPitch];
   __shared__ float hi_s[kBN][kRankPitch];
@@ -409,15 +501,9 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedParams<T, TA
   const auto& g = prm.gemm;
   const int tid = threadIdx.x;
 
-  const int64_t tiles_m = kSegments ? prm.n_tiles : ceil_div(g.rows, kBM);
-  const int64_t tiles_n = ceil_div(g.cols, kBN);
-  const int64_t pid = blockIdx.x;
-  const int64_t per_group = lora_detail::kGroup * tiles_n;
-  const int64_t first_tile_m = (pid / per_group) * lora_detail::kGroup;
-  const int64_t group_rows = imin(tiles_m - first_tile_m, lora_detail::kGroup);
-  const int64_t tile_m = first_tile_m + (pid % per_group) % group_rows;
-  const int64_t tile_n = (pid % per_group) / group_rows;
-  const int64_t n0 = tile_n * kBN;
+  const TileIndex tile = grouped_tile(kSegments ? prm.n_tiles : ceil_div(g.rows, kBM), ceil_div(g.cols, kBN));
+  const int64_t tile_m = tile.m;
+  const int64_t n0 = tile.n * kBN;
 
   int64_t m0, row_end;  // this tile's rows: [m0, row_end) in sorted order (kSegments) or in place
   AdapterRank tile_ar{0, 0};
@@ -451,7 +537,22 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedParams<T, TA
     for (int i = 0; i < kBM; ++i) largest = imax(largest, row_rank[i]);
     tile_rank = largest;
   }
-  lora_detail::gemm_mainloop<T, TA>(g, m0, n0, smem, kSegments ? prm.perm : nullptr, row_end);
+  if constexpr (kMode == kFusedFromParts) {  // the split partials, summed in split order: deterministic
+    float* sum = reinterpret_cast<float*>(smem);
+    const int64_t n_splits = ceil_div(g.red, prm.split_red);
+    for (int e = tid; e < kBM * kBN; e += kThreads) {
+      const int64_t row = m0 + e / kBN;
+      const int64_t col = n0 + e % kBN;
+      float acc = 0.0f;
+      if (row < row_end && col < g.cols) {
+        for (int64_t sp = 0; sp < n_splits; ++sp) acc += prm.parts[(sp * g.rows + row) * g.cols + col];
+      }
+      sum[(e / kBN) * lora_detail::kCPitch + e % kBN] = acc;
+    }
+    __syncthreads();
+  } else {
+    lora_detail::gemm_mainloop<T, TA>(g, m0, n0, smem, kSegments ? prm.perm : nullptr, row_end);
+  }
   const float* cs = reinterpret_cast<const float*>(smem);
 
   // Epilogue: thread owns column j = tid % 64 of rows tid / 64 + 2 t (t < 32), as in lora.cuh.
@@ -494,7 +595,9 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedParams<T, TA
         const int64_t n_ranks = imin(kRankChunk, row_rank[i] - r0);  // nothing loaded past the row's rank
         if (col_ok && n_ranks > 0) {
           const TA* e_col = &prm.e.at(row_adapter[i], r0, gj);
-          for (int64_t r = 0; r < n_ranks; ++r) lora[t] = fmaf(lo_s[i][r], to_float(e_col[r * prm.e.stride1]), lora[t]);
+          for (int64_t r = 0; r < n_ranks; ++r) {
+            lora[t] = fmaf(lo_s[i][r], to_float(e_col[r * prm.e.stride1]), lora[t]);
+          }
         }
       }
     }
@@ -665,6 +768,24 @@ cudaError_t launch_shrink(Strided2D<const T> in, Strided3D<const TF> f, const vo
     const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(chunks));
     shrink_rows_kernel<T, TF><<<grid, kThreads, 0, stream>>>(in, f, ids, ids_int64, ranks, scales, out, M, J, R, L,
                                                              rows_vec(in, f));
+  } else if constexpr (std::is_same_v<T, TF> && !std::is_same_v<T, float>) {  // tensor cores
+    const int64_t col_tiles = ceil_div(R, kBN);
+    if (segments->n_tiles > kMaxGridX || col_tiles > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+    lora_detail::GemmParams<T, T> base{};
+    base.p = in.data;
+    base.p_stride_row = in.stride0;
+    base.p_stride_red = in.stride1;
+    base.q_stride_red = f.stride2;  // Q[j, r] = F[i, r, j]
+    base.q_stride_col = f.stride1;
+    base.rows = M;
+    base.red = J;
+    base.p_vec = rows_vectorizable(in.data, in.stride0, in.stride1);
+    // Each adapter's rows start 16-byte aligned too when the adapter stride is a multiple of 16 bytes.
+    constexpr int64_t kVec16 = 16 / static_cast<int64_t>(sizeof(T));
+    base.q_vec = rows_vectorizable(f.data, f.stride1, f.stride2) && f.stride0 % kVec16 == 0;
+    const dim3 grid(static_cast<unsigned>(segments->n_tiles), static_cast<unsigned>(col_tiles));
+    shrink_segments_mma_kernel<T><<<grid, kThreads, 0, stream>>>(base, f, segments->perm, segments->tiles,
+                                                                 segments->n_tiles, ranks, scales, out, M, R, L);
   } else {
     if (segments->n_tiles > kMaxGridX) return cudaErrorInvalidConfiguration;
     const dim3 grid(static_cast<unsigned>(segments->n_tiles), static_cast<unsigned>(chunks));
@@ -674,21 +795,51 @@ cudaError_t launch_shrink(Strided2D<const T> in, Strided3D<const TF> f, const vo
   return cudaGetLastError();
 }
 
-// OUT = P @ Q~ + bias + scale_i T[t] @ E[i] (see fused_kernel); segments == nullptr: the decode kernel.
+// Reduction elements per split of the decode GEMM [rows, cols] over `red` (red itself: no split), from the
+// sizes alone; a multiple of the GEMM's 32-deep step, so every split starts 16-byte aligned.
+inline int64_t decode_split_red(int64_t rows, int64_t cols, int64_t red) {
+  const int64_t tiles = ceil_div(rows, kBM) * ceil_div(cols, kBN);
+  int64_t wanted = tiles > 0 ? imin(kDecodeMaxSplits, ceil_div(kDecodeTargetBlocks, tiles)) : 1;
+  wanted = imin(wanted, ceil_div(red, kDecodeMinSplitRed));
+  if (wanted <= 1) return imax(red, 1);
+  return ceil_div(ceil_div(red, wanted), lora_detail::kBK) * lora_detail::kBK;
+}
+inline int64_t decode_splits(int64_t rows, int64_t cols, int64_t red) {
+  return red > 0 ? ceil_div(red, decode_split_red(rows, cols, red)) : 1;
+}
+// fp32 floats of the decode GEMM's partial tiles (0 without a split).
+inline int64_t decode_parts_floats(int64_t rows, int64_t cols, int64_t red) {
+  const int64_t splits = decode_splits(rows, cols, red);
+  return splits > 1 ? splits * rows * cols : 0;
+}
+
+// OUT = P @ Q~ + bias + scale_i T[t] @ E[i] (see fused_kernel); segments == nullptr: the decode kernels,
+// with prm.parts holding decode_parts_floats(rows, cols, red) floats.
 template <typename T, typename TA>
 cudaError_t launch_fused(FusedParams<T, TA> prm, const MultiLoraSegments* segments, cudaStream_t stream) {
   if (prm.gemm.rows == 0 || prm.gemm.cols == 0) return cudaSuccess;
   const int64_t tiles_m = segments != nullptr ? segments->n_tiles : ceil_div(prm.gemm.rows, kBM);
   const int64_t tiles = tiles_m * ceil_div(prm.gemm.cols, kBN);
   if (tiles > kMaxGridX) return cudaErrorInvalidConfiguration;
+  const unsigned grid = static_cast<unsigned>(tiles);
   if (segments != nullptr) {
     prm.perm = segments->perm;
     prm.tiles = segments->tiles;
     prm.n_tiles = segments->n_tiles;
-    fused_kernel<T, TA, true><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(prm);
-  } else {
-    fused_kernel<T, TA, false><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(prm);
+    fused_kernel<T, TA, true, kFusedWhole><<<grid, kThreads, 0, stream>>>(prm);
+    return cudaGetLastError();
   }
+  const int64_t splits = decode_splits(prm.gemm.rows, prm.gemm.cols, prm.gemm.red);
+  if (splits == 1) {
+    fused_kernel<T, TA, false, kFusedWhole><<<grid, kThreads, 0, stream>>>(prm);
+    return cudaGetLastError();
+  }
+  if (prm.parts == nullptr) return cudaErrorInvalidValue;
+  prm.split_red = decode_split_red(prm.gemm.rows, prm.gemm.cols, prm.gemm.red);
+  fused_parts_kernel<T, TA><<<dim3(grid, static_cast<unsigned>(splits)), kThreads, 0, stream>>>(prm);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  fused_kernel<T, TA, false, kFusedFromParts><<<grid, kThreads, 0, stream>>>(prm);
   return cudaGetLastError();
 }
 
@@ -799,25 +950,27 @@ struct MultiLoraForwardArgs {
 
 struct MultiLoraForwardPlan {
   bool decode;
-  int64_t workspace_bytes;  // 0 on the decode path
+  int64_t workspace_bytes;  // prefill: the segment table; decode: the split GEMM's partial tiles (or 0)
 };
 
-inline MultiLoraForwardPlan multi_lora_forward_plan(int64_t M, int64_t L, int path) {
+inline MultiLoraForwardPlan multi_lora_forward_plan(int64_t M, int64_t N, int64_t K, int64_t L, int path) {
   MultiLoraForwardPlan plan{};
   plan.decode = multi_lora_detail::use_decode(path, M);
-  plan.workspace_bytes = plan.decode || M == 0 ? 0 : multi_lora_segments_workspace_bytes(M, L);
+  if (M == 0) return plan;
+  plan.workspace_bytes = plan.decode ? multi_lora_detail::align256(4 * multi_lora_detail::decode_parts_floats(M, N, K))
+                                     : multi_lora_segments_workspace_bytes(M, L);
   return plan;
 }
 
-// The whole forward on `stream`: (segments,) shrink, fused GEMM. workspace: multi_lora_forward_plan(M, L,
-// path).workspace_bytes bytes, 256-byte aligned (may be nullptr when that is 0).
+// The whole forward on `stream`: (segments,) shrink, fused GEMM. workspace: multi_lora_forward_plan(M, N, K,
+// L, path).workspace_bytes bytes, 256-byte aligned (may be nullptr when that is 0).
 template <typename T, typename TA>
 cudaError_t launch_multi_lora_forward(const MultiLoraForwardArgs<T, TA>& a, void* workspace, cudaStream_t stream) {
   using namespace multi_lora_detail;
   if (!valid_sizes(a.M, a.N, a.K, a.L, a.R) || a.path < kMultiLoraAuto || a.path > kMultiLoraPrefill)
     return cudaErrorInvalidValue;
   if (a.M == 0) return cudaSuccess;
-  const MultiLoraForwardPlan plan = multi_lora_forward_plan(a.M, a.L, a.path);
+  const MultiLoraForwardPlan plan = multi_lora_forward_plan(a.M, a.N, a.K, a.L, a.path);
   MultiLoraSegments segments{};
   cudaError_t err;
   if (!plan.decode) {
@@ -855,6 +1008,7 @@ cudaError_t launch_multi_lora_forward(const MultiLoraForwardArgs<T, TA>& a, void
   prm.scales = a.scalings;
   prm.L = a.L;
   prm.R = a.R;
+  prm.parts = plan.decode ? static_cast<float*>(workspace) : nullptr;
   return launch_fused<T, TA>(prm, seg, stream);
 }
 
@@ -880,7 +1034,7 @@ struct MultiLoraBackwardArgs {
 struct MultiLoraBackwardPlan {
   bool decode;
   int64_t splits_a, splits_b;                  // parts per adapter for dA (columns K) and dB (columns N)
-  int64_t ds_offset, parts_a_offset, parts_b_offset;  // bytes into the workspace (segments at 0)
+  int64_t ds_offset, parts_a_offset, parts_b_offset, parts_dx_offset;  // bytes (segments at 0)
   int64_t workspace_bytes;
 };
 
@@ -899,6 +1053,8 @@ inline MultiLoraBackwardPlan multi_lora_backward_plan(int64_t M, int64_t N, int6
   if (plan.splits_a > 1) at += align256(4 * plan.splits_a * L * R * K);
   plan.parts_b_offset = at;
   if (plan.splits_b > 1) at += align256(4 * plan.splits_b * L * R * N);
+  plan.parts_dx_offset = at;
+  if (plan.decode) at += align256(4 * decode_parts_floats(M, K, N));
   plan.workspace_bytes = at;
   return plan;
 }
@@ -957,6 +1113,7 @@ cudaError_t launch_multi_lora_backward(const MultiLoraBackwardArgs<T, TA>& a, vo
     prm.scales = nullptr;
     prm.L = L;
     prm.R = R;
+    prm.parts = reinterpret_cast<float*>(base + plan.parts_dx_offset);
     if ((err = launch_fused<T, TA>(prm, seg, stream)) != cudaSuccess) return err;
   }
   // dA[i] = dS[seg].T @ X[seg]: G[i, r, c = k], written as [L, R, K].
