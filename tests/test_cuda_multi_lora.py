@@ -5,6 +5,8 @@ reference on both paths, against Triton, determinism, CUDA-graph replay with new
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+from pathlib import Path
 
 import _emulator
 import pytest
@@ -14,7 +16,9 @@ from _helpers import assert_close
 import peftkern
 from peftkern import reference
 
+ROOT = Path(__file__).resolve().parent.parent
 EXTENSION_PRESENT = importlib.util.find_spec("peftkern._C") is not None
+HAS_GPU = torch.cuda.is_available()
 needs_extension = pytest.mark.skipif(not EXTENSION_PRESENT, reason="peftkern._C is not built here")
 
 
@@ -38,6 +42,27 @@ def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
     assert _emulator.emulated_headers(tmp_path)["multi_lora.cuh"] >= 8
     expected = "193 cases, 0 failures" if _emulator.FULL else "105 cases, 0 failures"
     assert _emulator.run(binary).strip().endswith(expected)
+
+
+@pytest.mark.skipif(_emulator.NVCC is None, reason="no nvcc here")
+def test_vendoring_example_compiles_and_runs_where_it_can(tmp_path):
+    """csrc/examples/multi_lora_forward_example.cu builds with nvcc and the header alone (one arch, to stay
+    quick); on a GPU it runs both paths against its host loop."""
+    binary = tmp_path / "multi_lora_forward_example"
+    build = subprocess.run(
+        [_emulator.NVCC, "-std=c++17", "-O1", f"-I{ROOT / 'csrc' / 'include'}",
+         "-gencode=arch=compute_80,code=sm_80", str(ROOT / "csrc" / "examples" / "multi_lora_forward_example.cu"),
+         "-o", str(binary)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    if HAS_GPU:
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "decode path: 0 out of tolerance" in run.stdout and "prefill path: 0 out of tolerance" in run.stdout
+    else:
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert "no CUDA device here" in run.stdout
 
 
 # ---- CPU: the bindings refuse bad arguments before any launch ----------------------------------------------

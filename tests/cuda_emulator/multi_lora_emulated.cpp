@@ -339,7 +339,8 @@ void run_problem(const Problem& p, const std::string& name, bool both_paths = tr
 // The shapes: (M, K, N) odd around the 64 x 64 x 32 GEMM tiles, 16-rank chunks and 256-row sort chunks.
 template <typename T, typename TA>
 void run_suite(bool quick) {
-  const std::vector<int32_t> mixed = {4, 8, 16, 16, 4, 8, 0};  // r_max 16; slot 6 has rank 0
+  // r_max 16; slot 6 has rank 0; slots 3 and 5 hold ranks outside [0, r_max] (clamped: 16 and 0)
+  const std::vector<int32_t> mixed = {4, 8, 16, 99, 4, -3, 0};
   const int layouts_quick[] = {0, 2};
   for (int layout : {0, 1, 2}) {
     if (quick && std::find(std::begin(layouts_quick), std::end(layouts_quick), layout) == std::end(layouts_quick))
