@@ -4,8 +4,11 @@ reference on both paths, against Triton, determinism, CUDA-graph replay with new
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import re
 import subprocess
+import types
 from pathlib import Path
 
 import _emulator
@@ -141,6 +144,73 @@ def test_workspace_sizes_follow_the_shapes_only():
         ext.multi_lora_forward_workspace_bytes(8, 16, 32, 4, 9)
     with pytest.raises(ValueError, match="L: expected at least 1 adapter slot"):
         ext.multi_lora_segments_workspace_bytes(8, 0)
+
+
+@needs_extension
+def test_launchers_pass_the_bindings_arguments_in_order(monkeypatch):
+    """No GPU here, so check the Python launchers' plumbing against the real bindings' parameter lists:
+    every address, stride, size and code lands on the parameter of that name."""
+    ext = _ext()
+    import peftkern.ops._cuda_multi_lora as launchers
+
+    calls = {}
+
+    def recorder(name):
+        names = re.findall(r"(\w+): ", getattr(ext, name).__doc__.split(") ->")[0])
+
+        def record(*args):
+            calls[name] = dict(zip(names, args, strict=True))
+
+        return record
+
+    fake = types.SimpleNamespace(
+        FLOAT16=ext.FLOAT16, BFLOAT16=ext.BFLOAT16, FLOAT32=ext.FLOAT32,
+        multi_lora_forward=recorder("multi_lora_forward"), multi_lora_backward=recorder("multi_lora_backward"),
+        multi_lora_forward_workspace_bytes=ext.multi_lora_forward_workspace_bytes,
+        multi_lora_backward_workspace_bytes=ext.multi_lora_backward_workspace_bytes,
+    )
+    monkeypatch.setattr(launchers, "cuda_extension", lambda: fake)
+    monkeypatch.setattr(launchers, "_launch_context", lambda t: (3, 12345))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+
+    M, K_, N_, L, R = 70, 24, 20, 3, 16
+    x = torch.randn(M, 2 * K_, dtype=torch.float16)[:, ::2]
+    weight = torch.randn(K_, N_, dtype=torch.float16).T
+    bias = torch.randn(N_, dtype=torch.float16)
+    lora_a = torch.randn(L, R, K_)
+    lora_b = torch.randn(L, R, N_).transpose(1, 2)
+    ids = torch.tensor([(t % 4) - 1 for t in range(M)], dtype=torch.int32)
+    scalings, ranks = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([16, 4, 8], dtype=torch.int32)
+    y, s = launchers.multi_lora_forward(x, weight, bias, lora_a, lora_b, ids, scalings, ranks, path="prefill")
+    assert y.shape == (M, N_) and y.dtype == torch.float16 and s.shape == (M, R) and s.dtype == torch.float32
+    f = calls["multi_lora_forward"]
+    assert (f["dtype"], f["adapter_dtype"], f["path"], f["device"], f["stream"]) == (ext.FLOAT16, ext.FLOAT32, 2, 3,
+                                                                                     12345)
+    assert (f["M"], f["N"], f["K"], f["L"], f["R"]) == (M, N_, K_, L, R)
+    assert f["x"] == x.data_ptr() and f["x_strides"] == x.stride() == (2 * K_, 2)
+    assert f["weight"] == weight.data_ptr() and f["weight_strides"] == (1, N_)
+    assert f["bias"] == bias.data_ptr() and f["bias_stride"] == 1
+    assert f["lora_a"] == lora_a.data_ptr() and f["lora_a_strides"] == lora_a.stride()
+    assert f["lora_b"] == lora_b.data_ptr() and f["lora_b_strides"] == lora_b.stride() == (R * N_, 1, N_)
+    assert f["adapter_ids"] == ids.data_ptr() and f["ids_int64"] is False
+    assert f["s"] == s.data_ptr() and f["y"] == y.data_ptr() and f["y_strides"] == (N_, 1)
+    assert f["workspace_bytes"] == ext.multi_lora_forward_workspace_bytes(M, N_, K_, L, 2) > 0
+
+    grad_y = torch.randn(M, N_, dtype=torch.float16)
+    dx, da, db = launchers.multi_lora_backward(grad_y, x, weight, lora_a, lora_b, ids.long(), scalings, ranks, s,
+                                               need_dx=True, path="decode")
+    assert dx.shape == x.shape and da.shape == lora_a.shape and db.shape == lora_b.shape
+    assert da.is_contiguous() and db.is_contiguous() and db.dtype == torch.float32
+    bwd = calls["multi_lora_backward"]
+    assert (bwd["path"], bwd["ids_int64"], bwd["M"], bwd["N"], bwd["K"], bwd["L"], bwd["R"]) == (1, True, M, N_, K_,
+                                                                                                L, R)
+    assert bwd["grad_y"] == grad_y.data_ptr() and bwd["grad_y_strides"] == (N_, 1)
+    assert bwd["x"] == x.data_ptr() and bwd["weight_strides"] == (1, N_) and bwd["s"] == s.data_ptr()
+    assert bwd["grad_x"] == dx.data_ptr() and bwd["grad_x_strides"] == (K_, 1)
+    assert bwd["grad_a"] == da.data_ptr() and bwd["grad_b"] == db.data_ptr()
+    assert bwd["workspace_bytes"] == ext.multi_lora_backward_workspace_bytes(M, N_, K_, L, R, 1)
+    launchers.multi_lora_backward(grad_y, x, weight, lora_a, lora_b, ids, scalings, ranks, s, need_dx=False)
+    assert calls["multi_lora_backward"]["grad_x"] == 0 and calls["multi_lora_backward"]["path"] == 0
 
 
 def test_launcher_refuses_an_unknown_path():
