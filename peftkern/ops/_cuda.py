@@ -12,7 +12,7 @@ import torch
 
 from ..backends import cuda_extension
 
-__all__ = ["lora_forward", "lora_backward", "multi_lora_forward", "multi_lora_backward"]
+__all__ = ["lora_forward", "lora_backward"]
 
 
 def _dtype_code(ext, dtype: torch.dtype, name: str) -> int:
@@ -142,13 +142,3 @@ def lora_backward(
             M, N, K, R, float(scaling), p_drop, seed_ptr, device, stream,
         )
     return dx, grad_a, grad_b
-
-
-# ops/multi_lora.py dispatches backend "cuda" here too; there are no CUDA C++ multi-LoRA kernels yet, so
-# the op fails with a clear error (as prompt_concat and bottleneck_adapter do) rather than an ImportError.
-def _no_kernel(*_args, **_kwargs):
-    raise RuntimeError("multi_lora_linear: backend 'cuda' has no kernel for this op yet; use 'triton' or 'torch'")
-
-
-multi_lora_forward = _no_kernel
-multi_lora_backward = _no_kernel

@@ -134,7 +134,7 @@ def _multi_lora_linear_op(
 
         return multi_lora_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks, path)
     if backend == "cuda":
-        from ._cuda import multi_lora_forward as cuda_multi_lora_forward
+        from ._cuda_multi_lora import multi_lora_forward as cuda_multi_lora_forward
 
         return cuda_multi_lora_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks, path)
     return _torch_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks)
@@ -170,7 +170,7 @@ def _multi_lora_linear_backward_op(
 
         grad_x, grad_a, grad_b = multi_lora_backward(*args, path)
     elif backend == "cuda":
-        from ._cuda import multi_lora_backward as cuda_multi_lora_backward
+        from ._cuda_multi_lora import multi_lora_backward as cuda_multi_lora_backward
 
         grad_x, grad_a, grad_b = cuda_multi_lora_backward(*args, path)
     else:
@@ -349,8 +349,8 @@ def multi_lora_linear(
         check_ids: validate the values of adapter_ids (and of tensor ranks/scalings) on the host. This
             syncs with the device; pass False inside CUDA-graph capture or ``torch.compile``. Unchecked,
             ids outside [-1, L) act as -1 and ranks are clamped into [0, r_max]: never out of bounds.
-        backend: "torch" | "triton" | "cuda" (see :mod:`peftkern.backends`); "cuda" has no multi-LoRA
-            kernels yet and raises.
+        backend: "torch" | "triton" | "cuda" (see :mod:`peftkern.backends`). "cuda" runs the kernels of
+            ``csrc/include/peftkern/multi_lora.cuh`` (fp16/bf16/fp32 x, adapters in x's dtype or fp32).
         path: "decode" (rows gather their adapter), "prefill" (rows grouped by adapter), or None/"auto"
             (decode for at most ``DECODE_MAX_ROWS`` rows). Kernel backends only; results agree.
     Returns:
@@ -367,13 +367,6 @@ def multi_lora_linear(
     num_adapters, r_max = lora_a.shape[:2]
     name = resolve_backend(x.device, OP, backend)
     check_backend_dtypes(OP, name, x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
-    if name == "cuda":
-        try:
-            from ._cuda import multi_lora_forward  # noqa: F401
-        except ImportError as error:
-            raise RuntimeError(
-                f"{OP}: backend 'cuda' has no multi-LoRA kernels in this build ({error})"
-            ) from error
     scale_dtype = intermediate_dtype(x.dtype, lora_a.dtype)
     scalings_t = _as_scalings(scalings, num_adapters, x, scale_dtype, check_ids)
     ranks_t = _as_ranks(ranks, num_adapters, r_max, x, check_ids)

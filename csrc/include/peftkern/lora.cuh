@@ -99,10 +99,12 @@ __host__ __device__ constexpr int gemm_operand_bytes() {
 // Start copying the tile [r0, r0 + ROWS) x [l0, l0 + kBK) of src (element (r, l) at src[r * s_row + l * s_l])
 // into dst[ROWS][PITCH], zero outside [0, rows_valid) x [0, l_valid). Chunks that lie wholly inside a
 // 16-byte-readable source go through copy16_async (complete after cp_async_wait); everything else is
-// stored directly.
+// stored directly. row_index (optional): tile row r reads source row row_index[r0 + r] instead of r0 + r
+// (multi_lora.cuh gathers the rows of one adapter's segment this way); read only for valid rows.
 template <typename T, int ROWS, int PITCH>
 __device__ inline void load_tile(T* dst, const T* src, int64_t r0, int64_t l0, int64_t rows_valid,
-                                 int64_t l_valid, int64_t s_row, int64_t s_l, bool vec) {
+                                 int64_t l_valid, int64_t s_row, int64_t s_l, bool vec,
+                                 const int64_t* row_index = nullptr) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   constexpr int kChunksPerRow = kBK / kVec;
   const T zero = from_float<T>(0.0f);
@@ -114,12 +116,13 @@ __device__ inline void load_tile(T* dst, const T* src, int64_t r0, int64_t l0, i
       const int64_t gr = r0 + r;
       const int64_t gl = l0 + l;
       T* d = dst + r * PITCH + l;
+      const int64_t sr = (row_index != nullptr && gr < rows_valid) ? row_index[gr] : gr;
       if (gr < rows_valid && gl + kVec <= l_valid) {
-        copy16_async(d, src + gr * s_row + gl);
+        copy16_async(d, src + sr * s_row + gl);
       } else {
 #pragma unroll
         for (int v = 0; v < kVec; ++v) {
-          d[v] = (gr < rows_valid && gl + v < l_valid) ? src[gr * s_row + gl + v] : zero;
+          d[v] = (gr < rows_valid && gl + v < l_valid) ? src[sr * s_row + gl + v] : zero;
         }
       }
     }
@@ -129,7 +132,8 @@ __device__ inline void load_tile(T* dst, const T* src, int64_t r0, int64_t l0, i
       const int l = e / ROWS;
       const int64_t gr = r0 + r;
       const int64_t gl = l0 + l;
-      dst[r * PITCH + l] = (gr < rows_valid && gl < l_valid) ? src[gr + gl * s_l] : zero;
+      const int64_t sr = (row_index != nullptr && gr < rows_valid) ? row_index[gr] : gr;
+      dst[r * PITCH + l] = (gr < rows_valid && gl < l_valid) ? src[sr + gl * s_l] : zero;
     }
   } else {
     for (int e = tid; e < ROWS * kBK; e += kThreads) {
@@ -137,7 +141,8 @@ __device__ inline void load_tile(T* dst, const T* src, int64_t r0, int64_t l0, i
       const int l = e % kBK;
       const int64_t gr = r0 + r;
       const int64_t gl = l0 + l;
-      dst[r * PITCH + l] = (gr < rows_valid && gl < l_valid) ? src[gr * s_row + gl * s_l] : zero;
+      const int64_t sr = (row_index != nullptr && gr < rows_valid) ? row_index[gr] : gr;
+      dst[r * PITCH + l] = (gr < rows_valid && gl < l_valid) ? src[sr * s_row + gl * s_l] : zero;
     }
   }
 }
@@ -225,9 +230,12 @@ struct FmaMath {
 };
 
 // The K loop of the GEMM, two stages deep: the copies of step s + 1 are in flight while step s computes.
-// Leaves the fp32 tile in cs[kBM][kCPitch], which aliases the stages.
+// Leaves the fp32 tile in cs[kBM][kCPitch], which aliases the stages. Optional (multi_lora.cuh): P's tile
+// rows [m0, row_end) gathered through row_index (see load_tile); row_end < 0 means prm.rows.
 template <typename T, typename TA>
-__device__ inline void gemm_mainloop(const GemmParams<T, TA>& prm, int64_t m0, int64_t n0, unsigned char* smem) {
+__device__ inline void gemm_mainloop(const GemmParams<T, TA>& prm, int64_t m0, int64_t n0, unsigned char* smem,
+                                     const int64_t* row_index = nullptr, int64_t row_end = -1) {
+  const int64_t p_rows = row_end < 0 ? prm.rows : row_end;
   constexpr int kP = operand_pitch<T>();
   using Math = std::conditional_t<use_tensor_cores<T>(), WmmaMath<T>, FmaMath<T>>;
   T* stages = reinterpret_cast<T*>(smem);
@@ -236,7 +244,8 @@ __device__ inline void gemm_mainloop(const GemmParams<T, TA>& prm, int64_t m0, i
     T* ps = stages + (step % 2) * stage_elems<T>();
     T* qs = ps + kBM * kP;
     const int64_t l0 = step * kBK;
-    load_tile<T, kBM, kP>(ps, prm.p, m0, l0, prm.rows, prm.red, prm.p_stride_row, prm.p_stride_red, prm.p_vec);
+    load_tile<T, kBM, kP>(ps, prm.p, m0, l0, p_rows, prm.red, prm.p_stride_row, prm.p_stride_red, prm.p_vec,
+                          row_index);
     load_tile<T, kBN, kP>(qs, prm.q, n0, l0, prm.cols, prm.red, prm.q_stride_col, prm.q_stride_red, prm.q_vec);
     cp_async_commit();
   };
