@@ -46,8 +46,11 @@ CUDA_EXAMPLE_ARCH ?= 80
 .PHONY: cuda-example gpu-test-memcheck
 cuda-example:
 	mkdir -p build
-	$(NVCC) -std=c++17 -O2 -Icsrc/include -gencode=arch=compute_$(CUDA_EXAMPLE_ARCH),code=sm_$(CUDA_EXAMPLE_ARCH) \
-		csrc/examples/lora_forward_example.cu -o build/lora_forward_example
+	for example in lora_forward_example multi_lora_forward_example; do \
+		$(NVCC) -std=c++17 -O2 -Icsrc/include \
+			-gencode=arch=compute_$(CUDA_EXAMPLE_ARCH),code=sm_$(CUDA_EXAMPLE_ARCH) \
+			csrc/examples/$$example.cu -o build/$$example || exit 1; \
+	done
 
 # No caching allocator, so that every tensor is its own allocation and an out-of-bounds access is caught.
 gpu-test-memcheck:
