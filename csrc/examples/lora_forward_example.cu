@@ -7,58 +7,25 @@
 #include <cstdio>
 #include <vector>
 
-#define CHECK_CUDA(call)                                                                     \
-  do {                                                                                       \
-    const cudaError_t err_ = (call);                                                         \
-    if (err_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s failed: %s\n", #call, cudaGetErrorString(err_));              \
-      return 1;                                                                              \
-    }                                                                                        \
-  } while (0)
+#include "example_util.h"
 
-namespace {
-
-// Deterministic values in [-1, 1) without <random>: the example must print the same on every machine.
-float next_value(uint32_t* state) {
-  *state = *state * 1664525u + 1013904223u;
-  return static_cast<float>(*state >> 8) / 8388608.0f - 1.0f;
-}
-
-std::vector<half> random_half(size_t count, uint32_t* state, float scale) {
-  std::vector<half> out(count);
-  for (auto& v : out) v = __float2half(next_value(state) * scale);
-  return out;
-}
-
-template <typename T>
-T* to_device(const std::vector<T>& host) {
-  T* dev = nullptr;
-  if (cudaMalloc(&dev, host.size() * sizeof(T)) != cudaSuccess) return nullptr;
-  if (cudaMemcpy(dev, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice) != cudaSuccess) return nullptr;
-  return dev;
-}
-
-}  // namespace
+using example::no_cuda_device;
+using example::random_values;
+using example::to_device;
 
 int main() {
-  int devices = 0;
-  const cudaError_t probe = cudaGetDeviceCount(&devices);
-  if (probe != cudaSuccess || devices == 0) {
-    std::printf("no CUDA device here (%s): compiled, not run\n",
-                probe != cudaSuccess ? cudaGetErrorString(probe) : "0 devices");
-    return 2;
-  }
+  if (no_cuda_device()) return 2;
 
   // Odd sizes: no dimension is a multiple of a tile.
   const int64_t M = 37, K = 70, N = 45, R = 5;
   const float scaling = 0.5f, dropout_p = 0.25f;
   const int64_t seed = 0x123456789abcLL;  // the high word matters: it is half of the Philox key
   uint32_t state = 42;
-  const std::vector<half> x = random_half(M * K, &state, 1.0f);
-  const std::vector<half> w = random_half(N * K, &state, 0.1f);
-  const std::vector<half> bias = random_half(N, &state, 1.0f);
-  const std::vector<half> a = random_half(R * K, &state, 0.1f);
-  const std::vector<half> b = random_half(N * R, &state, 0.5f);
+  const std::vector<half> x = random_values<half>(M * K, &state, 1.0f);
+  const std::vector<half> w = random_values<half>(N * K, &state, 0.1f);
+  const std::vector<half> bias = random_values<half>(N, &state, 1.0f);
+  const std::vector<half> a = random_values<half>(R * K, &state, 0.1f);
+  const std::vector<half> b = random_values<half>(N * R, &state, 0.5f);
 
   half *d_x = to_device(x), *d_w = to_device(w), *d_bias = to_device(bias), *d_a = to_device(a),
        *d_b = to_device(b);

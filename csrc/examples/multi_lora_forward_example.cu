@@ -7,55 +7,22 @@
 #include <cstdio>
 #include <vector>
 
-#define CHECK_CUDA(call)                                                                     \
-  do {                                                                                       \
-    const cudaError_t err_ = (call);                                                         \
-    if (err_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s failed: %s\n", #call, cudaGetErrorString(err_));              \
-      return 1;                                                                              \
-    }                                                                                        \
-  } while (0)
+#include "example_util.h"
 
-namespace {
-
-// Deterministic values in [-1, 1) without <random>: the example must print the same on every machine.
-float next_value(uint32_t* state) {
-  *state = *state * 1664525u + 1013904223u;
-  return static_cast<float>(*state >> 8) / 8388608.0f - 1.0f;
-}
-
-std::vector<__nv_bfloat16> random_bf16(size_t count, uint32_t* state, float scale) {
-  std::vector<__nv_bfloat16> out(count);
-  for (auto& v : out) v = __float2bfloat16(next_value(state) * scale);
-  return out;
-}
-
-template <typename T>
-T* to_device(const std::vector<T>& host) {
-  T* dev = nullptr;
-  if (cudaMalloc(&dev, host.size() * sizeof(T)) != cudaSuccess) return nullptr;
-  if (cudaMemcpy(dev, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice) != cudaSuccess) return nullptr;
-  return dev;
-}
-
-}  // namespace
+using example::no_cuda_device;
+using example::random_values;
+using example::to_device;
 
 int main() {
-  int devices = 0;
-  const cudaError_t probe = cudaGetDeviceCount(&devices);
-  if (probe != cudaSuccess || devices == 0) {
-    std::printf("no CUDA device here (%s): compiled, not run\n",
-                probe != cudaSuccess ? cudaGetErrorString(probe) : "0 devices");
-    return 2;
-  }
+  if (no_cuda_device()) return 2;
 
   // 37 requests over 4 adapter slots of ranks 16, 4, 8, 12 (r_max 16); -1 = the base model only.
   const int64_t M = 37, K = 96, N = 70, L = 4, R = 16;
   uint32_t state = 7;
-  const auto x = random_bf16(M * K, &state, 1.0f);
-  const auto w = random_bf16(N * K, &state, 0.1f);
-  const auto a = random_bf16(L * R * K, &state, 0.1f);
-  const auto b = random_bf16(L * N * R, &state, 0.5f);
+  const auto x = random_values<__nv_bfloat16>(M * K, &state, 1.0f);
+  const auto w = random_values<__nv_bfloat16>(N * K, &state, 0.1f);
+  const auto a = random_values<__nv_bfloat16>(L * R * K, &state, 0.1f);
+  const auto b = random_values<__nv_bfloat16>(L * N * R, &state, 0.5f);
   const std::vector<int32_t> ranks = {16, 4, 8, 12};
   const std::vector<float> scalings = {0.5f, 2.0f, 1.0f, 0.25f};
   std::vector<int64_t> ids(M);
