@@ -8,6 +8,8 @@
 
 #include <peftkern/bottleneck.cuh>
 
+#include "host_check.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -17,47 +19,16 @@
 
 namespace {
 
-uint32_t rng_state = 424242;
-float uniform_pm1() {
-  rng_state = rng_state * 1664525u + 1013904223u;
-  return static_cast<float>(rng_state >> 8) / 8388608.0f - 1.0f;
-}
-
-// `count` elements spread by `stride0..2` in an allocation of exactly the span they reach, padding poisoned.
-template <typename T>
-struct HostTensor {
-  int64_t d0, d1, d2, s0, s1, s2;
-  std::unique_ptr<T[]> data;
-
-  HostTensor(int64_t n0, int64_t n1, int64_t n2, int64_t st0, int64_t st1, int64_t st2, float scale, bool fill = true)
-      : d0(n0), d1(n1), d2(n2), s0(st0), s1(st1), s2(st2) {
-    const bool empty = n0 == 0 || n1 == 0 || n2 == 0;
-    const int64_t span = empty ? 1 : (n0 - 1) * st0 + (n1 - 1) * st1 + (n2 - 1) * st2 + 1;
-    data.reset(new T[span]);
-    for (int64_t i = 0; i < span; ++i) data[i] = peftkern::from_float<T>(NAN);
-    for (int64_t a = 0; a < n0; ++a)
-      for (int64_t i = 0; i < n1; ++i)
-        for (int64_t j = 0; j < n2; ++j)
-          data[a * st0 + i * st1 + j * st2] = peftkern::from_float<T>(fill ? uniform_pm1() * scale : 0.0f);
-  }
-  double get(int64_t a, int64_t i, int64_t j) const { return peftkern::to_float(data[a * s0 + i * s1 + j * s2]); }
-  double get(int64_t i, int64_t j) const { return get(0, i, j); }
-  peftkern::Strided2D<const T> view() const { return {data.get(), s1, s2}; }
-  peftkern::Strided2D<T> mut() { return {data.get(), s1, s2}; }
-  peftkern::Stacked3D<const T> stack() const { return {data.get(), s0, s1, s2}; }
-};
+using host_check::expect_close;
+using host_check::failures;
+using host_check::HostTensor;
+using host_check::matrix_strides;
 
 // A [rows, cols] matrix (as a stack of one) in one of the layouts under test.
 template <typename T>
 HostTensor<T> matrix(int kind, int64_t rows, int64_t cols, float scale, bool fill = true) {
-  switch (kind) {
-    case 1:
-      return HostTensor<T>(1, rows, cols, 0, 1, rows, scale, fill);  // column-major
-    case 2:
-      return HostTensor<T>(1, rows, cols, 0, 2 * cols + 3, 1, scale, fill);  // odd row stride: never aligned
-    default:
-      return HostTensor<T>(1, rows, cols, 0, cols, 1, scale, fill);
-  }
+  const auto s = matrix_strides(kind, rows, cols);
+  return HostTensor<T>(1, rows, cols, 0, s.s0, s.s1, scale, fill);
 }
 
 // A stack [L, rows, cols]: contiguous (kind 0), or each matrix stored transposed (kind 1).
@@ -65,23 +36,6 @@ template <typename T>
 HostTensor<T> stack(int kind, int64_t L, int64_t rows, int64_t cols, float scale) {
   if (kind == 1) return HostTensor<T>(L, rows, cols, rows * cols, 1, rows, scale);
   return HostTensor<T>(L, rows, cols, rows * cols, cols, 1, scale);
-}
-
-int failures = 0;
-
-template <typename T>
-double tolerance() {
-  if constexpr (std::is_same_v<T, float>) return 1e-4;
-  if constexpr (std::is_same_v<T, half>) return 1e-2;
-  return 2e-2;
-}
-
-template <typename T>
-void expect_close(const char* what, const std::string& label, double got, double want, double scale = 1.0) {
-  const double tol = tolerance<T>() * scale;
-  if (!(std::fabs(got - want) <= tol + tol * std::fabs(want))) {  // NaN fails too
-    if (++failures <= 40) std::printf("FAIL %s %s: got %.6g, want %.6g\n", label.c_str(), what, got, want);
-  }
 }
 
 double activate(double h, int act) {
@@ -203,9 +157,9 @@ void run_case(const Case& c) {
 
   peftkern::BottleneckForwardArgs<T, TW> fwd{};
   fwd.x = x.view();
-  fwd.down_weight = wd.stack();
+  fwd.down_weight = host_check::view3<peftkern::Stacked3D>(wd);
   fwd.down_bias = c.biases ? bd.view() : peftkern::Strided2D<const TW>{nullptr, 0, 0};
-  fwd.up_weight = wu.stack();
+  fwd.up_weight = host_check::view3<peftkern::Stacked3D>(wu);
   fwd.up_bias = c.biases ? bu.view() : peftkern::Strided2D<const TW>{nullptr, 0, 0};
   fwd.residual = c.residual ? res.view() : peftkern::Strided2D<const T>{nullptr, 0, 0};
   fwd.adapter_ids = ids;
@@ -229,8 +183,8 @@ void run_case(const Case& c) {
   peftkern::BottleneckBackwardArgs<T, TW> bwd{};
   bwd.grad_y = dy.view();
   bwd.x = x.view();
-  bwd.down_weight = wd.stack();
-  bwd.up_weight = wu.stack();
+  bwd.down_weight = host_check::view3<peftkern::Stacked3D>(wd);
+  bwd.up_weight = host_check::view3<peftkern::Stacked3D>(wu);
   bwd.h = h.get();
   bwd.adapter_ids = ids;
   bwd.order = order.data();
@@ -376,6 +330,7 @@ int run_all(bool quick, std::initializer_list<int> shapes) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  host_check::seed(424242);
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   int cases = 0;
   if (quick) {

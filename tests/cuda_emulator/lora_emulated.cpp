@@ -6,6 +6,8 @@
 
 #include <peftkern/lora.cuh>
 
+#include "host_check.h"
+
 #include <cstdio>
 #include <cstdlib>
 #include <initializer_list>
@@ -14,67 +16,11 @@
 
 namespace {
 
-uint32_t rng_state = 12345;
-float uniform_pm1() {
-  rng_state = rng_state * 1664525u + 1013904223u;
-  return static_cast<float>(rng_state >> 8) / 8388608.0f - 1.0f;
-}
-
-// A [rows, cols] matrix with given strides in an allocation of exactly the span those strides reach.
-template <typename T>
-struct HostMatrix {
-  int64_t rows, cols, s0, s1;
-  std::unique_ptr<T[]> data;
-  std::vector<double> value;  // the values as stored (after rounding to T), row-major, for the reference
-
-  HostMatrix(int64_t r, int64_t c, int64_t stride0, int64_t stride1, float scale, bool fill = true)
-      : rows(r), cols(c), s0(stride0), s1(stride1), value(static_cast<size_t>(r * c), 0.0) {
-    const int64_t span = (r > 0 && c > 0) ? (r - 1) * s0 + (c - 1) * s1 + 1 : 1;
-    data.reset(new T[span]);
-    for (int64_t i = 0; i < span; ++i) data[i] = peftkern::from_float<T>(NAN);  // padding is poison
-    for (int64_t i = 0; i < r; ++i)
-      for (int64_t j = 0; j < c; ++j) {
-        const T v = peftkern::from_float<T>(fill ? uniform_pm1() * scale : 0.0f);
-        data[i * s0 + j * s1] = v;
-        value[i * c + j] = peftkern::to_float(v);
-      }
-  }
-  double get(int64_t i, int64_t j) const { return peftkern::to_float(data[i * s0 + j * s1]); }
-  peftkern::Strided2D<const T> view() const { return {data.get(), s0, s1}; }
-  peftkern::Strided2D<T> mut() { return {data.get(), s0, s1}; }
-};
-
-// Strides of a [rows, cols] matrix in one of the layouts under test.
-struct Layout {
-  int64_t s0, s1;
-};
-Layout layout(int kind, int64_t rows, int64_t cols) {
-  switch (kind) {
-    case 1:
-      return {1, rows};  // transposed storage (column-major)
-    case 2:
-      return {2 * cols + 3, 1};  // every row padded, odd row stride: never 16-byte aligned
-    default:
-      return {cols, 1};  // contiguous
-  }
-}
-
-int failures = 0;
-
-template <typename T>
-double tolerance() {
-  if constexpr (std::is_same_v<T, float>) return 1e-4;
-  if constexpr (std::is_same_v<T, half>) return 1e-2;
-  return 2e-2;
-}
-
-template <typename T>
-void expect_close(const char* what, const std::string& label, double got, double want) {
-  const double tol = tolerance<T>();
-  if (!(std::fabs(got - want) <= tol + tol * std::fabs(want))) {  // NaN fails too
-    if (++failures <= 40) std::printf("FAIL %s %s: got %.6g, want %.6g\n", label.c_str(), what, got, want);
-  }
-}
+using host_check::expect_close;
+using host_check::failures;
+using host_check::host_matrix;
+using host_check::HostTensor;
+using host_check::matrix_strides;
 
 template <typename T, typename TA>
 void run_case(int64_t M, int64_t K, int64_t N, int64_t R, float p, int layout_kind, bool need_dx,
@@ -85,13 +31,15 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t R, float p, int layout_ki
                             std::to_string(layout_kind);
   const int64_t seed_value = 0x1234567890LL + M;
   const float scaling = 0.75f;
-  auto lx = layout(layout_kind, M, K), lw = layout(layout_kind, N, K), la = layout(layout_kind, R, K),
-       lb = layout(layout_kind, N, R), ldy = layout(layout_kind, M, N);
-  HostMatrix<T> x(M, K, lx.s0, lx.s1, 1.0f), w(N, K, lw.s0, lw.s1, 0.3f), bias(1, N, N, 1, 1.0f);
-  HostMatrix<TA> a(R, K, la.s0, la.s1, 0.3f), b(N, R, lb.s0, lb.s1, 0.5f);
-  HostMatrix<T> dy(M, N, ldy.s0, ldy.s1, 1.0f);
-  HostMatrix<T> y(M, N, N, 1, 0.0f, false), dx(M, K, K, 1, 0.0f, false);
-  HostMatrix<TA> da(R, K, K, 1, 0.0f, false), db(N, R, R, 1, 0.0f, false);
+  const auto lx = matrix_strides(layout_kind, M, K), lw = matrix_strides(layout_kind, N, K),
+             la = matrix_strides(layout_kind, R, K), lb = matrix_strides(layout_kind, N, R),
+             ldy = matrix_strides(layout_kind, M, N);
+  HostTensor<T> x = host_matrix<T>(M, K, lx.s0, lx.s1, 1.0f), w = host_matrix<T>(N, K, lw.s0, lw.s1, 0.3f),
+                bias = host_matrix<T>(1, N, N, 1, 1.0f);
+  HostTensor<TA> a = host_matrix<TA>(R, K, la.s0, la.s1, 0.3f), b = host_matrix<TA>(N, R, lb.s0, lb.s1, 0.5f);
+  HostTensor<T> dy = host_matrix<T>(M, N, ldy.s0, ldy.s1, 1.0f);
+  HostTensor<T> y = host_matrix<T>(M, N, N, 1, 0.0f, false), dx = host_matrix<T>(M, K, K, 1, 0.0f, false);
+  HostTensor<TA> da = host_matrix<TA>(R, K, K, 1, 0.0f, false), db = host_matrix<TA>(N, R, R, 1, 0.0f, false);
   std::unique_ptr<float[]> s(new float[std::max<int64_t>(M * R, 1)]);
   std::unique_ptr<int64_t[]> seed(new int64_t[1]{seed_value});
 
@@ -210,6 +158,7 @@ int run_all(std::initializer_list<int> which) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  host_check::seed(12345);
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   int cases = 0;
   if (quick) {

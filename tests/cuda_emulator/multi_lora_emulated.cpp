@@ -8,6 +8,8 @@
 
 #include <peftkern/multi_lora.cuh>
 
+#include "host_check.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -18,14 +20,14 @@
 
 namespace {
 
-uint32_t rng_state = 98765;
-uint32_t next_u32() {
-  rng_state = rng_state * 1664525u + 1013904223u;
-  return rng_state >> 8;
-}
-float uniform_pm1() { return static_cast<float>(next_u32()) / 8388608.0f - 1.0f; }
+using host_check::fail;
+using host_check::failures;
+using host_check::HostTensor;
+using host_check::matrix_strides;
+using host_check::next_u32;
+using host_check::uniform_pm1;
+using host_check::view3;
 
-int failures = 0;
 int cases = 0;
 
 // A workspace: 256-byte aligned (as the launchers require), its size rounded up to 256 bytes.
@@ -38,61 +40,16 @@ Workspace workspace_of(int64_t bytes) {
   return Workspace(static_cast<unsigned char*>(std::aligned_alloc(256, size)));
 }
 
-void fail(const std::string& message) {
-  if (++failures <= 40) std::printf("FAIL %s\n", message.c_str());
-}
-
-// An array of d0 x d1 x d2 elements with given strides, allocated to exactly the span they reach, every
-// element first NaN (poison) and then the addressed ones set by `fill`.
+// A random [rows, cols] matrix in layout `kind` (host_check::matrix_strides).
 template <typename T>
-struct Host3 {
-  int64_t d0, d1, d2, s0, s1, s2;
-  std::unique_ptr<T[]> data;
-  Host3(int64_t a, int64_t b, int64_t c, int64_t t0, int64_t t1, int64_t t2)
-      : d0(a), d1(b), d2(c), s0(t0), s1(t1), s2(t2) {
-    const int64_t span = (a > 0 && b > 0 && c > 0) ? (a - 1) * t0 + (b - 1) * t1 + (c - 1) * t2 + 1 : 1;
-    data.reset(new T[span]);
-    for (int64_t i = 0; i < span; ++i) data[i] = peftkern::from_float<T>(NAN);
-  }
-  T& at(int64_t i, int64_t j, int64_t k) { return data[i * s0 + j * s1 + k * s2]; }
-  double get(int64_t i, int64_t j, int64_t k) const { return peftkern::to_float(data[i * s0 + j * s1 + k * s2]); }
-  peftkern::Strided3D<const T> view() const { return {data.get(), s0, s1, s2}; }
-  // As a 2-D matrix (d0 == 1).
-  peftkern::Strided2D<const T> view2() const { return {data.get(), s1, s2}; }
-  peftkern::Strided2D<T> mut2() { return {data.get(), s1, s2}; }
-  double get2(int64_t i, int64_t j) const { return get(0, i, j); }
-};
-
-// [rows, cols] matrix strides: 0 contiguous, 1 transposed storage, 2 rows padded to an odd stride.
-struct Strides2 {
-  int64_t s0, s1;
-};
-Strides2 layout2(int kind, int64_t rows, int64_t cols) {
-  if (kind == 1) return {1, rows};
-  if (kind == 2) return {2 * cols + 3, 1};
-  return {cols, 1};
-}
-
-template <typename T>
-Host3<T> matrix(int64_t rows, int64_t cols, int kind, float scale) {
-  const Strides2 s = layout2(kind, rows, cols);
-  Host3<T> m(1, rows, cols, 0, s.s0, s.s1);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) m.at(0, i, j) = peftkern::from_float<T>(uniform_pm1() * scale);
-  return m;
-}
-
-template <typename T>
-double tolerance() {
-  if constexpr (std::is_same_v<T, float>) return 1e-4;
-  if constexpr (std::is_same_v<T, half>) return 1e-2;
-  return 2e-2;
+HostTensor<T> matrix(int64_t rows, int64_t cols, int kind, float scale) {
+  const auto s = matrix_strides(kind, rows, cols);
+  return HostTensor<T>(1, rows, cols, 0, s.s0, s.s1, scale);
 }
 
 template <typename T>
 void expect_close(const char* what, const std::string& label, int64_t i, int64_t j, double got, double want) {
-  const double tol = tolerance<T>();
-  if (!(std::fabs(got - want) <= tol + tol * std::fabs(want))) {  // NaN fails too
+  if (!host_check::close<T>(got, want)) {
     fail(label + " " + what + "[" + std::to_string(i) + ", " + std::to_string(j) + "]: got " + std::to_string(got) +
          ", want " + std::to_string(want));
   }
@@ -182,8 +139,8 @@ void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const st
   // A [L, R, K]: padded between adapters when the layout is strided; B [L, N, R] transposed per adapter
   // when the layout is transposed. Entries past each adapter's rank stay NaN.
   const int64_t a_pad = p.layout == 2 ? 8 : 0;
-  Host3<TA> a(L, R, K, R * K + a_pad, K, 1);
-  Host3<TA> b = p.layout == 1 ? Host3<TA>(L, N, R, N * R, 1, N) : Host3<TA>(L, N, R, N * R, R, 1);
+  HostTensor<TA> a(L, R, K, R * K + a_pad, K, 1);
+  HostTensor<TA> b = p.layout == 1 ? HostTensor<TA>(L, N, R, N * R, 1, N) : HostTensor<TA>(L, N, R, N * R, R, 1);
   auto rank_of = [&](int64_t i) { return std::clamp<int64_t>(p.ranks[i], 0, R); };
   for (int64_t i = 0; i < L; ++i)
     for (int64_t r = 0; r < rank_of(i); ++r) {
@@ -196,24 +153,24 @@ void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const st
   std::unique_ptr<int32_t[]> ranks(new int32_t[L]);
   std::unique_ptr<float[]> scalings(new float[L]);
   for (int64_t i = 0; i < L; ++i) ranks[i] = p.ranks[i], scalings[i] = p.scalings[i];
-  Host3<T> y(1, M, N, 0, N, 1), dx(1, M, K, 0, K, 1);
-  Host3<TA> da(L, R, K, R * K, K, 1), db(L, N, R, N * R, R, 1);
+  HostTensor<T> y(1, M, N, 0, N, 1), dx(1, M, K, 0, K, 1);
+  HostTensor<TA> da(L, R, K, R * K, K, 1), db(L, N, R, N * R, R, 1);
   std::unique_ptr<float[]> s(new float[std::max<int64_t>(M * R, 1)]);
   const void* ids = ids_int64 ? static_cast<const void*>(ids64.get()) : static_cast<const void*>(ids32.get());
 
   peftkern::MultiLoraForwardArgs<T, TA> fwd{};
-  fwd.x = x.view2();
-  fwd.weight = w.view2();
+  fwd.x = x.view();
+  fwd.weight = w.view();
   fwd.bias = p.bias ? bias.data.get() : nullptr;
   fwd.bias_stride = 1;
-  fwd.lora_a = a.view();
-  fwd.lora_b = b.view();
+  fwd.lora_a = view3<peftkern::Strided3D>(a);
+  fwd.lora_b = view3<peftkern::Strided3D>(b);
   fwd.adapter_ids = ids;
   fwd.ids_int64 = ids_int64;
   fwd.scalings = scalings.get();
   fwd.ranks = ranks.get();
   fwd.s = s.get();
-  fwd.y = y.mut2();
+  fwd.y = y.mut();
   fwd.M = M, fwd.N = N, fwd.K = K, fwd.L = L, fwd.R = R;
   fwd.path = path;
   const auto fplan = peftkern::multi_lora_forward_plan(M, N, K, L, path);
@@ -224,17 +181,17 @@ void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const st
     return;
   }
   peftkern::MultiLoraBackwardArgs<T, TA> bwd{};
-  bwd.grad_y = dy.view2();
-  bwd.x = x.view2();
-  bwd.weight = w.view2();
-  bwd.lora_a = a.view();
-  bwd.lora_b = b.view();
+  bwd.grad_y = dy.view();
+  bwd.x = x.view();
+  bwd.weight = w.view();
+  bwd.lora_a = view3<peftkern::Strided3D>(a);
+  bwd.lora_b = view3<peftkern::Strided3D>(b);
   bwd.adapter_ids = ids;
   bwd.ids_int64 = ids_int64;
   bwd.scalings = scalings.get();
   bwd.ranks = ranks.get();
   bwd.s = s.get();
-  bwd.grad_x = need_dx ? dx.mut2() : peftkern::Strided2D<T>{nullptr, 0, 0};
+  bwd.grad_x = need_dx ? dx.mut() : peftkern::Strided2D<T>{nullptr, 0, 0};
   bwd.grad_a = da.data.get();
   bwd.grad_b = db.data.get();
   bwd.M = M, bwd.N = N, bwd.K = K, bwd.L = L, bwd.R = R;
@@ -254,8 +211,8 @@ void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const st
     const int64_t rank = i >= 0 ? rank_of(i) : 0;
     for (int64_t r = 0; r < rank; ++r) {
       double acc = 0.0, dacc = 0.0;
-      for (int64_t k = 0; k < K; ++k) acc += x.get2(t, k) * a.get(i, r, k);
-      for (int64_t n = 0; n < N; ++n) dacc += dy.get2(t, n) * b.get(i, n, r);
+      for (int64_t k = 0; k < K; ++k) acc += x.get(t, k) * a.get(i, r, k);
+      for (int64_t n = 0; n < N; ++n) dacc += dy.get(t, n) * b.get(i, n, r);
       s_ref[t * R + r] = acc;
       ds_ref[t * R + r] = p.scalings[i] * dacc;
     }
@@ -265,17 +222,17 @@ void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const st
     const int64_t i = adapter(t);
     const int64_t rank = i >= 0 ? rank_of(i) : 0;
     for (int64_t n = 0; n < N; ++n) {
-      double acc = p.bias ? bias.get2(0, n) : 0.0;
-      for (int64_t k = 0; k < K; ++k) acc += x.get2(t, k) * w.get2(n, k);
+      double acc = p.bias ? bias.get(0, n) : 0.0;
+      for (int64_t k = 0; k < K; ++k) acc += x.get(t, k) * w.get(n, k);
       for (int64_t r = 0; r < rank; ++r) acc += p.scalings[i] * s_ref[t * R + r] * b.get(i, n, r);
-      expect_close<T>("y", label, t, n, y.get2(t, n), acc);
+      expect_close<T>("y", label, t, n, y.get(t, n), acc);
     }
     if (need_dx)
       for (int64_t k = 0; k < K; ++k) {
         double acc = 0.0;
-        for (int64_t n = 0; n < N; ++n) acc += dy.get2(t, n) * w.get2(n, k);
+        for (int64_t n = 0; n < N; ++n) acc += dy.get(t, n) * w.get(n, k);
         for (int64_t r = 0; r < rank; ++r) acc += ds_ref[t * R + r] * a.get(i, r, k);
-        expect_close<T>("dX", label, t, k, dx.get2(t, k), acc);
+        expect_close<T>("dX", label, t, k, dx.get(t, k), acc);
       }
   }
   for (int64_t i = 0; i < L; ++i) {
@@ -284,13 +241,13 @@ void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const st
       for (int64_t k = 0; k < K; ++k) {
         double acc = 0.0;
         for (int64_t t = 0; t < M && live; ++t)
-          if (adapter(t) == i) acc += ds_ref[t * R + r] * x.get2(t, k);
+          if (adapter(t) == i) acc += ds_ref[t * R + r] * x.get(t, k);
         expect_close<TA>("dA", label, i * R + r, k, da.get(i, r, k), acc);
       }
       for (int64_t n = 0; n < N; ++n) {
         double acc = 0.0;
         for (int64_t t = 0; t < M && live; ++t)
-          if (adapter(t) == i) acc += p.scalings[i] * dy.get2(t, n) * s_ref[t * R + r];
+          if (adapter(t) == i) acc += p.scalings[i] * dy.get(t, n) * s_ref[t * R + r];
         expect_close<TA>("dB", label, i * N + n, r, db.get(i, n, r), acc);
       }
     }
@@ -369,6 +326,7 @@ void run_suite(bool quick) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  host_check::seed(98765);
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   // The segment table: host stable sort, int32 and int64 ids, -1 / out of range / unsorted, tiles split
   // inside a group (> 64 rows of one adapter), several 256-row sort chunks, M = 0 and 1, L = 1.

@@ -9,6 +9,8 @@
 
 #include <peftkern/prompt.cuh>
 
+#include "host_check.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -22,17 +24,11 @@
 
 namespace {
 
-uint32_t rng_state = 2024;
-uint32_t next_random() {
-  rng_state = rng_state * 1664525u + 1013904223u;
-  return rng_state >> 8;
-}
-float uniform_pm1() { return static_cast<float>(next_random()) / 8388608.0f - 1.0f; }
-
-int failures = 0;
-void fail(const std::string& label, const std::string& what) {
-  if (++failures <= 40) std::printf("FAIL %s: %s\n", label.c_str(), what.c_str());
-}
+using host_check::close;
+using host_check::fail;
+using host_check::failures;
+using host_check::next_u32;
+using host_check::uniform_pm1;
 
 // Element bytes poisoned with 0x7F (NaN for every float dtype, a large value for ints), 64-byte aligned,
 // exactly `offset + span` elements of `bytes` each: the data starts `offset` elements in.
@@ -155,19 +151,6 @@ peftkern::IdMatrix id_matrix(const Tensor& t) {
   return {t.buffer->data, t.stride[0], t.size.size() > 1 ? t.stride[1] : 0, static_cast<int>(t.bytes)};
 }
 
-template <typename T>
-double tolerance() {
-  if constexpr (std::is_same_v<T, float>) return 1e-4;
-  if constexpr (std::is_same_v<T, half>) return 1e-2;
-  return 2e-2;
-}
-
-template <typename T>
-bool close(double got, double want) {
-  const double tol = tolerance<T>();
-  return std::fabs(got - want) <= tol + tol * std::fabs(want);  // NaN fails
-}
-
 std::string num(double v) {
   char text[64];
   std::snprintf(text, sizeof(text), "%.6g", v);
@@ -218,8 +201,8 @@ void run_concat(const ConcatCase& c, int* vector_launches) {
   Tensor input_ids({c.B, c.T}, id_kind, c.id_bytes);
   Tensor prompt_ids({c.B}, 0, c.id_bytes);
   for (int64_t b = 0; b < c.B; ++b) {
-    set_id(prompt_ids, b, static_cast<int64_t>(next_random() % c.P));
-    for (int64_t t = 0; t < c.T; ++t) set_id(input_ids, input_ids.offset({b, t}), next_random() % c.V);
+    set_id(prompt_ids, b, static_cast<int64_t>(next_u32() % c.P));
+    for (int64_t t = 0; t < c.T; ++t) set_id(input_ids, input_ids.offset({b, t}), next_u32() % c.V);
   }
   if (c.bad_ids && c.B > 0) {
     set_id(prompt_ids, 0, c.P);  // one past the last task
@@ -232,11 +215,11 @@ void run_concat(const ConcatCase& c, int* vector_launches) {
   for (int64_t b = 0; b < c.B; ++b)
     for (int64_t t = 0; t < c.T; ++t)
       set_bits(mask.buffer->data, mask.offset({b, t}), mask.bytes,
-               next_random() % 3 ? mask_one_bits(c.mask_bytes) : mask_zero_bits(c.mask_bytes));
+               next_u32() % 3 ? mask_one_bits(c.mask_bytes) : mask_zero_bits(c.mask_bytes));
   Tensor mask_out({c.B, total}, 0, out_mask_bytes);
   Tensor labels({c.B, c.T}, id_kind, c.label_bytes ? c.label_bytes : 4);
   for (int64_t b = 0; b < c.B; ++b)
-    for (int64_t t = 0; t < c.T; ++t) set_id(labels, labels.offset({b, t}), static_cast<int64_t>(next_random() % 50) - 3);
+    for (int64_t t = 0; t < c.T; ++t) set_id(labels, labels.offset({b, t}), static_cast<int64_t>(next_u32() % 50) - 3);
   Tensor labels_out({c.B, total}, 0, c.label_bytes ? c.label_bytes : 4);
 
   peftkern::PromptConcatArgs<T, TP> a{};
@@ -411,7 +394,7 @@ void run_prefix(const PrefixCase& c, int* vector_launches) {
   Tensor prefix({c.P, c.n, C}, c.kind, sizeof(T));
   fill_random<T>(prefix, 1.0f);
   Tensor prompt_ids({c.B}, 0, c.id_bytes);
-  for (int64_t b = 0; b < c.B; ++b) set_id(prompt_ids, b, static_cast<int64_t>(next_random() % c.P));
+  for (int64_t b = 0; b < c.B; ++b) set_id(prompt_ids, b, static_cast<int64_t>(next_u32() % c.P));
   if (c.bad_ids && c.B > 0) {
     set_id(prompt_ids, 0, -1);
     if (c.B > 2) set_id(prompt_ids, 2, c.P + 3);
@@ -555,6 +538,7 @@ int run_prefix_cases(std::initializer_list<int> which, int* vector_launches) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  host_check::seed(2024);
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   int cases = 0, vector_launches = 0;
   const auto all_concat = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
