@@ -1,7 +1,12 @@
-"""Tolerances (DESIGN.md) and comparison helpers shared by the tests."""
+"""Tolerances (DESIGN.md), comparison helpers and the CUDA C++ backend's test plumbing shared by the tests."""
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
+from types import ModuleType
+
+import pytest
 import torch
 
 # (atol, rtol) per dtype of the tensor under test; the reference runs in float64.
@@ -56,3 +61,30 @@ def assert_close(
 def cast(tensor: torch.Tensor, dtype: torch.dtype, requires_grad: bool = False) -> torch.Tensor:
     """A leaf copy of ``tensor`` in ``dtype``."""
     return tensor.detach().to(dtype).requires_grad_(requires_grad)
+
+
+# ---- the CUDA C++ extension (tests/test_cuda_*.py) ---------------------------------------------------------
+
+EXTENSION_PRESENT = importlib.util.find_spec("peftkern._C") is not None
+needs_extension = pytest.mark.skipif(not EXTENSION_PRESENT, reason="peftkern._C is not built here")
+
+
+def cuda_ext() -> ModuleType:
+    """The extension module peftkern._C (imported on first use, so that collection works without it)."""
+    import peftkern._C
+
+    return peftkern._C
+
+
+def capture_in_cuda_graph(run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Warm ``run`` up on a side stream (as graph capture requires), then capture one call of it; returns
+    the graph and the captured call's output, which each ``graph.replay()`` overwrites."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out

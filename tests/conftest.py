@@ -29,6 +29,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 matmuls in full precision for the test (the float64 comparisons assume it), restored after."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
 # Property-based tests: a bounded profile for CI (the default) and a long one for `make fuzz`.
 try:
     from hypothesis import HealthCheck, settings

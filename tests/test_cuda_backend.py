@@ -13,7 +13,7 @@ from pathlib import Path
 import _emulator
 import pytest
 import torch
-from _helpers import DTYPES, assert_close, cast
+from _helpers import DTYPES, EXTENSION_PRESENT, assert_close, capture_in_cuda_graph, cast, cuda_ext, needs_extension
 
 import peftkern
 from peftkern import backends, reference
@@ -25,17 +25,9 @@ NVCC = shutil.which("nvcc") or (
 )
 # The install builds the extension wherever nvcc is found, unless PEFTKERN_NO_CUDA is set.
 SHOULD_BE_BUILT = NVCC is not None and os.environ.get("PEFTKERN_NO_CUDA", "0") in ("", "0")
-EXTENSION_PRESENT = importlib.util.find_spec("peftkern._C") is not None
 HAS_GPU = torch.cuda.is_available()
 
-needs_extension = pytest.mark.skipif(not EXTENSION_PRESENT, reason="peftkern._C is not built here")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="no nvcc here")
-
-
-def _ext():
-    import peftkern._C
-
-    return peftkern._C
 
 
 # ---- CPU: the build, the status, the errors ----------------------------------------------------------------
@@ -44,7 +36,7 @@ def _ext():
 @pytest.mark.skipif(not SHOULD_BE_BUILT, reason="no nvcc here (or PEFTKERN_NO_CUDA=1): nothing to build")
 def test_extension_is_built_and_imports():
     assert EXTENSION_PRESENT, "nvcc is here but peftkern._C was not built: reinstall with `make install`"
-    ext = _ext()
+    ext = cuda_ext()
     assert isinstance(ext.cuda_archs, str) and ext.cuda_archs
     assert ext.cudart_version >= 11000
     assert (ext.FLOAT16, ext.BFLOAT16, ext.FLOAT32) == (0, 1, 2)
@@ -56,7 +48,7 @@ def test_status_reports_why_the_backend_cannot_run_here():
     assert status.startswith("unavailable: ")
     if EXTENSION_PRESENT:
         assert "no CUDA device" in status
-        assert _ext().cuda_archs in status
+        assert cuda_ext().cuda_archs in status
     else:
         assert "not built" in status
     assert cuda_backend_available() is False
@@ -115,7 +107,7 @@ def test_choosing_the_cuda_backend_raises_a_clear_error():
 @needs_extension
 def test_host_philox_is_the_reference_stream_bit_for_bit():
     """The kernels' Philox function, run on the host, against reference.philox_uniform (= tl.rand)."""
-    ext = _ext()
+    ext = cuda_ext()
     offsets = list(range(0, 2000, 7)) + [2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**40 + 3, 2**62 + 11]
     for seed in (0, 1, 1234, 2**32 - 1, 2**32 + 7, 0x123456789ABC, 2**62 - 1):
         got = torch.tensor(ext.philox_uniform(seed, offsets), dtype=torch.float32)
@@ -126,7 +118,7 @@ def test_host_philox_is_the_reference_stream_bit_for_bit():
 
 @needs_extension
 def test_bindings_check_arguments_before_any_launch():
-    ext = _ext()
+    ext = cuda_ext()
     good = dict(
         dtype=ext.FLOAT16, adapter_dtype=ext.FLOAT16, x=16, x_strides=(8, 1), weight=16,
         weight_strides=(8, 1), bias=0, bias_stride=0, lora_a=16, lora_a_strides=(8, 1), lora_b=16,
@@ -233,14 +225,6 @@ def run_and_compare(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed=12
     assert lora_a.grad.dtype == lora_a.dtype and lora_b.grad.dtype == lora_b.dtype
     assert_close(lora_a.grad, a64.grad, "dA", dtype)
     assert_close(lora_b.grad, b64.grad, "dB", dtype)
-
-
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.mark.gpu
@@ -441,14 +425,7 @@ def test_forward_captures_in_a_cuda_graph(no_tf32):
 
     with torch.no_grad():
         eager = run()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = run()
+        graph, out = capture_in_cuda_graph(run)
         x.copy_(x * 2)
         graph.replay()
         torch.cuda.synchronize()

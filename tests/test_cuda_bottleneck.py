@@ -4,27 +4,17 @@ the float64 reference and the Triton backend, outputs and every gradient."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import _emulator
 import pytest
 import torch
-from _helpers import DTYPES, assert_close
+from _helpers import DTYPES, assert_close, capture_in_cuda_graph, cuda_ext, needs_extension
 from test_bottleneck import NAMES, make_inputs, mixed_ids, run_and_compare
 
 import peftkern
 from peftkern import reference
 from peftkern.ops.bottleneck import bottleneck_adapter
 
-EXTENSION_PRESENT = importlib.util.find_spec("peftkern._C") is not None
-needs_extension = pytest.mark.skipif(not EXTENSION_PRESENT, reason="peftkern._C is not built here")
 ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "tanh"]
-
-
-def _ext():
-    import peftkern._C
-
-    return peftkern._C
 
 
 # ---- CPU: the emulator, the codes, the bindings' checks -----------------------------------------------------
@@ -58,7 +48,7 @@ def test_activation_codes_are_the_triton_ones():
 def test_extension_names_the_activation_codes():
     from peftkern.ops._cuda_bottleneck import ACTIVATION_CODES
 
-    names = _ext().BOTTLENECK_ACTIVATIONS
+    names = cuda_ext().BOTTLENECK_ACTIVATIONS
     assert {name: code for code, name in enumerate(names)} == {
         name: code for name, code in ACTIVATION_CODES.items() if name != "swish"
     }
@@ -106,14 +96,14 @@ def _backward_args(ext, **override):
     ({"device": -1}, r"device: expected a CUDA device index >= 0"),
 ], ids=lambda v: str(v)[:30])
 def test_forward_binding_checks_arguments_before_any_launch(override, pattern):
-    ext = _ext()
+    ext = cuda_ext()
     with pytest.raises(ValueError, match=pattern):
         ext.bottleneck_forward(**_forward_args(ext, **override))
 
 
 @needs_extension
 def test_forward_binding_with_no_rows_touches_no_device():
-    ext = _ext()
+    ext = cuda_ext()
     assert ext.bottleneck_forward(**_forward_args(ext, M=0, x=0, y=0, h=0, act=0, adapter_ids=0)) is None
 
 
@@ -131,14 +121,14 @@ def test_forward_binding_with_no_rows_touches_no_device():
     ({"device": -1}, r"device: expected a CUDA device index >= 0"),
 ], ids=lambda v: str(v)[:30])
 def test_backward_binding_checks_arguments_before_any_launch(override, pattern):
-    ext = _ext()
+    ext = cuda_ext()
     with pytest.raises(ValueError, match=pattern):
         ext.bottleneck_backward(**_backward_args(ext, **override))
 
 
 @needs_extension
 def test_backward_workspace_size():
-    ext = _ext()
+    ext = cuda_ext()
     M, D, NB, L = 300, 70, 33, 3
     floats = ext.bottleneck_backward_workspace_floats(M, D, NB, L)
     # One partial [L, D, Bn] + [L, D] and [L, Bn, D] + [L, Bn] per row chunk, at most 8 chunks.
@@ -173,14 +163,6 @@ def test_launchers_with_no_rows_allocate_and_launch_nothing():
 
 def _cuda(inputs):
     return {name: (value.cuda() if value is not None else None) for name, value in inputs.items()}
-
-
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.mark.gpu
@@ -341,14 +323,7 @@ def test_forward_captures_in_a_cuda_graph():
 
     with torch.no_grad():
         eager = run()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = run()
+        graph, out = capture_in_cuda_graph(run)
         x.copy_(x * 2)
         graph.replay()
         torch.cuda.synchronize()

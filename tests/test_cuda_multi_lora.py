@@ -5,7 +5,6 @@ reference on both paths, against Triton, determinism, CUDA-graph replay with new
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import re
 import subprocess
 import types
@@ -14,21 +13,13 @@ from pathlib import Path
 import _emulator
 import pytest
 import torch
-from _helpers import assert_close
+from _helpers import assert_close, capture_in_cuda_graph, cuda_ext, needs_extension
 
 import peftkern
 from peftkern import reference
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTENSION_PRESENT = importlib.util.find_spec("peftkern._C") is not None
 HAS_GPU = torch.cuda.is_available()
-needs_extension = pytest.mark.skipif(not EXTENSION_PRESENT, reason="peftkern._C is not built here")
-
-
-def _ext():
-    import peftkern._C
-
-    return peftkern._C
 
 
 # ---- CPU: the header on the emulator ------------------------------------------------------------------------
@@ -84,7 +75,7 @@ def _forward_args(ext, **override):
 
 @needs_extension
 def test_bindings_check_arguments_before_any_launch():
-    ext = _ext()
+    ext = cuda_ext()
     cases = [
         ({"dtype": 7}, r"dtype: expected a code in"),
         ({"adapter_dtype": ext.BFLOAT16}, r"adapter_dtype: expected the activation dtype \(float16\)"),
@@ -126,7 +117,7 @@ def test_bindings_check_arguments_before_any_launch():
 
 @needs_extension
 def test_workspace_sizes_follow_the_shapes_only():
-    ext = _ext()
+    ext = cuda_ext()
     # decode: no segment table; a shallow reduction is not split, a deep one is (fp32 partial tiles)
     assert ext.multi_lora_forward_workspace_bytes(8, 16, 32, 4, 1) == 0
     assert ext.multi_lora_forward_workspace_bytes(8, 16, 32, 4, 0) == 0  # auto with M <= 64 is decode
@@ -150,7 +141,7 @@ def test_workspace_sizes_follow_the_shapes_only():
 def test_launchers_pass_the_bindings_arguments_in_order(monkeypatch):
     """No GPU here, so check the Python launchers' plumbing against the real bindings' parameter lists:
     every address, stride, size and code lands on the parameter of that name."""
-    ext = _ext()
+    ext = cuda_ext()
     import peftkern.ops._cuda_multi_lora as launchers
 
     calls = {}
@@ -291,14 +282,6 @@ def _compare(got, expected, dtype, scale=1.0):
         assert_close(g, e, name, dtype=dtype, scale=scale)
 
 
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=_pair_id)
 @pytest.mark.parametrize("path", PATHS)
@@ -434,14 +417,8 @@ def test_cuda_graph_capture_and_replay_with_new_ids(path, M, no_tf32):
         return peftkern.multi_lora_linear(x, weight, None, lora_a, lora_b, static_ids, scalings, ranks,
                                           check_ids=False, backend="cuda", path=path)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        out = run()
+    with torch.no_grad():
+        graph, out = capture_in_cuda_graph(run)
     for trial in range(3):
         new_ids = torch.randint(-1, L, (M,), device="cuda", generator=g)
         static_ids.copy_(new_ids)

@@ -4,25 +4,13 @@ prefix_kv on backend "cuda" against the float64 reference and the Triton backend
 
 from __future__ import annotations
 
-import importlib.util
-
 import _emulator
 import pytest
 import torch
-from _helpers import DTYPES, assert_close, cast
+from _helpers import DTYPES, assert_close, capture_in_cuda_graph, cast, cuda_ext, needs_extension
 
 import peftkern
 from peftkern import reference
-
-EXTENSION_PRESENT = importlib.util.find_spec("peftkern._C") is not None
-needs_extension = pytest.mark.skipif(not EXTENSION_PRESENT, reason="peftkern._C is not built here")
-
-
-def _ext():
-    import peftkern._C
-
-    return peftkern._C
-
 
 # ---- CPU: the emulator, the bindings ----------------------------------------------------------------------
 
@@ -77,7 +65,7 @@ def _forward_args(ext, **override):
     ],
 )
 def test_prompt_concat_binding_checks_arguments_before_any_launch(override, pattern):
-    ext = _ext()
+    ext = cuda_ext()
     with pytest.raises(ValueError, match=pattern):
         ext.prompt_concat_forward(**_forward_args(ext, **override))
 
@@ -85,7 +73,7 @@ def test_prompt_concat_binding_checks_arguments_before_any_launch(override, patt
 @needs_extension
 def test_prompt_bindings_empty_work_touches_no_device():
     """No rows (or no table) is a no-op that returns before any CUDA call: it works without a GPU."""
-    ext = _ext()
+    ext = cuda_ext()
     assert ext.prompt_concat_forward(**_forward_args(ext, B=0, input_ids=0, prompt_ids=0, out=0, mask_out=0)) is None
     assert ext.prompt_task_sum(ext.FLOAT32, ext.FLOAT32, 0, (0, 0, 0, 0, 1), 16, 1, 8, 0, 0, 0,
                                5, 3, 2, 0, 1, 1, 0, 0) is None
@@ -96,7 +84,7 @@ def test_prompt_bindings_empty_work_touches_no_device():
 
 @needs_extension
 def test_prompt_backward_bindings_check_arguments_before_any_launch():
-    ext = _ext()
+    ext = cuda_ext()
     # The task sum: out dtype, column split, workspace size.
     task = dict(dtype=ext.BFLOAT16, out_dtype=ext.FLOAT32, grad=16, grad_strides=(64, 8, 0, 0, 1), prompt_ids=16,
                 prompt_ids_stride=1, prompt_ids_bytes=8, out=16, workspace=0, workspace_floats=0, B=2, P=3, n=2,
@@ -363,14 +351,7 @@ def test_prompt_concat_cuda_captures_in_a_cuda_graph():
                                       check_ids=False).inputs_embeds
 
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = run()
+        graph, out = capture_in_cuda_graph(run)
         input_ids.copy_(torch.randint(0, 13, input_ids.shape, device="cuda"))
         graph.replay()
         torch.cuda.synchronize()
