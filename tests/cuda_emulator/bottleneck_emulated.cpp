@@ -331,7 +331,7 @@ int run_all(bool quick, std::initializer_list<int> shapes) {
 
 int main(int argc, char** argv) {
   host_check::seed(424242);
-  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  const bool quick = host_check::quick_run(argc, argv);
   int cases = 0;
   if (quick) {
     cases += run_all<float, float>(true, {0, 1, 2, 3});
@@ -347,6 +347,5 @@ int main(int argc, char** argv) {
     cases += run_all<__nv_bfloat16, __nv_bfloat16>(false, all);
     cases += run_all<__nv_bfloat16, float>(false, all);
   }
-  std::printf("%d cases, %d failures\n", cases, failures);
-  return failures == 0 ? 0 : 1;
+  return host_check::report(cases);
 }

@@ -104,4 +104,13 @@ View<const T> view3(const HostTensor<T>& t) {
   return {t.data.get(), t.s0, t.s1, t.s2};
 }
 
+// A program's command line: "--quick" runs CI's short case list instead of the full one.
+inline bool quick_run(int argc, char** argv) { return argc > 1 && std::string(argv[1]) == "--quick"; }
+
+// The last line the pytest wrappers read, "N cases, F failures"; the exit status is 1 on any failure.
+inline int report(int cases) {
+  std::printf("%d cases, %d failures\n", cases, failures);
+  return failures == 0 ? 0 : 1;
+}
+
 }  // namespace host_check

@@ -159,7 +159,7 @@ int run_all(std::initializer_list<int> which) {
 
 int main(int argc, char** argv) {
   host_check::seed(12345);
-  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  const bool quick = host_check::quick_run(argc, argv);
   int cases = 0;
   if (quick) {
     cases += run_all<float, float>({0, 1, 2, 3});
@@ -173,6 +173,5 @@ int main(int argc, char** argv) {
     cases += run_all<__nv_bfloat16, __nv_bfloat16>(all);
     cases += run_all<__nv_bfloat16, float>(all);
   }
-  std::printf("%d cases, %d failures\n", cases, failures);
-  return failures == 0 ? 0 : 1;
+  return host_check::report(cases);
 }

@@ -327,7 +327,7 @@ void run_suite(bool quick) {
 
 int main(int argc, char** argv) {
   host_check::seed(98765);
-  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  const bool quick = host_check::quick_run(argc, argv);
   // The segment table: host stable sort, int32 and int64 ids, -1 / out of range / unsorted, tiles split
   // inside a group (> 64 rows of one adapter), several 256-row sort chunks, M = 0 and 1, L = 1.
   for (int64_t M : {0, 1, 17, 64, 65, 300, 600}) {
@@ -349,6 +349,5 @@ int main(int argc, char** argv) {
   } else {
     run_suite<__nv_bfloat16, float>(quick);
   }
-  std::printf("%d cases, %d failures\n", cases, failures);
-  return failures == 0 ? 0 : 1;
+  return host_check::report(cases);
 }

@@ -539,7 +539,7 @@ int run_prefix_cases(std::initializer_list<int> which, int* vector_launches) {
 
 int main(int argc, char** argv) {
   host_check::seed(2024);
-  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  const bool quick = host_check::quick_run(argc, argv);
   int cases = 0, vector_launches = 0;
   const auto all_concat = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
   const auto all_prefix = {0, 1, 2, 3, 4, 5};
@@ -566,6 +566,5 @@ int main(int argc, char** argv) {
     std::printf("FAIL: no case took the 16-byte path\n");
     ++failures;
   }
-  std::printf("%d cases, %d failures\n", cases, failures);
-  return failures == 0 ? 0 : 1;
+  return host_check::report(cases);
 }
