@@ -88,3 +88,16 @@ def capture_in_cuda_graph(run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.C
     with torch.cuda.graph(graph):
         out = run()
     return graph, out
+
+
+def assert_graph_replay_follows(run: Callable[[], torch.Tensor], x: torch.Tensor) -> None:
+    """Capture ``run`` in a CUDA graph, double its input ``x`` in place and replay: the replayed output must be
+    a fresh eager call's on the new input, not the first call's (no host sync or stale copy in the launch)."""
+    with torch.no_grad():
+        eager = run()
+        graph, out = capture_in_cuda_graph(run)
+        x.copy_(x * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = run()
+    assert torch.equal(out, expected) and not torch.equal(out, eager)
