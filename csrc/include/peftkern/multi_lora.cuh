@@ -765,6 +765,7 @@ cudaError_t launch_shrink(Strided2D<const T> in, Strided3D<const TF> f, const vo
   const int64_t chunks = ceil_div(R, kRankChunk);
   if (chunks > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   if (segments == nullptr) {
+    if (M > kMaxGridX) return cudaErrorInvalidConfiguration;  // one block per row: never wrap the grid
     const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(chunks));
     shrink_rows_kernel<T, TF><<<grid, kThreads, 0, stream>>>(in, f, ids, ids_int64, ranks, scales, out, M, J, R, L,
                                                              rows_vec(in, f));
