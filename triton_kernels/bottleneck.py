@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_in_fp32, fp32_precision, gemm_configs, grouped_tile, interpreting, m_bucket, mma
+from ._segments import adapter_segments
 
 __all__ = ["ACTIVATION_CODES", "bottleneck_forward", "bottleneck_backward"]
 
@@ -384,18 +385,6 @@ def bottleneck_forward(
         HAS_BIAS=up_bias is not None, HAS_IDS=adapter_ids is not None, DOT_FP32=dot_fp32, PRECISION=precision,
     )
     return y, h
-
-
-def adapter_segments(adapter_ids: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order [M] int64, segments [L + 2] int64): rows sorted by adapter (stable), and where each adapter's
-    rows start; ids outside [0, L) go to a last segment that no kernel reads. Device ops, no host sync."""
-    key = adapter_ids.reshape(-1).to(torch.int64)
-    key = torch.where((key >= 0) & (key < num_adapters), key, torch.full_like(key, num_adapters))
-    counts = torch.zeros(num_adapters + 1, dtype=torch.int64, device=key.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    segments = torch.zeros(num_adapters + 2, dtype=torch.int64, device=key.device)
-    segments[1:] = torch.cumsum(counts, 0)
-    return torch.argsort(key, stable=True), segments
 
 
 def _weight_grad(

@@ -139,7 +139,7 @@ def bottleneck_backward(
             torch.empty((L, D), device=x.device, dtype=wdtype) if has_up_bias else None,
         ]
         if ids is not None:
-            from ..triton_kernels.bottleneck import adapter_segments  # torch ops only: the same grouping
+            from ..triton_kernels._segments import adapter_segments  # torch ops only (no triton): the same grouping
 
             order, segments = adapter_segments(ids, L)
         workspace_floats = ext.bottleneck_backward_workspace_floats(M, D, NB, L)
