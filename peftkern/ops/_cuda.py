@@ -30,6 +30,18 @@ def _adapter_code(ext, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
     return _dtype_code(ext, lora_a.dtype, "lora_a")
 
 
+def _linear_codes(ext, x, weight, bias, lora_a, lora_b):
+    """(activation dtype code, adapter dtype code, bias in x's dtype or None) for the LoRA-style launchers;
+    raises TypeError naming the argument for dtypes the kernels do not take."""
+    dtype = _dtype_code(ext, x.dtype, "x")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
+    adapter = _adapter_code(ext, x, lora_a, lora_b)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)  # the kernel reads bias in x's dtype (F.linear would require it)
+    return dtype, adapter, bias
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int]:
     return int(t.stride(0)), int(t.stride(1))
 
@@ -69,12 +81,7 @@ def lora_forward(
     s = torch.empty((M, R), device=x.device, dtype=torch.float32)
     if M == 0:
         return y, s
-    dtype = _dtype_code(ext, x.dtype, "x")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
-    adapter = _adapter_code(ext, x, lora_a, lora_b)
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)  # the kernel reads bias in x's dtype (F.linear would require it)
+    dtype, adapter, bias = _linear_codes(ext, x, weight, bias, lora_a, lora_b)
     seed_ptr, p_drop = _seed_address(seed, dropout_p, x)
     with torch.cuda.device(x.device):
         device, stream = _launch_context(x)

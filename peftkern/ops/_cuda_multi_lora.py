@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import cuda_extension
-from ._cuda import _adapter_code, _dtype_code, _launch_context, _strides
+from ._cuda import _launch_context, _linear_codes, _strides
 
 __all__ = ["PATHS", "multi_lora_forward", "multi_lora_backward", "build_segments"]
 
@@ -79,12 +79,7 @@ def multi_lora_forward(
     s = torch.empty((M, R), device=x.device, dtype=torch.float32)
     if M == 0:
         return y, s
-    dtype = _dtype_code(ext, x.dtype, "x")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
-    adapter = _adapter_code(ext, x, lora_a, lora_b)
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)  # the kernel reads bias in x's dtype (F.linear would require it)
+    dtype, adapter, bias = _linear_codes(ext, x, weight, bias, lora_a, lora_b)
     ids, ids_int64 = _ids(adapter_ids, M)
     scalings, ranks = _adapter_meta(scalings, ranks, L)
     workspace_bytes = ext.multi_lora_forward_workspace_bytes(M, N, K, L, code)
@@ -133,10 +128,7 @@ def multi_lora_backward(
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
     if M == 0:
         return dx, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
-    dtype = _dtype_code(ext, x.dtype, "x")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
-    adapter = _adapter_code(ext, x, lora_a, lora_b)
+    dtype, adapter, _ = _linear_codes(ext, x, weight, None, lora_a, lora_b)
     grad_y = grad_y.to(x.dtype)
     if s.dtype != torch.float32 or tuple(s.shape) != (M, R):
         raise ValueError(
