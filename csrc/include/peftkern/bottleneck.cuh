@@ -140,42 +140,6 @@ __device__ inline void load_tile_as(TD* dst, const TS* src, int64_t r0, int64_t 
   }
 }
 
-// The reduction loop of a 64 x 64 tile product in TC, two stages deep (as lora_detail::gemm_mainloop):
-// load_stage(ps, qs, step) fills stage tiles ps [kBM][pitch] (rows x reduction) and qs [kBN][pitch]
-// (columns x reduction); on_stage(ps, qs) sees each stage once it has landed, before the product. Leaves the
-// fp32 tile in smem as [kBM][kCPitch] (aliasing the stages), followed by a barrier.
-template <typename TC, typename LoadStage, typename OnStage>
-__device__ inline void tile_product(int64_t steps, unsigned char* smem, LoadStage&& load_stage, OnStage&& on_stage) {
-  constexpr int kP = operand_pitch<TC>();
-  using Math = std::conditional_t<lora_detail::use_tensor_cores<TC>(), lora_detail::WmmaMath<TC>,
-                                  lora_detail::FmaMath<TC>>;
-  TC* stages = reinterpret_cast<TC*>(smem);
-  auto issue = [&](int64_t step) {
-    TC* ps = stages + (step % 2) * stage_elems<TC>();
-    load_stage(ps, ps + kBM * kP, step);
-    cp_async_commit();
-  };
-  Math math;
-  math.init();
-  if (steps > 0) issue(0);
-  for (int64_t step = 0; step < steps; ++step) {
-    // The stage written here was last read in step - 1, which ended at a barrier.
-    if (step + 1 < steps) {
-      issue(step + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const TC* ps = stages + (step % 2) * stage_elems<TC>();
-    on_stage(ps, ps + kBM * kP);
-    math.step(ps, ps + kBM * kP);
-    __syncthreads();
-  }
-  math.store(reinterpret_cast<float*>(smem));
-  __syncthreads();
-}
-
 // Which epilogue a row GEMM runs.
 enum class RowEpilogue { kDown, kUp, kDh, kDx };
 
@@ -257,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) row_gemm_kernel(const RowGemmParams<
   for (int a = 0; a < n_present; ++a) {  // uniform across the block: n_present comes from shared memory
     const int64_t adapter = tile_adapters[a];
     const TC* q = prm.q + adapter * prm.q_stride_adapter;
-    tile_product<TC>(
+    lora_detail::pipelined_tile_product<TC>(
         ceil_div(prm.red, kBK), smem,
         [&](TC* ps, TC* qs, int64_t step) {
           const int64_t l0 = step * kBK;
@@ -370,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const WeightGradP
 
   const bool with_bias = prm.db_part != nullptr && blockIdx.z == 0;
   float bias_acc = 0.0f;
-  tile_product<TC>(
+  lora_detail::pipelined_tile_product<TC>(
       ceil_div(end - start, kBK), smem,
       [&](TC* ps, TC* qs, int64_t step) {
         // ps[i][m] = P[row m, i0 + i] and qs[j][m] = f(Q[row m, j0 + j]): neighbouring threads read

@@ -229,44 +229,60 @@ struct FmaMath {
   }
 };
 
-// The K loop of the GEMM, two stages deep: the copies of step s + 1 are in flight while step s computes.
-// Leaves the fp32 tile in cs[kBM][kCPitch], which aliases the stages. Optional (multi_lora.cuh): P's tile
-// rows [m0, row_end) gathered through row_index (see load_tile); row_end < 0 means prm.rows.
-template <typename T, typename TA>
-__device__ inline void gemm_mainloop(const GemmParams<T, TA>& prm, int64_t m0, int64_t n0, unsigned char* smem,
-                                     const int64_t* row_index = nullptr, int64_t row_end = -1) {
-  const int64_t p_rows = row_end < 0 ? prm.rows : row_end;
+// The reduction loop of a kBM x kBN tile product in T, two stages deep: the copies of step s + 1 are in flight
+// while step s computes. load_stage(ps, qs, step) starts filling the stage tiles ps [kBM][pitch] (rows x
+// reduction) and qs [kBN][pitch] (columns x reduction); on_stage(ps, qs) sees each stage once it has landed,
+// before the product. Leaves the fp32 tile in smem as [kBM][kCPitch] (aliasing the stages), then a barrier.
+// gemm_mainloop below and bottleneck.cuh's row GEMMs run on it.
+template <typename T, typename LoadStage, typename OnStage>
+__device__ inline void pipelined_tile_product(int64_t steps, unsigned char* smem, LoadStage&& load_stage,
+                                              OnStage&& on_stage) {
   constexpr int kP = operand_pitch<T>();
   using Math = std::conditional_t<use_tensor_cores<T>(), WmmaMath<T>, FmaMath<T>>;
   T* stages = reinterpret_cast<T*>(smem);
-  const int64_t steps = ceil_div(prm.red, kBK);
-  auto load_stage = [&](int64_t step) {
+  auto issue = [&](int64_t step) {
     T* ps = stages + (step % 2) * stage_elems<T>();
-    T* qs = ps + kBM * kP;
-    const int64_t l0 = step * kBK;
-    load_tile<T, kBM, kP>(ps, prm.p, m0, l0, p_rows, prm.red, prm.p_stride_row, prm.p_stride_red, prm.p_vec,
-                          row_index);
-    load_tile<T, kBN, kP>(qs, prm.q, n0, l0, prm.cols, prm.red, prm.q_stride_col, prm.q_stride_red, prm.q_vec);
+    load_stage(ps, ps + kBM * kP, step);
     cp_async_commit();
   };
   Math math;
   math.init();
-  if (steps > 0) load_stage(0);
+  if (steps > 0) issue(0);
   for (int64_t step = 0; step < steps; ++step) {
     // The stage written here was last read in step - 1, which ended at a barrier.
     if (step + 1 < steps) {
-      load_stage(step + 1);
+      issue(step + 1);
       cp_async_wait<1>();  // this thread's copies of `step` have landed
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();  // ... and every other thread's
     const T* ps = stages + (step % 2) * stage_elems<T>();
+    on_stage(ps, ps + kBM * kP);
     math.step(ps, ps + kBM * kP);
     __syncthreads();
   }
   math.store(reinterpret_cast<float*>(smem));
   __syncthreads();
+}
+
+// The K loop of the GEMM of GemmParams. Optional (multi_lora.cuh): P's tile rows [m0, row_end) gathered
+// through row_index (see load_tile); row_end < 0 means prm.rows.
+template <typename T, typename TA>
+__device__ inline void gemm_mainloop(const GemmParams<T, TA>& prm, int64_t m0, int64_t n0, unsigned char* smem,
+                                     const int64_t* row_index = nullptr, int64_t row_end = -1) {
+  const int64_t p_rows = row_end < 0 ? prm.rows : row_end;
+  constexpr int kP = operand_pitch<T>();
+  pipelined_tile_product<T>(
+      ceil_div(prm.red, kBK), smem,
+      [&](T* ps, T* qs, int64_t step) {
+        const int64_t l0 = step * kBK;
+        load_tile<T, kBM, kP>(ps, prm.p, m0, l0, p_rows, prm.red, prm.p_stride_row, prm.p_stride_red, prm.p_vec,
+                              row_index);
+        load_tile<T, kBN, kP>(qs, prm.q, n0, l0, prm.cols, prm.red, prm.q_stride_col, prm.q_stride_red,
+                              prm.q_vec);
+      },
+      [](const T*, const T*) {});
 }
 
 template <typename T, typename TA>
