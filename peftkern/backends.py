@@ -133,3 +133,11 @@ def resolve_backend(device: torch.device, op: str, backend: str | None = None) -
         if not cuda_backend_available():
             raise RuntimeError(f"{op}: backend 'cuda' cannot run: {cuda_backend_status()}")
     return name
+
+
+def describe_backend(device: torch.device, op: str, backend: str | None = None) -> str:
+    """The backend ``resolve_backend`` picks, or "unavailable (why)": for the layers' ``extra_repr``."""
+    try:
+        return resolve_backend(device, op, backend)
+    except (ValueError, RuntimeError) as error:
+        return f"unavailable ({error})"

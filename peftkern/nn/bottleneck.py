@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import reference
-from ..backends import resolve_backend
+from ..backends import describe_backend
 from ..ops._checks import check_tensor
 from ..ops.bottleneck import bottleneck_adapter
 
@@ -175,10 +175,7 @@ class BottleneckAdapter(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        try:
-            backend = resolve_backend(self.down_weight.device, "bottleneck_adapter", self.backend)
-        except (ValueError, RuntimeError) as error:
-            backend = f"unavailable ({error})"
+        backend = describe_backend(self.down_weight.device, "bottleneck_adapter", self.backend)
         return (
             f"dim={self.dim}, bottleneck={self.bottleneck}, num_adapters={self.num_adapters}, "
             f"activation={self.activation}, scaling={self.scaling:g}, layer_norm={self.layer_norm}, "

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..backends import resolve_backend
+from ..backends import describe_backend
 from ..ops._checks import check_finite_scalar, check_probability
 from ..ops.lora import lora_linear
 
@@ -141,10 +141,7 @@ class LoRALinear(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        try:
-            backend = resolve_backend(self.lora_A.device, "lora_linear", self.backend)
-        except (ValueError, RuntimeError) as error:
-            backend = f"unavailable ({error})"
+        backend = describe_backend(self.lora_A.device, "lora_linear", self.backend)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "

@@ -8,7 +8,7 @@ import contextvars
 import torch
 import torch.nn as nn
 
-from ..backends import resolve_backend
+from ..backends import describe_backend
 from ..ops._checks import check_finite_scalar, check_tensor
 from ..ops.multi_lora import multi_lora_linear
 
@@ -167,10 +167,7 @@ class MultiLoRALinear(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        try:
-            backend = resolve_backend(self.lora_A.device, "multi_lora_linear", self.backend)
-        except (ValueError, RuntimeError) as error:
-            backend = f"unavailable ({error})"
+        backend = describe_backend(self.lora_A.device, "multi_lora_linear", self.backend)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, num_slots={self.num_slots}, "
             f"r_max={self.r_max}, backend={backend}"
