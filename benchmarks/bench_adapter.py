@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Callable, Sequence
 
 import harness
 import torch
@@ -55,10 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke-compile", action="store_true", help="time torch.compile in --smoke too")
 
 
-def _pick(option: str | None, values: Sequence, cast: Callable) -> tuple:
-    return tuple(values) if option is None else tuple(cast(v) for v in option.split(","))
-
-
 def cases(bench: harness.Bench) -> list[tuple[int, int, int]]:
     """(tokens, hidden, reduction) in run order."""
     if bench.smoke:
@@ -66,9 +61,9 @@ def cases(bench: harness.Bench) -> list[tuple[int, int, int]]:
     opts = bench.options
     if getattr(opts, "headline", False):
         return [(HEADLINE["tokens"], HEADLINE["hidden"], HEADLINE["reduction"])]
-    tokens = _pick(getattr(opts, "tokens", None), TOKENS, int)
-    hidden = _pick(getattr(opts, "hidden", None), HIDDEN, int)
-    reductions = _pick(getattr(opts, "reduction", None), REDUCTIONS, int)
+    tokens = harness.pick(getattr(opts, "tokens", None), TOKENS, int)
+    hidden = harness.pick(getattr(opts, "hidden", None), HIDDEN, int)
+    reductions = harness.pick(getattr(opts, "reduction", None), REDUCTIONS, int)
     return list(itertools.product(tokens, hidden, reductions))
 
 

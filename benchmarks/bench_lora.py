@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import itertools
-from collections.abc import Callable, Sequence
 
 import harness
 import torch
@@ -53,10 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke-compile", action="store_true", help="time torch.compile in --smoke too")
 
 
-def _pick(option: str | None, values: Sequence, cast: Callable) -> tuple:
-    return tuple(values) if option is None else tuple(cast(v) for v in option.split(","))
-
-
 def cases(bench: harness.Bench) -> list[tuple[int, int, int, float]]:
     """(tokens, hidden, rank, dropout_p) in run order: all ranks and dropouts of one (tokens, hidden)
     together, so that its base rows serve them all."""
@@ -65,10 +60,10 @@ def cases(bench: harness.Bench) -> list[tuple[int, int, int, float]]:
     opts = bench.options
     if getattr(opts, "headline", False):
         return [(HEADLINE["tokens"], HEADLINE["hidden"], HEADLINE["rank"], p) for p in DROPOUTS]
-    tokens = _pick(getattr(opts, "tokens", None), TOKENS, int)
-    hidden = _pick(getattr(opts, "hidden", None), HIDDEN, int)
-    ranks = _pick(getattr(opts, "rank", None), RANKS, int)
-    dropouts = _pick(getattr(opts, "dropout", None), DROPOUTS, float)
+    tokens = harness.pick(getattr(opts, "tokens", None), TOKENS, int)
+    hidden = harness.pick(getattr(opts, "hidden", None), HIDDEN, int)
+    ranks = harness.pick(getattr(opts, "rank", None), RANKS, int)
+    dropouts = harness.pick(getattr(opts, "dropout", None), DROPOUTS, float)
     return list(itertools.product(tokens, hidden, ranks, dropouts))
 
 

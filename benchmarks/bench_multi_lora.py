@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Callable, Sequence
 
 import harness
 import torch
@@ -79,10 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", default=None, help="comma-separated subset of the ranks (8, 16, 64, mixed)")
 
 
-def _pick(option: str | None, values: Sequence, cast: Callable) -> tuple:
-    return tuple(values) if option is None else tuple(cast(v) for v in option.split(","))
-
-
 def _rank(value: str) -> int | str:
     return value if value == "mixed" else int(value)
 
@@ -96,9 +91,9 @@ def cases(bench: harness.Bench) -> list[tuple[int, int | str, int]]:
         picked = list(HEADLINE.values())
     else:
         opts = bench.options
-        tokens = _pick(getattr(opts, "tokens", None), TOKENS, int)
-        adapters = _pick(getattr(opts, "adapters", None), ADAPTERS, int)
-        ranks = _pick(getattr(opts, "rank", None), RANKS, _rank)
+        tokens = harness.pick(getattr(opts, "tokens", None), TOKENS, int)
+        adapters = harness.pick(getattr(opts, "adapters", None), ADAPTERS, int)
+        ranks = harness.pick(getattr(opts, "rank", None), RANKS, _rank)
         picked = [(t, a, r) for a, r, t in itertools.product(adapters, ranks, tokens)]
     ordered = sorted(dict.fromkeys(picked), key=lambda c: (c[1], str(c[2]), c[0]))
     return [(a, r, t) for t, a, r in ordered]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import harness
 import torch
@@ -63,10 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke-compile", action="store_true", help="time torch.compile in --smoke too")
 
 
-def _pick(option: str | None, values: Sequence, cast: Callable) -> tuple:
-    return tuple(values) if option is None else tuple(cast(v) for v in option.split(","))
-
-
 def cases(bench: harness.Bench) -> list[dict]:
     """Shapes dicts in run order: batch, tokens (T), virtual_tokens (n), hidden, vocab, tasks."""
     fixed = {"hidden": HIDDEN, "vocab": VOCAB, "tasks": TASKS}
@@ -75,9 +71,9 @@ def cases(bench: harness.Bench) -> list[dict]:
     opts = bench.options
     if getattr(opts, "headline", False):
         return [{**HEADLINE, **fixed}]
-    batch = _pick(getattr(opts, "batch", None), BATCH, int)
-    tokens = _pick(getattr(opts, "tokens", None), TOKENS, int)
-    virtual = _pick(getattr(opts, "virtual", None), VIRTUAL, int)
+    batch = harness.pick(getattr(opts, "batch", None), BATCH, int)
+    tokens = harness.pick(getattr(opts, "tokens", None), TOKENS, int)
+    virtual = harness.pick(getattr(opts, "virtual", None), VIRTUAL, int)
     return [
         {"batch": b, "tokens": t, "virtual_tokens": n, **fixed} for b, t, n in itertools.product(batch, tokens, virtual)
     ]

@@ -119,6 +119,11 @@ class ProviderUnavailable(RuntimeError):
     """A provider cannot run here (missing package, missing backend); the run records it as skipped."""
 
 
+def pick(option: str | None, values: Sequence, cast: Callable) -> tuple:
+    """A bench's sweep values, or the comma-separated subset a command-line option names (cast each)."""
+    return tuple(values) if option is None else tuple(cast(v) for v in option.split(","))
+
+
 def require_cuda_kernel(forward: Callable[[], object]) -> None:
     """Run ``forward`` once; ProviderUnavailable when the built CUDA backend has no kernel for this op (the
     op's own RuntimeError naming backend 'cuda'), so the provider is recorded as skipped, not failed."""
