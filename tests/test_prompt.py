@@ -420,7 +420,8 @@ def test_prompt_tuning_generate_is_left_padding_invariant():
 
 
 @pytest.mark.gpu
-def test_prompt_concat_offsets_past_int32_on_gpu():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_prompt_concat_offsets_past_int32_on_gpu(backend):
     """An embedding table of more than 2**31 elements: rows near its end are read and written back exactly."""
     vocab, dim = 2**20 + 3, 2048
     embed = torch.zeros(vocab, dim, dtype=torch.bfloat16, device="cuda")
@@ -428,7 +429,7 @@ def test_prompt_concat_offsets_past_int32_on_gpu():
     embed.requires_grad_()
     prompts = torch.randn(1, 2, dim, device="cuda", requires_grad=True)
     input_ids = torch.tensor([[vocab - 1, vocab - 3, vocab - 1]], device="cuda")
-    out = peftkern.prompt_concat(input_ids, embed, prompts, 0, backend="triton")
+    out = peftkern.prompt_concat(input_ids, embed, prompts, 0, backend=backend)
     assert torch.equal(out.inputs_embeds[0, 2], embed.detach()[vocab - 1])
     assert torch.equal(out.inputs_embeds[0, 3], embed.detach()[vocab - 3])
     grad = torch.randn_like(out.inputs_embeds)
