@@ -69,6 +69,24 @@ EXTENSION_PRESENT = importlib.util.find_spec("peftkern._C") is not None
 needs_extension = pytest.mark.skipif(not EXTENSION_PRESENT, reason="peftkern._C is not built here")
 
 
+def make_lora_inputs(M, K, N, r, dtype, adapter_dtype=None, bias=True, device="cpu"):
+    """(x [M, K], weight [N, K], bias [N] or None, lora_a [r, K], lora_b [N, r]) of unit-scale products:
+    x, A and B require grad (in ``adapter_dtype``, default ``dtype``), the base does not."""
+    adapter_dtype = adapter_dtype or dtype
+    x = torch.randn(M, K, device=device)
+    weight = torch.randn(N, K, device=device) / K**0.5
+    b = torch.randn(N, device=device) if bias else None
+    lora_a = torch.randn(r, K, device=device) / K**0.5
+    lora_b = torch.randn(N, r, device=device) / r**0.5
+    return (
+        cast(x, dtype, True),
+        cast(weight, dtype),
+        None if b is None else cast(b, dtype),
+        cast(lora_a, adapter_dtype, True),
+        cast(lora_b, adapter_dtype, True),
+    )
+
+
 def cuda_ext() -> ModuleType:
     """The extension module peftkern._C (imported on first use, so that collection works without it)."""
     import peftkern._C

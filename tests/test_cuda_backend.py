@@ -18,8 +18,8 @@ from _helpers import (
     EXTENSION_PRESENT,
     assert_close,
     assert_graph_replay_follows,
-    cast,
     cuda_ext,
+    make_lora_inputs,
     needs_extension,
 )
 
@@ -196,19 +196,7 @@ SHAPES = [(1, 17, 33, 1), (17, 33, 17, 8), (33, 65, 65, 16), (65, 17, 1, 17), (1
 
 
 def make_inputs(M, K, N, r, dtype, adapter_dtype=None, bias=True):
-    adapter_dtype = adapter_dtype or dtype
-    x = torch.randn(M, K, device="cuda")
-    weight = torch.randn(N, K, device="cuda") / K**0.5
-    b = torch.randn(N, device="cuda") if bias else None
-    lora_a = torch.randn(r, K, device="cuda") / K**0.5
-    lora_b = torch.randn(N, r, device="cuda") / r**0.5
-    return (
-        cast(x, dtype, True),
-        cast(weight, dtype),
-        None if b is None else cast(b, dtype),
-        cast(lora_a, adapter_dtype, True),
-        cast(lora_b, adapter_dtype, True),
-    )
+    return make_lora_inputs(M, K, N, r, dtype, adapter_dtype, bias, "cuda")
 
 
 def run_and_compare(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed=1234):

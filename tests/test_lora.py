@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import DTYPES, assert_close, cast
+from _helpers import DTYPES, assert_close, make_lora_inputs
 
 import peftkern
 from peftkern import reference
@@ -25,19 +25,7 @@ SHAPES = [(1, 17, 33, 4), (17, 33, 17, 8), (33, 65, 65, 16), (65, 16, 1, 1)]
 
 
 def make_inputs(M, K, N, r, dtype, adapter_dtype=None, bias=True, device=DEVICE):
-    adapter_dtype = adapter_dtype or dtype
-    x = torch.randn(M, K, device=device)
-    weight = torch.randn(N, K, device=device) / K**0.5
-    b = torch.randn(N, device=device) if bias else None
-    lora_a = torch.randn(r, K, device=device) / K**0.5
-    lora_b = torch.randn(N, r, device=device) / r**0.5
-    return (
-        cast(x, dtype, True),
-        cast(weight, dtype),
-        None if b is None else cast(b, dtype),
-        cast(lora_a, adapter_dtype, True),
-        cast(lora_b, adapter_dtype, True),
-    )
+    return make_lora_inputs(M, K, N, r, dtype, adapter_dtype, bias, device)
 
 
 def run_and_compare(x, weight, bias, lora_a, lora_b, scaling, dropout_p, backend, seed=1234, grad_scale=1.0):
