@@ -273,15 +273,21 @@ def _multi_lora_fused_decode_kernel(
     row_ranks = tl.where(ok, tl.minimum(tl.maximum(row_ranks, 0), R), 0)
     if HAS_SCALE:
         row_scales = tl.load(SCALES + adapters, mask=ok, other=0.0)
-    # Accumulate straight into the base tile: no second [BLOCK_M, BLOCK_N] register tile.
+    # Accumulate straight into the base tile: no second [BLOCK_M, BLOCK_N] register tile. The per-row
+    # values are [BLOCK_M, 1] columns: with 1-D row vectors inside this loop, triton 3.6's layout pass
+    # fails on some tiles ("mask type matches ptr type", seen compiling BLOCK_M 32 x BLOCK_K 128).
+    row_ranks_2d = row_ranks[:, None]
+    t_ptrs = T + rows[:, None] * R
+    e_ptrs = E + adapters[:, None] * stride_el + cols[None, :] * stride_ec
+    if HAS_SCALE:
+        row_scales_2d = row_scales[:, None]
     for r in range(0, tl.max(row_ranks, axis=0)):
-        r_ok = r < row_ranks
-        t = tl.load(T + rows * R + r, mask=r_ok, other=0.0)
+        r_ok = r < row_ranks_2d
+        t = tl.load(t_ptrs + r, mask=r_ok, other=0.0)
         if HAS_SCALE:
-            t = tl.where(r_ok, t * row_scales, 0.0)
-        e = tl.load(E + adapters[:, None] * stride_el + r * stride_er + cols[None, :] * stride_ec,
-                    mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        acc += t[:, None] * e
+            t = tl.where(r_ok, t * row_scales_2d, 0.0)
+        e = tl.load(e_ptrs + r * stride_er, mask=r_ok & col_ok[None, :], other=0.0).to(tl.float32)
+        acc += t * e
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_oc, acc.to(OUT.dtype.element_ty),
