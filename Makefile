@@ -9,12 +9,19 @@ else
 TEST_ENV := TRITON_INTERPRET=1
 endif
 
-.PHONY: install test gpu-test demo bench lint fuzz
+.PHONY: install test gpu-test demo bench lint fuzz triton-compile-check
+
+# The triton that torch 2.11 pins (what the project's GPU machines run), beside the installed one, for the
+# compile-only test: tests/test_triton_compile.py compiles every kernel with both.
+TRITON_COMPAT ?= 3.6.0
+TRITON_COMPAT_DIR := .triton-compat/$(TRITON_COMPAT)
 
 install:
 	@# Never let a dependency pull a multi-GB CUDA torch: install the CPU build first where none exists.
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[test]"
+	test -d $(TRITON_COMPAT_DIR)/triton || \
+		$(PIP) install --no-deps --target $(TRITON_COMPAT_DIR) "triton==$(TRITON_COMPAT)"
 
 test:
 	$(TEST_ENV) $(PYTHON) -m pytest -q tests
@@ -39,6 +46,14 @@ lint:
 
 fuzz:
 	HYPOTHESIS_PROFILE=long $(TEST_ENV) $(PYTHON) -m pytest -q tests/test_fuzz.py
+
+# Every Triton kernel and every autotune config compiled for sm_90 and sm_80 by the real compiler and
+# ptxas, without a GPU (nothing runs), with registers and spills per kernel (CI compiles first configs only).
+triton-compile-check:
+	env -u TRITON_INTERPRET $(PYTHON) tests/_triton_compile.py --arch 90 80 \
+		--report $${TMPDIR:-/tmp}/peftkern-triton-compile.md
+	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_COMPAT_DIR) $(PYTHON) tests/_triton_compile.py --arch 90 \
+		--report $${TMPDIR:-/tmp}/peftkern-triton-compile-$(TRITON_COMPAT).md
 
 # CUDA C++: the vendoring example (header only, no Python) and the GPU tests under compute-sanitizer.
 NVCC ?= nvcc

@@ -311,9 +311,8 @@ def test_dropout_mask_is_the_reference_stream(seed):
 @pytest.mark.gpu
 def test_cuda_and_triton_draw_the_same_mask():
     pytest.importorskip("triton")
-    from peftkern.triton_kernels.lora import lora_forward as triton_forward
-
     from peftkern.ops._cuda import lora_forward as cuda_forward
+    from peftkern.triton_kernels.lora import lora_forward as triton_forward
 
     M, K, p = 40, 33, 0.4
     x = torch.ones(M, K, device="cuda")

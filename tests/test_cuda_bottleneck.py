@@ -36,9 +36,8 @@ def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
 
 def test_activation_codes_are_the_triton_ones():
     pytest.importorskip("triton")
-    from peftkern.triton_kernels.bottleneck import ACTIVATION_CODES as TRITON_CODES
-
     from peftkern.ops._cuda_bottleneck import ACTIVATION_CODES
+    from peftkern.triton_kernels.bottleneck import ACTIVATION_CODES as TRITON_CODES
 
     assert ACTIVATION_CODES == TRITON_CODES
     assert set(ACTIVATION_CODES) == set(reference.ACTIVATIONS)

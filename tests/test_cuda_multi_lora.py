@@ -367,9 +367,8 @@ def test_agrees_with_triton(path, no_tf32):
 @pytest.mark.gpu
 def test_segment_table_matches_the_triton_builder():
     pytest.importorskip("triton")
-    from peftkern.triton_kernels.multi_lora import build_segments as triton_build_segments
-
     from peftkern.ops._cuda_multi_lora import build_segments
+    from peftkern.triton_kernels.multi_lora import build_segments as triton_build_segments
 
     g = torch.Generator(device="cuda").manual_seed(3)
     for M, L in [(1, 1), (17, 3), (300, 5), (1000, 64), (4099, 2)]:
