@@ -72,6 +72,19 @@ def mma(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def expand(s, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += s @ b for a low-rank expand: ``s`` the fp32 rank-r intermediate, ``b`` an adapter tile.
+
+    With 16-bit activations and adapters (not DOT_FP32) ``s`` is rounded to b's dtype so the product runs
+    on the tensor cores in the accumulator's own layout, as peft's 16-bit layers round their intermediate;
+    an fp32 product would run on the FMA units and need the tile converted between layouts.
+    """
+    if DOT_FP32:
+        return tl.dot(s.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(s.to(b.dtype), b, acc)
+
+
+@triton.jit
 def dropout_keep(seed, rows, cols, n_cols, p_drop):
     """Dropout keep-mask (bool) for the tile (rows x cols) of a row-major [*, n_cols] matrix.
 

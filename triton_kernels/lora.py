@@ -8,6 +8,9 @@ Backward, three launches (and cuBLAS for dW, db when the frozen weight does requ
   dx       dX = dY @ W + (dS @ A) * mask / (1 - p)            the mask regenerated from the seed
   da       dA = dS.T @ (X * mask / (1 - p))
 Partial sums over row chunks go to small fp32 workspaces reduced in a fixed order: deterministic.
+The expands in the fused and dx epilogues accumulate straight into the base tile (``_common.expand``): on
+tensor cores in the activation dtype when activations and adapters are 16-bit (S or dS rounded to it, as
+peft's own layers round their intermediate), in fp32 otherwise.
 
 Shapes follow torch.nn.Linear: X [M, K], W [N, K], A [r, K], B [N, r]. Any strides; offsets in int64.
 """
@@ -22,6 +25,7 @@ from ._common import (
     apply_keep,
     dot_in_fp32,
     dropout_keep,
+    expand,
     fp32_precision,
     gemm_configs,
     grouped_tile,
@@ -106,14 +110,13 @@ def _lora_fwd_kernel(
         w_t = tl.load(W + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                       mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mma(x, w_t, acc, BASE_FP32, PRECISION)
-    # Epilogue: the rank-r expand, a single [BLOCK_M, r] x [r, BLOCK_N] product.
+    # Epilogue: the rank-r expand, one [BLOCK_M, r] x [r, BLOCK_N] product accumulated into the base tile.
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
     s = tl.load(S + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
     b_t = tl.load(B + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
                   mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    lora = mma(s, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
-    acc += scaling * lora
+    acc = expand(s * scaling, b_t, acc, LORA_FP32, PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
@@ -192,7 +195,18 @@ def _lora_bwd_dx_kernel(
     cols = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < K
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < R
+    ds = tl.load(DS + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    a = tl.load(A + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_DROPOUT:
+        # The masked low-rank part first, as the base loop's initial accumulator: it and the mask's random
+        # bits are dead before the loop, so one [BLOCK_M, BLOCK_N] fp32 tile is live at a time (computed
+        # after the loop, the two tiles and the mask spilled kilobytes per thread: ptxas -v, sm_90).
+        acc = apply_keep(expand(ds, a, acc, LORA_FP32, PRECISION),
+                         dropout_keep(tl.load(SEED), rows, cols, K, p_drop)) * inv_keep
     for n0 in range(0, N, BLOCK_K):
         ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
         n_ok = ns < N
@@ -201,15 +215,8 @@ def _lora_bwd_dx_kernel(
         w = tl.load(W + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=n_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mma(dy, w, acc, BASE_FP32, PRECISION)
-    ranks = tl.arange(0, BLOCK_R)
-    rank_ok = ranks < R
-    ds = tl.load(DS + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    a = tl.load(A + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
-                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    lora = mma(ds, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
-    if HAS_DROPOUT:
-        lora = apply_keep(lora, dropout_keep(tl.load(SEED), rows, cols, K, p_drop)) * inv_keep
-    acc += lora
+    if not HAS_DROPOUT:
+        acc = expand(ds, a, acc, LORA_FP32, PRECISION)
     tl.store(DX + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -298,7 +305,8 @@ def lora_forward(
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         float(scaling),
-        HAS_BIAS=bias is not None, BASE_FP32=dot_in_fp32(x.dtype, weight.dtype), LORA_FP32=True,
+        HAS_BIAS=bias is not None, BASE_FP32=dot_in_fp32(x.dtype, weight.dtype),
+        LORA_FP32=dot_in_fp32(x.dtype, lora_b.dtype),
         PRECISION=precision, BLOCK_R=block_r,
     )
     return y, s
@@ -363,7 +371,8 @@ def lora_backward(
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
             p_drop, inv_keep,
-            HAS_DROPOUT=has_dropout, BASE_FP32=dot_in_fp32(grad_y.dtype, weight.dtype), LORA_FP32=True,
+            HAS_DROPOUT=has_dropout, BASE_FP32=dot_in_fp32(grad_y.dtype, weight.dtype),
+            LORA_FP32=dot_in_fp32(grad_y.dtype, lora_a.dtype),
             PRECISION=precision, BLOCK_R=block_r,
         )
 
