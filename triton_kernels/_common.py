@@ -72,12 +72,13 @@ def mma(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def expand(s, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += s @ b for a low-rank expand: ``s`` the fp32 rank-r intermediate, ``b`` an adapter tile.
+def lowrank_dot(s, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += s @ b, ``s`` an fp32 rank-r intermediate tile (S, dS or a transpose) and ``b`` a tile of an
+    adapter or of the activations.
 
     With 16-bit activations and adapters (not DOT_FP32) ``s`` is rounded to b's dtype so the product runs
     on the tensor cores in the accumulator's own layout, as peft's 16-bit layers round their intermediate;
-    an fp32 product would run on the FMA units and need the tile converted between layouts.
+    an fp32 product would run on the FMA units and hold a second copy of the tile in another layout.
     """
     if DOT_FP32:
         return tl.dot(s.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)

@@ -8,9 +8,9 @@ Backward, three launches (and cuBLAS for dW, db when the frozen weight does requ
   dx       dX = dY @ W + (dS @ A) * mask / (1 - p)            the mask regenerated from the seed
   da       dA = dS.T @ (X * mask / (1 - p))
 Partial sums over row chunks go to small fp32 workspaces reduced in a fixed order: deterministic.
-The expands in the fused and dx epilogues accumulate straight into the base tile (``_common.expand``): on
-tensor cores in the activation dtype when activations and adapters are 16-bit (S or dS rounded to it, as
-peft's own layers round their intermediate), in fp32 otherwise.
+The products with S or dS (``_common.lowrank_dot``; the fused and dx expands accumulate straight into the
+base tile) run on tensor cores in the activation dtype when activations and adapters are 16-bit, S or dS
+rounded to it as peft's own layers round their intermediate, and in fp32 otherwise; S stays fp32.
 
 Shapes follow torch.nn.Linear: X [M, K], W [N, K], A [r, K], B [N, r]. Any strides; offsets in int64.
 """
@@ -25,11 +25,11 @@ from ._common import (
     apply_keep,
     dot_in_fp32,
     dropout_keep,
-    expand,
     fp32_precision,
     gemm_configs,
     grouped_tile,
     interpreting,
+    lowrank_dot,
     m_bucket,
     mma,
     rank_block,
@@ -116,7 +116,7 @@ def _lora_fwd_kernel(
     s = tl.load(S + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
     b_t = tl.load(B + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
                   mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    acc = expand(s * scaling, b_t, acc, LORA_FP32, PRECISION)
+    acc = lowrank_dot(s * scaling, b_t, acc, LORA_FP32, PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
@@ -164,7 +164,7 @@ def _lora_bwd_dy_kernel(
             b = tl.load(B + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
                         mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
             ds = mma(dy, b, ds, LORA_FP32, PRECISION)
-            db = mma(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PRECISION)
+            db = mma(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), LORA_FP32, PRECISION)
             db_ptrs = DB_PART + chunk.to(tl.int64) * N * R + cols[:, None] * R + ranks[None, :]
             db_mask = col_ok[:, None] & rank_ok[None, :]
             # The workspace starts zeroed; only this program touches this slice, so read-add-write is race-free.
@@ -205,7 +205,7 @@ def _lora_bwd_dx_kernel(
         # The masked low-rank part first, as the base loop's initial accumulator: it and the mask's random
         # bits are dead before the loop, so one [BLOCK_M, BLOCK_N] fp32 tile is live at a time (computed
         # after the loop, the two tiles and the mask spilled kilobytes per thread: ptxas -v, sm_90).
-        acc = apply_keep(expand(ds, a, acc, LORA_FP32, PRECISION),
+        acc = apply_keep(lowrank_dot(ds, a, acc, LORA_FP32, PRECISION),
                          dropout_keep(tl.load(SEED), rows, cols, K, p_drop)) * inv_keep
     for n0 in range(0, N, BLOCK_K):
         ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -216,7 +216,7 @@ def _lora_bwd_dx_kernel(
                     mask=n_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mma(dy, w, acc, BASE_FP32, PRECISION)
     if not HAS_DROPOUT:
-        acc = expand(ds, a, acc, LORA_FP32, PRECISION)
+        acc = lowrank_dot(ds, a, acc, LORA_FP32, PRECISION)
     tl.store(DX + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -250,7 +250,7 @@ def _lora_bwd_da_kernel(
         if HAS_DROPOUT:
             x = apply_keep(x, dropout_keep(seed, rows, cols, K, p_drop))
         ds = tl.load(DS + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = mma(tl.trans(ds), x, acc, LORA_FP32, PRECISION)
+        acc = lowrank_dot(tl.trans(ds), x, acc, LORA_FP32, PRECISION)
     if HAS_DROPOUT:
         acc *= inv_keep
     tl.store(DA_PART + chunk.to(tl.int64) * R * K + ranks[:, None] * K + cols[None, :], acc,
@@ -386,7 +386,7 @@ def lora_backward(
         M, K, R, rows_per_chunk,
         x.stride(0), x.stride(1),
         p_drop, inv_keep,
-        HAS_DROPOUT=has_dropout, LORA_FP32=True, PRECISION=precision,
+        HAS_DROPOUT=has_dropout, LORA_FP32=dot_in_fp32(x.dtype, lora_a.dtype), PRECISION=precision,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
     )
     grad_a = da_part.sum(0).to(lora_a.dtype)
