@@ -22,6 +22,8 @@ Backward (the segment table always, the forward's path for the row-wise kernels)
            (adapter, column tile, rank chunk), summing its segment's rows in a fixed order; with few
            adapters each segment is cut into a few parts (fp32 partials summed in a fixed order) to fill
            the device. Deterministic, no atomics.
+The products with S or dS in the prefill epilogue and in grad run on tensor cores in the activation dtype
+when activations and adapters are 16-bit (``_common.lowrank_dot``), in fp32 otherwise.
 Work beyond an adapter's rank is skipped: rank chunks past it run no loop iterations and load nothing.
 S stays in the original row order, so the saved intermediate does not depend on the path.
 
@@ -38,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_in_fp32, fp32_precision, grouped_tile, interpreting, m_bucket, mma
+from ._common import dot_in_fp32, fp32_precision, grouped_tile, interpreting, lowrank_dot, m_bucket, mma
 
 __all__ = ["DECODE_MAX_ROWS", "Segments", "build_segments", "multi_lora_forward", "multi_lora_backward"]
 
@@ -301,7 +303,7 @@ def _multi_lora_fused_segment_kernel(
     M, C, J, R, L, n_tiles, M_BUCKET,
     stride_im, stride_ij, stride_wj, stride_wc, stride_el, stride_er, stride_ec, stride_om, stride_oc,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BASE_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    EXPAND_FP32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """As the decode fused kernel over a tile of rows that share one adapter (rows gathered through the
@@ -331,7 +333,7 @@ def _multi_lora_fused_segment_kernel(
             t = t * scale
         e = tl.load(E + adapter * stride_el + ranks[:, None] * stride_er + cols[None, :] * stride_ec,
                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(t, e, acc, True, PRECISION)
+        acc = lowrank_dot(t, e, acc, EXPAND_FP32, PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_oc, acc.to(OUT.dtype.element_ty),
@@ -343,7 +345,7 @@ def _multi_lora_grad_kernel(
     T, IN, PERM, BOUNDS, RANKS, SCALES, G,
     M, C, R, L,
     stride_im, stride_ic, stride_gs, stride_gl, stride_gr, stride_gc,
-    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """G[s, i, r, c] = scale_i * sum_{t in part s of segment i} T[t, r] IN[t, c] (zero for r >= rank_i).
@@ -377,7 +379,7 @@ def _multi_lora_grad_kernel(
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         v = tl.load(IN + rows[:, None] * stride_im + cols[None, :] * stride_ic,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(tl.trans(t), v, acc, True, PRECISION)
+        acc = lowrank_dot(tl.trans(t), v, acc, DOT_FP32, PRECISION)
     if HAS_SCALE:
         acc = acc * tl.load(SCALES + adapter)
     # Zero past the rank even where a non-finite activation made 0 * inf = NaN in the (unused) padding.
@@ -445,7 +447,7 @@ def _fused(inp, w, w_strides, bias, t, e, e_strides, ids, segments, ranks, scale
         _multi_lora_fused_segment_kernel[grid](
             inp, w, bias, t, e, segments.perm, segments.tiles, ranks, scales, out,
             M, C, J, R, L, n_tiles, m_bucket(M), *strides,
-            BLOCK_R=_EXPAND_CHUNK, BLOCK_M=segments.block_m, **common,
+            EXPAND_FP32=dot_in_fp32(inp.dtype, e.dtype), BLOCK_R=_EXPAND_CHUNK, BLOCK_M=segments.block_m, **common,
         )
 
 
@@ -479,7 +481,7 @@ def _segment_grad(t, inp, segments, ranks, scales, shape, dtype, layout):
     _multi_lora_grad_kernel[(L, n_col_tiles, n_chunks * splits)](
         t, inp, segments.perm, segments.bounds, ranks, scales if has_scale else t, out, M, C, R, L,
         inp.stride(0), inp.stride(1), *strides,
-        HAS_SCALE=has_scale, PRECISION=fp32_precision(), SPLITS=splits,
+        HAS_SCALE=has_scale, DOT_FP32=dot_in_fp32(inp.dtype, dtype), PRECISION=fp32_precision(), SPLITS=splits,
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r,
     )
     if splits == 1:
