@@ -96,30 +96,45 @@ def activate_grad(h, ACT: tl.constexpr):
 def _adapter_gemm_tile(
     X, W, rows, row_ok, ids, cols, col_ok, K, L,
     stride_xm, stride_xk, stride_wl, stride_wn, stride_wk,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_IDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """acc[m, n] = sum_k X[m, k] * W[ids[m], n, k] over the tile, fp32; 0 for rows with no adapter.
 
     Loops over the adapters 0..L-1 and multiplies only for those some row of the tile uses, with the
-    other rows masked to zero: a tile of one adapter costs one GEMM.
+    other rows masked to zero: a tile of one adapter costs one GEMM. Without ids (one adapter, every row
+    on it) a single K loop: the adapter loop and its branch would keep the compiler from pipelining the
+    loads and from holding the accumulator in the tensor cores' layout (ptxas -v: every config spilled).
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for adapter in range(0, L):
-        sel = row_ok & (ids == adapter)
-        if tl.max(sel.to(tl.int32), 0) > 0:
-            w_base = W + (tl.full((), 0, tl.int64) + adapter) * stride_wl
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-                k_ok = ks < K
-                x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                            mask=sel[:, None] & k_ok[None, :], other=0.0)
-                w_t = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                              mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                if not DOT_FP32:
-                    # fp32 intermediates (dH) meet 16-bit weights on the tensor cores in the weights' type.
-                    x = x.to(w_t.dtype)
-                acc = mma(x, w_t, acc, DOT_FP32, PRECISION)
+    if HAS_IDS:
+        for adapter in range(0, L):
+            sel = row_ok & (ids == adapter)
+            if tl.max(sel.to(tl.int32), 0) > 0:
+                w_base = W + (tl.full((), 0, tl.int64) + adapter) * stride_wl
+                acc = _gemm_k_loop(X, w_base, rows, sel, cols, col_ok, K, acc, stride_xm, stride_xk,
+                                   stride_wn, stride_wk, DOT_FP32, PRECISION, BLOCK_K)
+    else:
+        acc = _gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc, stride_xm, stride_xk,
+                           stride_wn, stride_wk, DOT_FP32, PRECISION, BLOCK_K)
+    return acc
+
+
+@triton.jit
+def _gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc, stride_xm, stride_xk, stride_wn, stride_wk,
+                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + X[rows] @ W[cols].T over K (rows outside ``row_ok`` read as zeros)."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = ks < K
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(W + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if not DOT_FP32:
+            # fp32 intermediates (dH) meet 16-bit weights on the tensor cores in the weights' type.
+            x = x.to(w_t.dtype)
+        acc = mma(x, w_t, acc, DOT_FP32, PRECISION)
     return acc
 
 
@@ -163,7 +178,7 @@ def _bottleneck_down_kernel(
     ids = _row_ids(IDS, rows, row_ok, HAS_IDS, BLOCK_M)
     acc = _adapter_gemm_tile(X, W, rows, row_ok, ids, cols, col_ok, K, L,
                              stride_xm, stride_xk, stride_wl, stride_wb, stride_wk,
-                             DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                             HAS_IDS, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     active = row_ok & (ids >= 0) & (ids < L)
     if HAS_BIAS:
         safe = tl.where(active, ids, 0)
@@ -193,7 +208,7 @@ def _bottleneck_up_kernel(
     ids = _row_ids(IDS, rows, row_ok, HAS_IDS, BLOCK_M)
     acc = _adapter_gemm_tile(A, W, rows, row_ok, ids, cols, col_ok, NB, L,
                              NB, 1, stride_wl, stride_wn, stride_wb,
-                             DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                             HAS_IDS, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
         active = row_ok & (ids >= 0) & (ids < L)
@@ -229,7 +244,7 @@ def _bottleneck_bwd_dh_kernel(
     # The product runs over N (the model dim), with the up weight read as [L, NB, N].
     acc = _adapter_gemm_tile(DY, W, rows, row_ok, ids, cols, col_ok, N, L,
                              stride_dym, stride_dyn, stride_wl, stride_wb, stride_wn,
-                             DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                             HAS_IDS, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = row_ok[:, None] & col_ok[None, :]
     offsets = rows[:, None] * NB + cols[None, :]
     h = tl.load(H + offsets, mask=mask, other=0.0)
@@ -252,7 +267,7 @@ def _bottleneck_bwd_dx_kernel(
     ids = _row_ids(IDS, rows, row_ok, HAS_IDS, BLOCK_M)
     acc = _adapter_gemm_tile(DH, W, rows, row_ok, ids, cols, col_ok, NB, L,
                              NB, 1, stride_wl, stride_wk, stride_wb,
-                             DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                             HAS_IDS, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = row_ok[:, None] & col_ok[None, :]
     if ADD_DY:
         dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyk, mask=mask, other=0.0)
