@@ -72,6 +72,28 @@ def mma(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc, stride_xm, stride_xk, stride_wc, stride_wk,
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + sum_k X[rows, k] * W~[k, cols] over k < K, W~[k, c] at ``W + c * stride_wc + k * stride_wk``;
+    rows outside ``row_ok`` read as zeros. The base-GEMM main loop every GEMM kernel here shares.
+
+    Without DOT_FP32 the X tile is cast to W's dtype first: fp32 intermediates (the bottleneck's dH) meet
+    16-bit weights on the tensor cores in the weights' type; a no-op when the two dtypes already agree.
+    """
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = ks < K
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(W + cols[None, :] * stride_wc + ks[:, None] * stride_wk,
+                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if not DOT_FP32:
+            x = x.to(w_t.dtype)
+        acc = mma(x, w_t, acc, DOT_FP32, PRECISION)
+    return acc
+
+
+@triton.jit
 def lowrank_dot(s, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """acc += s @ b, ``s`` an fp32 rank-r intermediate tile (S, dS or a transpose) and ``b`` a tile of an
     adapter or of the activations.

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_in_fp32, fp32_precision, gemm_configs, grouped_tile, interpreting, m_bucket, mma
+from ._common import dot_in_fp32, fp32_precision, gemm_configs, gemm_k_loop, grouped_tile, interpreting, m_bucket, mma
 from ._segments import adapter_segments
 
 __all__ = ["ACTIVATION_CODES", "bottleneck_forward", "bottleneck_backward"]
@@ -112,29 +112,11 @@ def _adapter_gemm_tile(
             sel = row_ok & (ids == adapter)
             if tl.max(sel.to(tl.int32), 0) > 0:
                 w_base = W + (tl.full((), 0, tl.int64) + adapter) * stride_wl
-                acc = _gemm_k_loop(X, w_base, rows, sel, cols, col_ok, K, acc, stride_xm, stride_xk,
+                acc = gemm_k_loop(X, w_base, rows, sel, cols, col_ok, K, acc, stride_xm, stride_xk,
                                    stride_wn, stride_wk, DOT_FP32, PRECISION, BLOCK_K)
     else:
-        acc = _gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc, stride_xm, stride_xk,
+        acc = gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc, stride_xm, stride_xk,
                            stride_wn, stride_wk, DOT_FP32, PRECISION, BLOCK_K)
-    return acc
-
-
-@triton.jit
-def _gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc, stride_xm, stride_xk, stride_wn, stride_wk,
-                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + X[rows] @ W[cols].T over K (rows outside ``row_ok`` read as zeros)."""
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_ok = ks < K
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(W + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if not DOT_FP32:
-            # fp32 intermediates (dH) meet 16-bit weights on the tensor cores in the weights' type.
-            x = x.to(w_t.dtype)
-        acc = mma(x, w_t, acc, DOT_FP32, PRECISION)
     return acc
 
 

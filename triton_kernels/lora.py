@@ -27,6 +27,7 @@ from ._common import (
     dropout_keep,
     fp32_precision,
     gemm_configs,
+    gemm_k_loop,
     grouped_tile,
     interpreting,
     lowrank_dot,
@@ -101,15 +102,8 @@ def _lora_fwd_kernel(
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_ok = ks < K
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(W + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(x, w_t, acc, BASE_FP32, PRECISION)
+    acc = gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                      stride_xm, stride_xk, stride_wn, stride_wk, BASE_FP32, PRECISION, BLOCK_K)
     # Epilogue: the rank-r expand, one [BLOCK_M, r] x [r, BLOCK_N] product accumulated into the base tile.
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
@@ -207,14 +201,9 @@ def _lora_bwd_dx_kernel(
         # after the loop, the two tiles and the mask spilled kilobytes per thread: ptxas -v, sm_90).
         acc = apply_keep(lowrank_dot(ds, a, acc, LORA_FP32, PRECISION),
                          dropout_keep(tl.load(SEED), rows, cols, K, p_drop)) * inv_keep
-    for n0 in range(0, N, BLOCK_K):
-        ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        n_ok = ns < N
-        dy = tl.load(DY + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
-                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        w = tl.load(W + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
-                    mask=n_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(dy, w, acc, BASE_FP32, PRECISION)
+    # dY @ W: the reduction runs over N, W~[n, k] = W[n, k].
+    acc = gemm_k_loop(DY, W, rows, row_ok, cols, col_ok, N, acc, stride_dym, stride_dyn, stride_wk, stride_wn,
+                      BASE_FP32, PRECISION, BLOCK_K)
     if not HAS_DROPOUT:
         acc = lowrank_dot(ds, a, acc, LORA_FP32, PRECISION)
     tl.store(DX + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),

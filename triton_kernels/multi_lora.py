@@ -40,7 +40,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_in_fp32, fp32_precision, grouped_tile, interpreting, lowrank_dot, m_bucket, mma
+from ._common import (
+    dot_in_fp32,
+    fp32_precision,
+    gemm_k_loop,
+    grouped_tile,
+    interpreting,
+    lowrank_dot,
+    m_bucket,
+    mma,
+)
 
 __all__ = ["DECODE_MAX_ROWS", "Segments", "build_segments", "multi_lora_forward", "multi_lora_backward"]
 
@@ -171,16 +180,8 @@ def _base_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """sum_j IN[rows, j] * W~[j, cols] as an fp32 [BLOCK_M, BLOCK_N] tile."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, J, BLOCK_K):
-        js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        j_ok = js < J
-        v = tl.load(IN + rows[:, None] * stride_im + js[None, :] * stride_ij,
-                    mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        w = tl.load(W + js[:, None] * stride_wj + cols[None, :] * stride_wc,
-                    mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(v, w, acc, BASE_FP32, PRECISION)
-    return acc
+    return gemm_k_loop(IN, W, rows, row_ok, cols, col_ok, J, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                       stride_im, stride_ij, stride_wc, stride_wj, BASE_FP32, PRECISION, BLOCK_K)
 
 
 @triton.jit
