@@ -119,3 +119,19 @@ def assert_graph_replay_follows(run: Callable[[], torch.Tensor], x: torch.Tensor
         torch.cuda.synchronize()
         expected = run()
     assert torch.equal(out, expected) and not torch.equal(out, eager)
+
+
+def greedy_decode_loop(forward: Callable[..., object], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding as a plain loop over full forwards (no KV cache): each step runs ``forward`` on the
+    whole sequence so far and appends the argmax of the last position's logits. The ground truth for a
+    ``generate`` test; peft's own prompt/prefix ``generate`` disagrees with it on some transformers/peft
+    versions (transformers 5.24 with peft 0.21.2), so it is not used as the reference."""
+    tokens, mask = input_ids, attention_mask
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = forward(input_ids=tokens, attention_mask=mask).logits
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return tokens
