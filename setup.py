@@ -1,4 +1,8 @@
-"""Build script. Metadata and packages live in pyproject.toml; this file adds the optional CUDA extension.
+"""Build script. Metadata and packages live in pyproject.toml; this file adds two optional extensions.
+
+``peftkern._cpu`` (``csrc/cpu/*.cpp``, the host C++ compiler, pybind11, no torch) holds the torch backend's CPU
+kernels (the dropout keep-mask); when it cannot be built, a warning says so and the torch backend computes the
+same values with torch ops, much slower.
 
 ``peftkern._C`` is built with nvcc through ninja when nvcc is found (``$CUDA_HOME/bin``, ``PATH``, or
 ``/usr/local/cuda/bin``), and skipped when it is not or when ``PEFTKERN_NO_CUDA=1``. No torch is involved:
@@ -18,11 +22,13 @@ import shlex
 import shutil
 import subprocess
 import sysconfig
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import BaseError, CCompilerError
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
@@ -97,6 +103,8 @@ class NvccBuildExt(build_ext):
     installed (parallel, incremental), else a thread pool."""
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name == "peftkern._cpu":
+            return self._build_cpu_extension(ext)
         if ext.name != "peftkern._C":
             return super().build_extension(ext)
         import pybind11
@@ -143,6 +151,19 @@ class NvccBuildExt(build_ext):
         else:
             self._run_pool(compile_jobs, link)
 
+    def _build_cpu_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        ext.include_dirs = [*ext.include_dirs, pybind11.get_include()]
+        try:
+            super().build_extension(ext)
+        except (CCompilerError, BaseError, OSError) as error:
+            warnings.warn(
+                f"peftkern._cpu was not built ({error}); the torch backend's dropout falls back to torch ops "
+                "(the same masks, several times slower)",
+                stacklevel=1,
+            )
+
     def _run_ninja(self, ninja: str, build_dir: Path, compile_jobs, link: list[str], out: Path) -> None:
         lines = [
             "ninja_required_version = 1.3",
@@ -181,10 +202,17 @@ def _ninja_escape(text: str) -> str:
 
 
 def extensions() -> list[Extension]:
+    cpu = Extension(
+        "peftkern._cpu",
+        sources=[f"csrc/cpu/{p.name}" for p in sorted((CSRC / "cpu").glob("*.cpp"))],
+        extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-pthread"],
+        extra_link_args=["-pthread"],
+        language="c++",
+    )
     if find_nvcc() is None:
-        return []
+        return [cpu]
     sources = [f"csrc/{s}" for s in KERNEL_SOURCES + HOST_SOURCES]
-    return [Extension("peftkern._C", sources=sources)]
+    return [cpu, Extension("peftkern._C", sources=sources)]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": NvccBuildExt})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import reference
 from ..backends import resolve_backend
 from ._checks import (
     autocast_inputs,
@@ -23,51 +22,62 @@ from ._checks import (
     check_tensor,
     intermediate_dtype,
 )
+from ._dropout import keep_mask
 
 __all__ = ["lora_linear", "new_dropout_seed"]
 
 OP = "lora_linear"
 
 
-def _keep_mask(seed: torch.Tensor | None, shape: tuple[int, int], dropout_p: float, device) -> torch.Tensor | None:
+def _keep_mask(seed: torch.Tensor | None, x: torch.Tensor, dropout_p: float) -> torch.Tensor | None:
+    # 0/1 in x's dtype: x * keep is then one plain pass (a bool operand would be converted first).
     if seed is None or dropout_p == 0.0:
         return None
-    return reference.dropout_mask(seed, shape, dropout_p, device=device)
+    return keep_mask(seed, tuple(x.shape), dropout_p, x.dtype)
 
 
 # ---- torch backend: plain torch ops, the same math and the same dropout stream as the kernels ----------
+# Scalars fold into the small [M, r] / [r, K] / [N, r] tensors and into addmm's alpha, so the [M, N] and
+# [M, K] tensors are touched as few times as peft's own layer touches them. Multiplying by the 0/1 mask is
+# exact in any dtype (and NaN stays NaN where dropped, as with torch's dropout).
 
 
 def _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
     compute = intermediate_dtype(x.dtype, lora_a.dtype)
-    dropped = x.to(compute)
-    keep = _keep_mask(seed, tuple(x.shape), dropout_p, x.device)
+    keep = _keep_mask(seed, x, dropout_p)
+    dropped = x if keep is None else x * keep
+    s = dropped.to(compute) @ lora_a.to(compute).T
     if keep is not None:
-        dropped = dropped * keep.to(compute)
-    s = dropped @ lora_a.to(compute).T
-    if keep is not None:
-        s = s / (1.0 - dropout_p)
-    lora = (s @ lora_b.to(compute).T) * scaling
-    y = (F.linear(x, weight, bias).to(compute) + lora).to(x.dtype)
-    return y, s
+        s = s.div_(1.0 - dropout_p)
+    y = F.linear(x, weight, bias)
+    if y.dtype == compute:
+        return y.addmm_(s, lora_b.to(compute).T, alpha=scaling), s
+    return torch.addmm(y.to(compute), s, lora_b.to(compute).T, alpha=scaling).to(x.dtype), s
 
 
 def _torch_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx):
     compute = s.dtype
     dy = grad_y.to(compute)
-    grad_s = (dy @ lora_b.to(compute)) * scaling
-    grad_b = ((dy.T @ s) * scaling).to(lora_b.dtype)
-    keep = _keep_mask(seed, tuple(x.shape), dropout_p, x.device)
-    factor = None if keep is None else keep.to(compute) / (1.0 - dropout_p)
-    dropped = x.to(compute) if factor is None else x.to(compute) * factor
-    grad_a = (grad_s.T @ dropped).to(lora_a.dtype)
-    grad_x = None
-    if need_dx:
-        lora = grad_s @ lora_a.to(compute)
-        if factor is not None:
-            lora = lora * factor
-        grad_x = ((grad_y @ weight).to(compute) + lora).to(x.dtype)
-    return grad_x, grad_a, grad_b
+    grad_s = (dy @ lora_b.to(compute)).mul_(scaling)
+    grad_b = (dy.T @ s).mul_(scaling).to(lora_b.dtype)
+    keep = _keep_mask(seed, x, dropout_p)
+    dropped = x if keep is None else x * keep
+    grad_a = grad_s.T @ dropped.to(compute)
+    if keep is not None:
+        grad_a = grad_a.div_(1.0 - dropout_p)
+        grad_s = grad_s.div_(1.0 - dropout_p)
+    grad_a = grad_a.to(lora_a.dtype)
+    if not need_dx:
+        return None, grad_a, grad_b
+    grad_x = grad_y @ weight
+    if grad_x.dtype == compute and keep is None:
+        return grad_x.addmm_(grad_s, lora_a.to(compute)), grad_a, grad_b
+    lora = grad_s @ lora_a.to(compute)
+    if keep is not None:
+        lora = lora.mul_(keep.to(compute))
+    if grad_x.dtype == compute:
+        return grad_x.add_(lora), grad_a, grad_b
+    return (grad_x.to(compute) + lora).to(x.dtype), grad_a, grad_b
 
 
 # ---- the custom ops ---------------------------------------------------------------------------------------

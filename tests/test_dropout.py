@@ -1,0 +1,90 @@
+"""The dropout keep-mask outside the fused kernels: ``peftkern._cpu`` (the torch backend on CPU), the Triton
+mask kernel (the torch backend on CUDA) and the fallback, each bit-exact with ``reference.dropout_mask``."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from peftkern import reference
+from peftkern.ops import _dropout
+
+MASK_DTYPES = [torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64]
+SHAPES = [(1, 1), (1, 31), (17, 33), (33, 1000), (4096, 37)]  # blocks of 32, tails, thread splits
+SEEDS = [0, 1, 123456789, 2**32 - 1, 2**32, 2**62 - 17, -5]
+
+
+def _cpu_module():
+    return importlib.import_module("peftkern._cpu")
+
+
+def test_cpu_extension_is_built():
+    # `make install` builds it; without it the torch backend still runs (the reference's torch ops) but its
+    # dropout is ~30x slower, so a missing build must show up here rather than as a slow CI.
+    assert _dropout.cpu_kernels_available(), "peftkern._cpu did not build or load (see pip's build warnings)"
+
+
+@pytest.mark.parametrize("simd", ["avx512f", "avx2", "scalar"])
+def test_cpu_mask_is_bit_exact_in_every_instruction_set(simd):
+    module = _cpu_module()
+    before = module.simd()
+    try:
+        module.use_simd(simd)
+    except ValueError as error:
+        if simd == "scalar":
+            raise
+        # The scalar path is tested on every machine; a CPU without this instruction set cannot run it.
+        pytest.skip(f"this CPU cannot run {simd}: {error}")
+    try:
+        for seed in SEEDS:
+            for shape in SHAPES:
+                for p in (0.1, 0.5, 0.999):
+                    expected = reference.dropout_mask(seed, shape, p)
+                    for dtype in MASK_DTYPES:
+                        got = _dropout.keep_mask(torch.tensor([seed]), shape, p, dtype)
+                        assert got.dtype == dtype and got.shape == shape
+                        assert torch.equal(got, expected.to(dtype)), (simd, seed, shape, p, dtype)
+    finally:
+        module.use_simd(before)
+
+
+def test_cpu_mask_counters_past_2_to_32_and_p_zero():
+    module = _cpu_module()
+    first = 2**33 + 7  # counters whose high word is not 0 (a [M, K] view of more than 2**32 elements)
+    got = torch.empty(1000, dtype=torch.bool)
+    module.dropout_keep_mask(77, first, 1000, 0.3, got.data_ptr(), 1, 1, 2)
+    expected = reference.philox_uniform(77, torch.arange(first, first + 1000)) >= 0.3
+    assert torch.equal(got, expected)
+    assert bool(_dropout.keep_mask(torch.tensor([3]), (5, 7), 0.0).all())
+
+
+def test_cpu_mask_rejects_bad_arguments():
+    module = _cpu_module()
+    out = torch.empty(4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="p must be in"):
+        module.dropout_keep_mask(1, 0, 4, 1.0, out.data_ptr(), 1, 1, 1)
+    with pytest.raises(ValueError, match="word_bytes"):
+        module.dropout_keep_mask(1, 0, 4, 0.5, out.data_ptr(), 3, 1, 1)
+    with pytest.raises(ValueError, match="null output"):
+        module.dropout_keep_mask(1, 0, 4, 0.5, 0, 1, 1, 1)
+    with pytest.raises(ValueError, match="not available"):
+        module.use_simd("sse9")
+
+
+def test_fallback_without_the_extension_gives_the_same_mask(monkeypatch):
+    expected = _dropout.keep_mask(torch.tensor([99]), (17, 33), 0.25, torch.float32)
+    monkeypatch.setattr(_dropout, "_cpu_kernels", lambda: None)
+    assert torch.equal(_dropout.keep_mask(torch.tensor([99]), (17, 33), 0.25, torch.float32), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.float16])
+def test_triton_mask_kernel_matches_reference(dtype):
+    # The torch backend's mask on CUDA tensors; here through Triton's interpreter on CPU tensors.
+    pytest.importorskip("triton")
+    from peftkern.triton_kernels.dropout import dropout_keep_mask
+
+    for seed, shape in [(5, (1, 1)), (2**40 + 3, (3, 1500)), (-5, (0, 4))]:
+        got = dropout_keep_mask(torch.tensor([seed]), shape, 0.3, dtype)
+        assert torch.equal(got, reference.dropout_mask(seed, shape, 0.3).to(dtype)), (seed, shape)
