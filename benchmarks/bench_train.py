@@ -11,14 +11,21 @@ peftkern's Philox), so the curves agree statistically, not bit for bit.
 
     python3 benchmarks/bench_train.py                  # GPU
     python3 benchmarks/bench_train.py --smoke --out /tmp/bench
+    python3 benchmarks/bench_train.py --device cpu     # CPU: peft vs from_peft, interleaved (see cpu_compare)
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import platform
+import re
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import harness
 import torch
@@ -180,5 +187,147 @@ def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
     })
 
 
+# ---- CPU: the torch backend against peft, the comparison a CPU user makes ---------------------------------
+
+CPU = {"hidden": 512, "intermediate": 1376, "layers": 4, "heads": 8, "vocab": 8000, "seq": 256, "batch": 4}
+CPU_DROPOUTS = (0.0, 0.1)
+
+
+def cpu_slug() -> str:
+    """``amd-epyc-2-cores``: the CPU model and its core count (never starting with ``cpu``, which git ignores
+    for the smoke runs' scratch results)."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1]
+                break
+    except OSError:
+        pass
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or "unknown"
+    return f"{slug}-{os.cpu_count()}-cores"
+
+
+def saved_bytes(model, input_ids: torch.Tensor) -> int:
+    """Bytes autograd holds for backward after one forward (unique storages, parameters excluded): the
+    activation memory a training step keeps, the same on any device."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params and storage.nbytes():
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    del loss
+    return sum(storages.values())
+
+
+def _build_cpu_pair(config: dict, dropout_p: float):
+    global DROPOUT_P
+    DROPOUT_P, saved = dropout_p, DROPOUT_P
+    try:
+        theirs = build_peft_model(config, torch.device("cpu"), torch.float32)
+        ours = _from_peft()(build_peft_model(config, torch.device("cpu"), torch.float32))
+    finally:
+        DROPOUT_P = saved
+    return theirs, ours
+
+
+def cpu_compare(steps: int, warmup: int, out: Path) -> Path:
+    """peft and peft + ``from_peft`` on the same small fp32 Llama, one step of each in turn (so load on the
+    machine falls on both alike), for each dropout in CPU_DROPOUTS; median wall and process-CPU times per
+    step, their ratio, and the bytes autograd saves. Writes ``<out>/<cpu slug>/train_cpu_<N>_threads.json``.
+
+    The CPU time is the calling thread's (``time.thread_time``): with one torch thread it is the step's whole
+    CPU time and hardly moves with other load on the machine, which wall time does."""
+    import peft
+    import transformers
+
+    config = dict(CPU)
+    generator = torch.Generator().manual_seed(SEED)
+    batches = torch.randint(0, config["vocab"], (warmup + steps, config["batch"], config["seq"]), generator=generator)
+    rows, ratios = [], {}
+    for dropout_p in CPU_DROPOUTS:
+        models = dict(zip(("peft", "peftkern"), _build_cpu_pair(config, dropout_p)))
+        saved = {name: saved_bytes(model, batches[0]) for name, model in models.items()}
+        optimizers = {
+            name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+            for name, model in models.items()
+        }
+        wall = {name: [] for name in models}
+        cpu = {name: [] for name in models}
+        losses = {name: [] for name in models}
+        for step, input_ids in enumerate(batches):
+            for name, model in models.items():
+                model.train()
+                start, start_cpu = time.perf_counter(), time.thread_time()
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+                loss.backward()
+                optimizers[name].step()
+                optimizers[name].zero_grad(set_to_none=True)
+                if step >= warmup:
+                    wall[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.thread_time() - start_cpu)
+                losses[name].append(float(loss.detach()))
+        for name in models:
+            rows.append({
+                "provider": name, "dropout_p": dropout_p,
+                "step_ms": _quantiles_ms(wall[name]), "step_thread_cpu_ms": _quantiles_ms(cpu[name]),
+                "tokens_per_s": config["batch"] * config["seq"] * len(wall[name]) / sum(wall[name]),
+                "saved_bytes": saved[name], "losses": losses[name],
+            })
+            print(f"[train cpu] p={dropout_p} {name:9s} step {rows[-1]['step_ms'][0]:8.1f} ms "
+                  f"(thread cpu {rows[-1]['step_thread_cpu_ms'][0]:8.1f} ms)  saved {saved[name] / 2**20:7.1f} MiB")
+        key = f"dropout_{dropout_p:g}"
+        ratios[f"step_time_vs_peft_{key}"] = rows[-1]["step_ms"][0] / rows[-2]["step_ms"][0]
+        ratios[f"step_thread_cpu_time_vs_peft_{key}"] = (
+            rows[-1]["step_thread_cpu_ms"][0] / rows[-2]["step_thread_cpu_ms"][0]
+        )
+        ratios[f"saved_bytes_vs_peft_{key}"] = saved["peftkern"] / saved["peft"]
+        if dropout_p == 0.0:  # the same math and no randomness: the curves must agree
+            ratios["loss_max_rel_diff_vs_peft_dropout_0"] = max(
+                abs(a - b) / abs(b) for a, b in zip(losses["peftkern"], losses["peft"])
+            )
+        del models, optimizers
+        gc.collect()
+    result = {
+        "what": "one train step (forward, backward, AdamW) of a small fp32 Llama with LoRA r16 on every linear "
+                "layer: peft against peftkern.from_peft, steps interleaved; times are CPU times, medians with "
+                "20/80 quantiles in ms",
+        "device": cpu_slug(), "threads": torch.get_num_threads(), "steps": steps, "warmup_steps": warmup,
+        "config": config | {"rank": RANK, "alpha": ALPHA, "dtype": "float32"},
+        "versions": {"torch": torch.__version__, "peft": peft.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ratios": ratios, "rows": rows,
+    }
+    path = out / cpu_slug() / f"train_cpu_{torch.get_num_threads()}_threads.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    for key, value in ratios.items():
+        print(f"[train cpu] {key} = {value:.4g}")
+    return path
+
+
+def _cpu_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description="peftkern benchmark: train step on CPU, peft vs from_peft")
+    parser.add_argument("--device", choices=["cpu"], required=True)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per provider and dropout (10)")
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"[train cpu] -> {cpu_compare(args.steps, args.warmup_steps, args.out)}")
+
+
 if __name__ == "__main__":
-    harness.main(OP, run, summarize, add_arguments)
+    if "--device" in sys.argv[1:]:
+        _cpu_main(sys.argv[1:])
+    else:
+        harness.main(OP, run, summarize, add_arguments)
