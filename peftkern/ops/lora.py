@@ -80,7 +80,34 @@ def _torch_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, se
     return (grad_x.to(compute) + lora).to(x.dtype), grad_a, grad_b
 
 
-# ---- the custom ops ---------------------------------------------------------------------------------------
+# ---- dispatch to a backend -------------------------------------------------------------------------------
+
+
+def _forward_impl(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
+    if backend == "triton":
+        from ..triton_kernels.lora import lora_forward
+
+        return lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    if backend == "cuda":
+        from ._cuda import lora_forward as cuda_lora_forward
+
+        return cuda_lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    return _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+
+
+def _backward_impl(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, backend):
+    if backend == "triton":
+        from ..triton_kernels.lora import lora_backward
+
+        return lora_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx)
+    if backend == "cuda":
+        from ._cuda import lora_backward as cuda_lora_backward
+
+        return cuda_lora_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx)
+    return _torch_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx)
+
+
+# ---- the custom ops (what torch.compile traces) -----------------------------------------------------------
 
 
 @torch.library.custom_op("peftkern::lora_linear", mutates_args=())
@@ -95,15 +122,7 @@ def _lora_linear_op(
     seed: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from ..triton_kernels.lora import lora_forward
-
-        return lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-    if backend == "cuda":
-        from ._cuda import lora_forward as cuda_lora_forward
-
-        return cuda_lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-    return _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    return _forward_impl(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend)
 
 
 @_lora_linear_op.register_fake
@@ -128,22 +147,9 @@ def _lora_linear_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dX, dA, dB); dX is an empty [0] tensor when ``need_dx`` is False."""
-    if backend == "triton":
-        from ..triton_kernels.lora import lora_backward
-
-        grad_x, grad_a, grad_b = lora_backward(
-            grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx
-        )
-    elif backend == "cuda":
-        from ._cuda import lora_backward as cuda_lora_backward
-
-        grad_x, grad_a, grad_b = cuda_lora_backward(
-            grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx
-        )
-    else:
-        grad_x, grad_a, grad_b = _torch_backward(
-            grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx
-        )
+    grad_x, grad_a, grad_b = _backward_impl(
+        grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, backend
+    )
     return (grad_x if grad_x is not None else x.new_empty(0)), grad_a, grad_b
 
 
@@ -161,12 +167,14 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(s)
 
 
-def _backward(ctx, grad_y, _grad_s):
+def _gradients(ctx, grad_y, run_backward):
+    """The gradients of (x, weight, bias, lora_a, lora_b, *the non-tensor inputs); ``run_backward`` computes
+    (dX, dA, dB) from ``_backward_impl``'s arguments (the custom op when traced, the implementation eagerly)."""
     x, weight, lora_a, lora_b, s, seed = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     grad_x = grad_w = grad_bias = grad_a = grad_b = None
     if need_x or need_a or need_b:
-        grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_backward(
+        grad_x, grad_a, grad_b = run_backward(
             grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, seed, need_x, ctx.backend
         )
         grad_x = grad_x if need_x else None
@@ -180,7 +188,28 @@ def _backward(ctx, grad_y, _grad_s):
     return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 
 
+def _backward(ctx, grad_y, _grad_s):
+    return _gradients(ctx, grad_y, torch.ops.peftkern.lora_linear_backward)
+
+
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoRALinear(torch.autograd.Function):
+    """The same forward and backward as the custom ops, without their per-call dispatch (tens of
+    microseconds a call in eager mode, as much as a small layer's whole work on the CPU). Used outside
+    torch.compile; the compiler traces the custom ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
+        y, s = _forward_impl(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, s, seed)
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _gradients(ctx, grad_y, _backward_impl)
 
 
 # ---- the public function ----------------------------------------------------------------------------------
@@ -274,5 +303,9 @@ def lora_linear(
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y, _ = torch.ops.peftkern.lora_linear(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed_tensor, name)
+    args = (x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed_tensor, name)
+    if torch.compiler.is_compiling():
+        y, _ = torch.ops.peftkern.lora_linear(*args)
+    else:
+        y = _EagerLoRALinear.apply(*args)
     return y.reshape(*lead, weight.shape[0])
