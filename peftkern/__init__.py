@@ -11,6 +11,7 @@ from .backends import cuda_backend_status, use_backend
 from .io import load_adapter, load_soft_prompt, save_adapter, save_soft_prompt
 from .model import (
     from_peft,
+    fused_layers,
     inject_lora,
     mark_trainable,
     merge,
@@ -46,6 +47,7 @@ __all__ = [
     "bottleneck_adapter",
     "cuda_backend_status",
     "from_peft",
+    "fused_layers",
     "inject_adapters",
     "inject_lora",
     "load_adapter",
