@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from _helpers import assert_close
 from _models import (
+    count_fused_calls,
     loss_of,
     our_adapter_params,
     peft_adapter_params,
@@ -132,24 +133,9 @@ def test_from_peft_keeps_outputs_and_gradients(config, monkeypatch):
     # peft's modules stay (peft's isinstance checks hold); every LoRA layer runs our op once per forward.
     assert peftkern.fused_layers(ours) == list(ours_params)
     assert all(isinstance(ours.base_model.model.get_submodule(n), peft.tuners.lora.Linear) for n in ours_params)
-    calls = _count_calls(monkeypatch, "lora_linear")
+    calls = count_fused_calls(monkeypatch, "lora_linear")
     _assert_same_run(ours, theirs, ours_params, peft_adapter_params(theirs))
     assert calls == [len(ours_params)]
-
-
-def _count_calls(monkeypatch, op: str) -> list[int]:
-    """Counts the calls from converted peft layers to ``peftkern.<op>`` (one entry, incremented per call)."""
-    import peftkern.peft_compat as compat
-
-    calls = [0]
-    real = getattr(compat, op)
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(compat, op, counted)
-    return calls
 
 
 def test_from_peft_keeps_dropout_and_training_mode(monkeypatch):
