@@ -1,10 +1,12 @@
 """peftkern: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning, as PyTorch layers."""
 
+from . import adapters, nn
+from ._deprecation import deprecated_aliases
 from .adapters import (
-    AdapterConfig,
-    inject_adapters,
+    BottleneckConfig,
+    inject_bottleneck_adapters,
     load_bottleneck_adapters,
-    remove_adapters,
+    remove_bottleneck_adapters,
     save_bottleneck_adapters,
 )
 from .backends import cuda_backend_status, use_backend
@@ -27,7 +29,7 @@ from .nn import (
     PrefixTuningForCausalLM,
     PromptTuningEmbedding,
     PromptTuningForCausalLM,
-    use_adapter_ids,
+    use_bottleneck_adapter_ids,
 )
 from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_kv, prompt_concat
 from .pool import AdapterPool
@@ -35,7 +37,7 @@ from .pool import AdapterPool
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig",
+    "BottleneckConfig",
     "AdapterPool",
     "BottleneckAdapter",
     "LoRALinear",
@@ -48,7 +50,7 @@ __all__ = [
     "cuda_backend_status",
     "from_peft",
     "fused_layers",
-    "inject_adapters",
+    "inject_bottleneck_adapters",
     "inject_lora",
     "load_adapter",
     "load_bottleneck_adapters",
@@ -60,12 +62,14 @@ __all__ = [
     "multi_lora_linear",
     "prefix_kv",
     "prompt_concat",
-    "remove_adapters",
+    "remove_bottleneck_adapters",
     "save_adapter",
     "save_bottleneck_adapters",
     "save_soft_prompt",
     "trainable_parameters",
     "unmerge",
-    "use_adapter_ids",
+    "use_bottleneck_adapter_ids",
     "use_backend",
 ]
+
+__getattr__ = deprecated_aliases(globals(), {**adapters.RENAMED, **nn.bottleneck.RENAMED})
