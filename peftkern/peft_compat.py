@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from .nn.multi_lora import broadcast_adapter_ids
 from .ops.lora import lora_linear
 from .ops.multi_lora import multi_lora_linear
 
@@ -163,7 +164,7 @@ class FusedLoraLinear(PeftLoraLinear):
         stacked_b = torch.stack([F.pad(b, (0, r_max - b.shape[1])) for b in lora_bs])
         slot = {name: index for index, name in enumerate(names)}
         row_ids = torch.tensor([slot.get(name, -1) for name in adapter_names], dtype=torch.int32, device=x.device)
-        adapter_ids = row_ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        adapter_ids = broadcast_adapter_ids(row_ids, tuple(x.shape[:-1]))
         scalings = [float(self.scaling[name]) for name in names]
         # The ids are ours and in range: no host-side check (and no sync) needed.
         return multi_lora_linear(x, base.weight, base.bias, stacked_a, stacked_b, adapter_ids, scalings, ranks,
