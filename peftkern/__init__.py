@@ -1,4 +1,15 @@
-"""peftkern: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning, as PyTorch layers."""
+"""peftkern: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning, as PyTorch layers.
+
+One page per use, in the repository's ``docs/``:
+
+- ``docs/training.md``: train with peft + ``transformers.Trainer`` and :func:`from_peft` (or
+  :func:`inject_lora` without peft); :func:`save_adapter` / :func:`load_adapter`.
+- ``docs/serving.md``: a mixed batch (one adapter per row) with :class:`AdapterPool` and
+  :func:`multi_lora_linear`.
+- ``docs/soft-prompts.md``: :class:`PromptTuningForCausalLM`, :class:`PrefixTuningForCausalLM`.
+- ``docs/bottleneck-adapters.md``: :class:`BottleneckConfig`, :func:`inject_bottleneck_adapters`.
+- ``docs/vendoring.md``: using ``triton_kernels/`` or the ``csrc/include/peftkern/`` headers alone.
+"""
 
 from . import adapters, nn
 from ._deprecation import deprecated_aliases
