@@ -116,6 +116,24 @@ def test_gradient_checkpointing_reentrant_with_input_require_grads():
         assert_close(ours_grads[name], grad, name)
 
 
+def test_torch_compile_fullgraph_of_a_converted_model(monkeypatch):
+    """No graph break in the converted forward (its state checks are plain Python on module attributes)."""
+    ours, theirs = _pair()
+    ids = token_batch()
+    calls = count_fused_calls(monkeypatch, "lora_linear")
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    assert calls[0] == LAYERS  # traced through our op
+    expected = theirs(input_ids=ids, labels=ids).loss
+    assert_close(loss, expected, "loss")
+    loss.backward()
+    expected.backward()
+    theirs_grads, ours_grads = _lora_grads(theirs), _lora_grads(ours)
+    assert len(ours_grads) == 2 * LAYERS
+    for name, grad in theirs_grads.items():
+        assert_close(ours_grads[name], grad, name)
+
+
 # ---- disable_adapter, merging ------------------------------------------------------------------------------
 
 
