@@ -403,12 +403,25 @@ def fused_layers(model: nn.Module) -> list[str]:
     return names
 
 
+def _peft_method(model: nn.Module, method: str):
+    """peft's tuner method ``method`` (``merge_adapter``, ...) behind ``model``, or None for a model without
+    peft layers; ``ValueError`` for a peft model whose tuner has no such method (prompt learning: nothing
+    to merge)."""
+    tuner = _peft_tuner(model, method.removesuffix("_adapter"))
+    if tuner is None:
+        return None
+    bound = getattr(tuner, method, None)
+    if bound is None:
+        raise ValueError(f"model: peft's {type(tuner).__name__} has no {method} (nothing to merge)")
+    return bound
+
+
 def merge(model: nn.Module, *, safe_merge: bool = False) -> nn.Module:
     """Fold every adapter into its base weight, keeping the layers (``unmerge`` undoes it); returns
     ``model``. For a ``peft`` model, peft's ``merge_adapter(safe_merge=...)`` (its active adapters)."""
-    tuner = _peft_tuner(model, "merge")
-    if tuner is not None:
-        tuner.merge_adapter(safe_merge=safe_merge)
+    peft_merge = _peft_method(model, "merge_adapter")
+    if peft_merge is not None:
+        peft_merge(safe_merge=safe_merge)
     for _, layer in lora_layers(model):
         layer.merge()
     return model
@@ -417,9 +430,9 @@ def merge(model: nn.Module, *, safe_merge: bool = False) -> nn.Module:
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`: subtract every merged adapter from its base weight; returns ``model``. For a
     ``peft`` model, peft's ``unmerge_adapter()``."""
-    tuner = _peft_tuner(model, "unmerge")
-    if tuner is not None:
-        tuner.unmerge_adapter()
+    peft_unmerge = _peft_method(model, "unmerge_adapter")
+    if peft_unmerge is not None:
+        peft_unmerge()
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model
@@ -428,12 +441,12 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, *, safe_merge: bool = False) -> nn.Module:
     """Fold every adapter into its base weight and put the plain ``nn.Linear`` back; returns the plain
     model. For a ``peft`` model, peft's ``merge_and_unload(safe_merge=...)``, which returns its base model."""
-    tuner = _peft_tuner(model, "merge_and_unload")
-    root = tuner.merge_and_unload(safe_merge=safe_merge) if tuner is not None else unwrap_model(model)
+    peft_merge_and_unload = _peft_method(model, "merge_and_unload")
+    root = unwrap_model(model) if peft_merge_and_unload is None else peft_merge_and_unload(safe_merge=safe_merge)
     for name, layer in list(lora_layers(root)):
         layer.merge()
         _set_submodule(root, name, layer.base_layer)
-    return root if tuner is not None else model
+    return model if peft_merge_and_unload is None else root
 
 
 class ParameterCount(NamedTuple):
