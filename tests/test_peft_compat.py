@@ -211,6 +211,11 @@ def test_peftkern_helpers_on_a_converted_model():
         peftkern.merge(ours.base_model.model)
     with pytest.raises(ValueError, match="base_model_name_or_path / task_type"):
         peftkern.save_adapter(ours, "unused", task_type="CAUSAL_LM")
+    # A prompt-tuning peft model: nothing to fuse (not refused), nothing to merge (said so).
+    prompt = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert peftkern.from_peft(prompt) is prompt and peftkern.fused_layers(prompt) == []
+    with pytest.raises(ValueError, match="has no merge_adapter"):
+        peftkern.merge(prompt)
 
 
 # ---- named adapters, mixed batches, modules_to_save --------------------------------------------------------
