@@ -209,6 +209,12 @@ def plan_lora(
     alphas = _check_patterns("alpha_pattern", alpha_pattern, _check_alpha)
     exclude = None if exclude_modules is None else _check_target_modules(exclude_modules)
     root = unwrap_model(model)
+    if peft_model_of(model) is not None or any(_is_peft_tuner_layer(module) for module in root.modules()):
+        # Our layers would wrap peft's inner base_layer / lora_A modules: peft has its own way to add one.
+        raise ValueError(
+            "model: holds peft layers; add a LoRA adapter with peft's add_adapter (then peftkern.from_peft(model) "
+            "runs it fused), or inject_lora into the plain model"
+        )
     lora_names = [name for name, module in root.named_modules() if isinstance(module, LoRALinear)]
     heads = _output_head_names(root) if spec == ALL_LINEAR else set()
 

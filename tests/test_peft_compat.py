@@ -207,6 +207,10 @@ def test_peftkern_helpers_on_a_converted_model():
     assert list(peftkern.model.lora_layers(ours)) == []  # peft's layers are peft's
     with pytest.raises(ValueError, match="is a peft PeftModel"):
         peftkern.mark_trainable(ours)
+    before = [type(module) for module in ours.modules()]
+    with pytest.raises(ValueError, match="holds peft layers; add a LoRA adapter with peft's add_adapter"):
+        peftkern.inject_lora(ours, "all-linear", r=2, alpha=2)
+    assert [type(module) for module in ours.modules()] == before  # refused before any change
     with pytest.raises(ValueError, match="not a peft PeftModel; merge the PeftModel itself"):
         peftkern.merge(ours.base_model.model)
     with pytest.raises(ValueError, match="base_model_name_or_path / task_type"):
