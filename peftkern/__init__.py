@@ -1,16 +1,30 @@
-"""peftkern: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning, as PyTorch layers."""
+"""peftkern: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning, as PyTorch layers.
 
+One page per use, in the repository's ``docs/``:
+
+- ``docs/training.md``: train with peft + ``transformers.Trainer`` and :func:`from_peft` (or
+  :func:`inject_lora` without peft); :func:`save_adapter` / :func:`load_adapter`.
+- ``docs/serving.md``: a mixed batch (one adapter per row) with :class:`AdapterPool` and
+  :func:`multi_lora_linear`.
+- ``docs/soft-prompts.md``: :class:`PromptTuningForCausalLM`, :class:`PrefixTuningForCausalLM`.
+- ``docs/bottleneck-adapters.md``: :class:`BottleneckConfig`, :func:`inject_bottleneck_adapters`.
+- ``docs/vendoring.md``: using ``triton_kernels/`` or the ``csrc/include/peftkern/`` headers alone.
+"""
+
+from . import adapters, nn
+from ._deprecation import deprecated_aliases
 from .adapters import (
-    AdapterConfig,
-    inject_adapters,
+    BottleneckConfig,
+    inject_bottleneck_adapters,
     load_bottleneck_adapters,
-    remove_adapters,
+    remove_bottleneck_adapters,
     save_bottleneck_adapters,
 )
 from .backends import cuda_backend_status, use_backend
 from .io import load_adapter, load_soft_prompt, save_adapter, save_soft_prompt
 from .model import (
     from_peft,
+    fused_layers,
     inject_lora,
     mark_trainable,
     merge,
@@ -26,7 +40,7 @@ from .nn import (
     PrefixTuningForCausalLM,
     PromptTuningEmbedding,
     PromptTuningForCausalLM,
-    use_adapter_ids,
+    use_bottleneck_adapter_ids,
 )
 from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_kv, prompt_concat
 from .pool import AdapterPool
@@ -34,7 +48,7 @@ from .pool import AdapterPool
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig",
+    "BottleneckConfig",
     "AdapterPool",
     "BottleneckAdapter",
     "LoRALinear",
@@ -46,7 +60,8 @@ __all__ = [
     "bottleneck_adapter",
     "cuda_backend_status",
     "from_peft",
-    "inject_adapters",
+    "fused_layers",
+    "inject_bottleneck_adapters",
     "inject_lora",
     "load_adapter",
     "load_bottleneck_adapters",
@@ -58,12 +73,14 @@ __all__ = [
     "multi_lora_linear",
     "prefix_kv",
     "prompt_concat",
-    "remove_adapters",
+    "remove_bottleneck_adapters",
     "save_adapter",
     "save_bottleneck_adapters",
     "save_soft_prompt",
     "trainable_parameters",
     "unmerge",
-    "use_adapter_ids",
+    "use_bottleneck_adapter_ids",
     "use_backend",
 ]
+
+__getattr__ = deprecated_aliases(globals(), {**adapters.RENAMED, **nn.bottleneck.RENAMED})

@@ -29,16 +29,17 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from . import reference
+from ._deprecation import deprecated_aliases
 from .io import read_adapter_files, write_atomically
 from .nn.bottleneck import BottleneckAdapter
 
 __all__ = [
-    "AdapterConfig",
+    "BottleneckConfig",
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
-    "inject_adapters",
-    "adapter_modules",
-    "remove_adapters",
+    "inject_bottleneck_adapters",
+    "bottleneck_adapter_modules",
+    "remove_bottleneck_adapters",
     "save_bottleneck_adapters",
     "load_bottleneck_adapters",
 ]
@@ -54,8 +55,8 @@ _HOOKS_ATTR = "_peftkern_adapter_hooks"
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterConfig:
-    """What :func:`inject_adapters` builds: the placement and every ``BottleneckAdapter`` argument."""
+class BottleneckConfig:
+    """What :func:`inject_bottleneck_adapters` builds: the placement and every ``BottleneckAdapter`` argument."""
 
     placement: str = "pfeiffer"
     reduction_factor: int = 16
@@ -83,10 +84,10 @@ class AdapterConfig:
             raise ValueError(f"layer_norm: expected a bool, got {self.layer_norm!r}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> AdapterConfig:
+    def from_dict(cls, values: dict) -> BottleneckConfig:
         """Build from a dict; an unknown field raises ``ValueError`` naming it."""
         if not isinstance(values, dict):
-            raise TypeError(f"config: expected an AdapterConfig or a dict, got {type(values).__name__}")
+            raise TypeError(f"config: expected an BottleneckConfig or a dict, got {type(values).__name__}")
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -97,8 +98,8 @@ class AdapterConfig:
         return dataclasses.asdict(self)
 
 
-def _as_config(config: AdapterConfig | dict) -> AdapterConfig:
-    return config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
+def _as_config(config: BottleneckConfig | dict) -> BottleneckConfig:
+    return config if isinstance(config, BottleneckConfig) else BottleneckConfig.from_dict(config)
 
 
 def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -123,7 +124,7 @@ def _hidden_size(model: nn.Module) -> int:
     return size
 
 
-def _sites(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+def _sites(model: nn.Module, config: BottleneckConfig) -> list[tuple[str, nn.Module]]:
     """The sublayers that get an adapter, as (qualified name, module), in model order."""
     return [
         (f"{layer_name}.{site}" if layer_name else site, getattr(layer, site))
@@ -146,16 +147,16 @@ def _sublayer_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device
     return torch.get_default_dtype(), torch.device("cpu")
 
 
-def adapter_modules(model: nn.Module) -> Iterator[tuple[str, BottleneckAdapter]]:
+def bottleneck_adapter_modules(model: nn.Module) -> Iterator[tuple[str, BottleneckAdapter]]:
     """(name in the model, adapter) for every injected bottleneck adapter."""
     for name, module in model.named_modules():
         if isinstance(module, BottleneckAdapter) and name.rsplit(".", 1)[-1] == ADAPTER_CHILD:
             yield name, module
 
 
-def inject_adapters(
+def inject_bottleneck_adapters(
     model: nn.Module,
-    config: AdapterConfig | dict,
+    config: BottleneckConfig | dict,
     *,
     dtype: torch.dtype | None = None,
     backend: str | None = None,
@@ -163,16 +164,16 @@ def inject_adapters(
 ) -> nn.Module:
     """Add bottleneck adapters to every decoder layer of ``model`` (in place; returns it).
 
-    ``config``: an :class:`AdapterConfig` or a dict of its fields. Adapters are created on the device of
+    ``config``: an :class:`BottleneckConfig` or a dict of its fields. Adapters are created on the device of
     their sublayer, in ``dtype`` (default: float32 beside a 16-bit model, else the model's dtype). With
     ``freeze_base`` every parameter of the base model stops requiring grad; the adapters' do. Multi-adapter
-    batches (``num_adapters`` > 1): run the model inside ``peftkern.use_adapter_ids(ids)`` with ids [B].
+    batches (``num_adapters`` > 1): run the model inside ``peftkern.use_bottleneck_adapter_ids(ids)`` with ids [B].
     """
     config = _as_config(config)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
-    if any(True for _ in adapter_modules(model)):
-        raise ValueError("model: already holds bottleneck adapters (call remove_adapters(model) first)")
+    if any(True for _ in bottleneck_adapter_modules(model)):
+        raise ValueError("model: already holds bottleneck adapters (call remove_bottleneck_adapters(model) first)")
     sites = _sites(model, config)
     dim = _hidden_size(model)
     if freeze_base:
@@ -194,11 +195,11 @@ def inject_adapters(
     return model
 
 
-def remove_adapters(model: nn.Module) -> nn.Module:
-    """Undo :func:`inject_adapters`: remove the hooks and the adapter modules (in place; returns model)."""
+def remove_bottleneck_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`inject_bottleneck_adapters`: remove the hooks and the adapter modules (in place; returns model)."""
     for hook in getattr(model, _HOOKS_ATTR, []):
         hook.remove()
-    for name, _ in list(adapter_modules(model)):
+    for name, _ in list(bottleneck_adapter_modules(model)):
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         del parent._modules[ADAPTER_CHILD]
     for attr in (_CONFIG_ATTR, _HOOKS_ATTR):
@@ -213,9 +214,9 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 def save_bottleneck_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the model's bottleneck adapters to the directory ``path`` (created if missing)."""
     config = getattr(model, _CONFIG_ATTR, None)
-    modules = list(adapter_modules(model))
+    modules = list(bottleneck_adapter_modules(model))
     if config is None or not modules:
-        raise ValueError("model: holds no bottleneck adapters (inject_adapters(model, config) first)")
+        raise ValueError("model: holds no bottleneck adapters (inject_bottleneck_adapters(model, config) first)")
     tensors = {}
     for name, module in modules:
         for param_name, tensor in module.state_dict().items():
@@ -236,7 +237,7 @@ def save_bottleneck_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     })
 
 
-def _read(path: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
+def _read(path: str | os.PathLike) -> tuple[dict, BottleneckConfig, dict[str, torch.Tensor]]:
     header, tensors = read_adapter_files(path, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
     config_path = Path(path) / ADAPTER_CONFIG_NAME
     if header.get("format") != FORMAT:
@@ -247,15 +248,15 @@ def _read(path: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch
             f"got {header.get('format_version')!r}"
         )
     try:
-        config = AdapterConfig.from_dict(header.get("config"))
+        config = BottleneckConfig.from_dict(header.get("config"))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{config_path}: key 'config': {error}") from error
     return header, config, tensors
 
 
-def _expected_shapes(model: nn.Module, config: AdapterConfig) -> dict[str, torch.Size]:
+def _expected_shapes(model: nn.Module, config: BottleneckConfig) -> dict[str, torch.Size]:
     """Name -> shape of every tensor the file must hold for this model (with or without adapters yet)."""
-    existing = dict(adapter_modules(model))
+    existing = dict(bottleneck_adapter_modules(model))
     if existing:
         return {
             f"{name}.{param_name}": tensor.shape
@@ -284,7 +285,7 @@ def load_bottleneck_adapters(
     """Load adapters saved by :func:`save_bottleneck_adapters` into ``model`` (in place; returns it).
 
     A model without adapters gets them injected from the file's config (``dtype``/``backend`` as in
-    :func:`inject_adapters`); a model with adapters must have the same config. Every key, shape and dtype
+    :func:`inject_bottleneck_adapters`); a model with adapters must have the same config. Every key, shape and dtype
     is checked first: ``FileNotFoundError``/``ValueError`` name the file and the key, and leave the model
     unchanged.
     """
@@ -292,7 +293,7 @@ def load_bottleneck_adapters(
     weights_path = Path(path) / ADAPTER_WEIGHTS_NAME
     current = getattr(model, _CONFIG_ATTR, None)
     if current is not None and current != config:
-        fields = [f.name for f in dataclasses.fields(AdapterConfig)]
+        fields = [f.name for f in dataclasses.fields(BottleneckConfig)]
         field = next(name for name in fields if getattr(current, name) != getattr(config, name))
         raise ValueError(
             f"{Path(path) / ADAPTER_CONFIG_NAME}: key 'config.{field}': the file has "
@@ -326,11 +327,21 @@ def load_bottleneck_adapters(
 
     # Everything checked: now change the model.
     if current is None:
-        inject_adapters(model, config, dtype=dtype, backend=backend)
-    modules = dict(adapter_modules(model))
+        inject_bottleneck_adapters(model, config, dtype=dtype, backend=backend)
+    modules = dict(bottleneck_adapter_modules(model))
     with torch.no_grad():
         for name, tensor in tensors.items():
             module_name, param_name = name.rsplit(".", 1)
             target = getattr(modules[module_name], param_name)
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
     return model
+
+
+# The names before bottleneck adapters said "bottleneck" (``adapter`` alone is a LoRA adapter elsewhere).
+RENAMED = {
+    "AdapterConfig": "BottleneckConfig",
+    "inject_adapters": "inject_bottleneck_adapters",
+    "remove_adapters": "remove_bottleneck_adapters",
+    "adapter_modules": "bottleneck_adapter_modules",
+}
+__getattr__ = deprecated_aliases(globals(), RENAMED)

@@ -28,10 +28,12 @@ from .model import (
     _check_patterns,
     _check_rank,
     _matches,
+    _peft_tuner,
     apply_lora,
     lora_layers,
     mark_trainable,
     pattern_value,
+    peft_model_of,
     plan_lora,
     unwrap_model,
 )
@@ -288,6 +290,19 @@ def _full_cpu_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous().clone()
 
 
+def _process_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``os.umask`` sets while it reads,
+    which races with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(files: dict[Path, Callable[[str], None]]) -> None:
     """Write every file to a temporary file in its own directory first, then rename them all into place:
     a crash while writing leaves the old files intact (and no partial file under the final name)."""
@@ -298,6 +313,9 @@ def write_atomically(files: dict[Path, Callable[[str], None]]) -> None:
             os.close(handle)
             staged[target] = temporary
             write(temporary)
+            # mkstemp (and safetensors' own writer) make 0o600 files; the rename would keep that. Give the
+            # file the mode open() would: 0o666 less the umask.
+            os.chmod(temporary, 0o666 & ~_process_umask())
             with open(temporary, "rb") as stream:
                 os.fsync(stream.fileno())
         # The weights go first: a reader never sees a new config next to weights it does not describe
@@ -322,10 +340,23 @@ def save_adapter(
     (``base_model.model.<module>.lora_A.weight`` [r, in], ``...lora_B.weight`` [out, r]), so that
     ``peft.PeftModel.from_pretrained(base_model, path)`` loads it. Writes are atomic (temp file + rename).
 
-    ``model`` is a model with ``LoRALinear`` layers (from :func:`peftkern.inject_lora`, or a converted
-    ``peft`` model, or either wrapped by ``torch.compile`` / DDP). The most common rank and alpha become
-    ``r`` / ``lora_alpha``; layers that differ go to ``rank_pattern`` / ``alpha_pattern``.
+    ``model`` is a model with ``LoRALinear`` layers (from :func:`peftkern.inject_lora`, possibly wrapped by
+    ``torch.compile`` / DDP). The most common rank and alpha become ``r`` / ``lora_alpha``; layers that differ
+    go to ``rank_pattern`` / ``alpha_pattern``.
+
+    For a ``peft`` ``PeftModel`` (converted by :func:`peftkern.from_peft` or not) this is peft's own
+    ``save_pretrained(path)``: every adapter, ``modules_to_save`` and peft's config, exactly the files a Trainer
+    checkpoint holds (``base_model_name_or_path`` / ``task_type`` then come from its config: passing them
+    raises ``ValueError``).
     """
+    if _peft_tuner(model, "save") is not None:
+        if base_model_name_or_path is not None or task_type is not None:
+            raise ValueError(
+                "base_model_name_or_path / task_type: a peft model saves its own config; set them on its "
+                "peft_config instead"
+            )
+        peft_model_of(model).save_pretrained(str(path))
+        return
     config = lora_config_dict(model, base_model_name_or_path, task_type)
     adapter_ids = {id(p) for _, layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)}
     parameters = unwrap_model(model).named_parameters()
@@ -355,16 +386,30 @@ def save_adapter(
     write_atomically({directory / WEIGHTS_NAME: write_weights, directory / CONFIG_NAME: write_config})
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str | None = None) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False, backend: str | None = None
+) -> nn.Module:
     """Load a peft LoRA adapter directory into ``model`` (in place); returns ``model``.
 
     Where ``model`` has no ``LoRALinear`` layers, they are injected as ``adapter_config.json`` describes
-    (``target_modules``, ``r``, ``lora_alpha``, patterns, rsLoRA, dropout; base frozen, adapters
-    trainable). Where it has them, their weights are replaced and their alpha, rsLoRA and dropout set from
-    the config. Everything is validated before anything changes: a corrupt file, an unsupported config
-    (another PEFT type, DoRA, biases, modules_to_save, ...), a missing or unexpected tensor, or a shape
-    that does not fit raises ``ValueError`` naming the key, and the model is left as it was.
+    (``target_modules``, ``r``, ``lora_alpha``, patterns, rsLoRA, dropout). Where it has them, their weights
+    are replaced and their alpha, rsLoRA and dropout set from the config.
+
+    As peft's ``PeftModel.from_pretrained``: for inference by default (``model.eval()``, every parameter
+    frozen); with ``is_trainable=True`` the adapters train (the base frozen) and the model's mode is kept.
+
+    Everything is validated before anything changes: a corrupt file, an unsupported config (another PEFT
+    type, DoRA, biases, modules_to_save, ...), a missing, unexpected or non-finite tensor, or a shape that
+    does not fit raises ``ValueError`` naming the key, and the model is left as it was. A ``peft`` model is
+    refused (``ValueError``): load into it with peft's own ``load_adapter``.
     """
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"is_trainable: expected a bool, got {type(is_trainable).__name__}")
+    if _peft_tuner(model, "load into") is not None:
+        raise ValueError(
+            "model: is a peft PeftModel; use its own load_adapter(path, adapter_name=...) (then "
+            "peftkern.from_peft(model) runs new layers fused)"
+        )
     directory = Path(path)
     config, tensors = read_peft_adapter(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -414,6 +459,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str | No
             raise ValueError(
                 f"{weights_path}: tensor {key!r}: expected a floating-point dtype, got {tensor.dtype}"
             )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{weights_path}: tensor {key!r}: holds NaN or infinite values")
     for name, (rank, _, in_features, out_features) in expected.items():
         for part, shape in (("A", (rank, in_features)), ("B", (out_features, rank))):
             key = f"{PEFT_KEY_PREFIX}{name}.lora_{part}.weight"
@@ -428,7 +475,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str | No
     if sites:
         apply_lora(root, sites, dropout=settings.lora_dropout, use_rslora=settings.use_rslora, init="zeros",
                    backend=backend)
-        mark_trainable(root)
+    if is_trainable:
+        if sites:
+            mark_trainable(root)
+        for _, layer in lora_layers(root):
+            layer.train(root.training)  # new layers take the model's mode
+            layer.lora_A.requires_grad_(True)
+            layer.lora_B.requires_grad_(True)
+    else:
+        model.eval()
+        root.requires_grad_(False)
     with torch.no_grad():
         for name, layer in lora_layers(root):
             layer.lora_A.copy_(tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"])

@@ -1,5 +1,6 @@
-"""Model surgery for LoRA: inject ``LoRALinear`` into a model, convert a ``peft`` model to our layers,
-merge and unmerge, freeze everything but the adapters, and count parameters.
+"""Model surgery for LoRA: inject ``LoRALinear`` into a model, run a ``peft`` model's layers through our ops
+(``from_peft``), merge and unmerge, freeze everything but the adapters, and count parameters. On a ``peft``
+model, merging and unloading are peft's own methods (``from_peft`` keeps peft's modules).
 
 Module names follow ``peft``: for a Hugging Face model they are the names of ``model.named_modules()``
 (``model.layers.0.self_attn.q_proj``); for a ``peft`` ``PeftModel`` they are taken inside its wrapped base
@@ -8,9 +9,11 @@ model (``peft_model.base_model.model``), so the same names and the same matching
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -24,6 +27,7 @@ __all__ = [
     "ALL_LINEAR",
     "ParameterCount",
     "from_peft",
+    "fused_layers",
     "inject_lora",
     "lora_layers",
     "mark_trainable",
@@ -33,6 +37,8 @@ __all__ = [
     "unmerge",
     "unwrap_model",
 ]
+
+logger = logging.getLogger("peftkern")
 
 # peft's shorthand for "every linear layer except the output head".
 ALL_LINEAR = "all-linear"
@@ -48,11 +54,8 @@ def _is_peft_model(model: nn.Module) -> bool:
     )
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module whose ``named_modules()`` names match ``peft``'s: unwraps ``torch.compile``
-    (``_orig_mod``), DDP (``.module``) and a ``peft`` ``PeftModel`` (``.base_model.model``)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+def _unwrap_wrappers(model: nn.Module) -> nn.Module:
+    """``model`` without ``torch.compile`` / DDP wrappers (a peft model stays wrapped)."""
     while True:
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
@@ -60,15 +63,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             getattr(model, "module", None), nn.Module
         ):
             model = model.module
-        elif _is_peft_model(model):
-            model = model.base_model.model
         else:
             return model
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose ``named_modules()`` names match ``peft``'s: unwraps ``torch.compile``
+    (``_orig_mod``), DDP (``.module``) and a ``peft`` ``PeftModel`` (``.base_model.model``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    model = _unwrap_wrappers(model)
+    while _is_peft_model(model):
+        model = _unwrap_wrappers(model.base_model.model)
+    return model
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """``(name, layer)`` for every ``LoRALinear`` in ``model``, names as ``peft`` writes them (see
-    :func:`unwrap_model`)."""
+    """``(name, layer)`` for every peftkern ``LoRALinear`` in ``model``, names as ``peft`` writes them (see
+    :func:`unwrap_model`). The layers of a :func:`from_peft` model stay peft's (its ``lora_A`` / ``lora_B``
+    ModuleDicts, one entry per named adapter) and are not listed: :func:`fused_layers` names those."""
     for name, module in unwrap_model(model).named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
@@ -196,6 +209,12 @@ def plan_lora(
     alphas = _check_patterns("alpha_pattern", alpha_pattern, _check_alpha)
     exclude = None if exclude_modules is None else _check_target_modules(exclude_modules)
     root = unwrap_model(model)
+    if peft_model_of(model) is not None or any(_is_peft_tuner_layer(module) for module in root.modules()):
+        # Our layers would wrap peft's inner base_layer / lora_A modules: peft has its own way to add one.
+        raise ValueError(
+            "model: holds peft layers; add a LoRA adapter with peft's add_adapter (then peftkern.from_peft(model) "
+            "runs it fused), or inject_lora into the plain model"
+        )
     lora_names = [name for name, module in root.named_modules() if isinstance(module, LoRALinear)]
     heads = _output_head_names(root) if spec == ALL_LINEAR else set()
 
@@ -296,6 +315,11 @@ def inject_lora(
 def mark_trainable(model: nn.Module, extra: str | Iterable[str] = ()) -> nn.Module:
     """Freeze every parameter except the LoRA adapters' ``lora_A`` / ``lora_B`` (and the parameters of
     modules matching ``extra``, with ``target_modules``' rules, e.g. ``["lm_head"]``); returns ``model``."""
+    if peft_model_of(model) is not None:
+        raise ValueError(
+            "model: is a peft PeftModel; peft marks its own adapters (and modules_to_save) trainable: use its "
+            "set_adapter / requires_grad_ instead"
+        )
     root = unwrap_model(model)
     if not isinstance(extra, str):
         extra = tuple(extra)
@@ -312,103 +336,123 @@ def mark_trainable(model: nn.Module, extra: str | Iterable[str] = ()) -> nn.Modu
     return model
 
 
-def _peft_lora_classes():
-    try:
-        from peft.tuners.lora.layer import Linear as PeftLoraLinear
-        from peft.tuners.lora.layer import LoraLayer
-    except ImportError as error:  # pragma: no cover - peft is installed with the [peft] extra
-        raise ImportError("from_peft needs the peft package (pip install 'peftkern[peft]')") from error
-    return LoraLayer, PeftLoraLinear
+def peft_model_of(model: nn.Module) -> nn.Module | None:
+    """The ``peft`` ``PeftModel`` that ``model`` is (under ``torch.compile`` / DDP wrappers), or None."""
+    inner = _unwrap_wrappers(model)
+    return inner if _is_peft_model(inner) else None
 
 
-def _convert_peft_layer(name: str, layer: nn.Module, peft_linear: type, backend: str | None) -> LoRALinear:
-    """Validate one peft LoRA layer and build our layer around its base and its adapter Parameters."""
-    where = f"from_peft: layer {name!r}"
-    if type(layer) is not peft_linear:
-        raise ValueError(f"{where}: {type(layer).__name__} is not supported (only peft's lora.Linear)")
-    adapters = sorted(layer.lora_A.keys())
-    if len(adapters) != 1:
-        raise ValueError(f"{where}: expected exactly one adapter, found {adapters} (delete the others first)")
-    adapter = adapters[0]
-    if getattr(layer, "merged_adapters", None):
-        raise ValueError(f"{where}: adapter {adapter!r} is merged into the base weight; unmerge it first")
-    if layer.use_dora.get(adapter, False):
-        raise ValueError(f"{where}: DoRA (use_dora=True) is not supported")
-    if getattr(layer, "lora_bias", {}).get(adapter, False):
-        raise ValueError(f"{where}: lora_bias=True is not supported")
-    if getattr(layer, "fan_in_fan_out", False):
-        raise ValueError(f"{where}: fan_in_fan_out=True (Conv1D weights) is not supported")
-    base = layer.get_base_layer()
-    if type(base) is not nn.Linear:
-        raise ValueError(f"{where}: base layer {type(base).__name__} is not supported (only torch.nn.Linear)")
-    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-    if getattr(lora_a, "bias", None) is not None or getattr(lora_b, "bias", None) is not None:
-        raise ValueError(f"{where}: adapter biases are not supported")
-    r, alpha = int(layer.r[adapter]), float(layer.lora_alpha[adapter])
-    use_rslora = bool(getattr(layer, "use_rslora", {}).get(adapter, False))
-    dropout_module = layer.lora_dropout[adapter]
-    dropout = float(dropout_module.p) if isinstance(dropout_module, nn.Dropout) else 0.0
-    if not isinstance(dropout_module, (nn.Dropout, nn.Identity)):
-        raise ValueError(f"{where}: dropout module {type(dropout_module).__name__} is not supported")
-    ours = LoRALinear(base, r, alpha, dropout=dropout, use_rslora=use_rslora, init="zeros", backend=backend)
-    scaling = float(layer.scaling[adapter])
-    if not math.isclose(scaling, ours.scaling, rel_tol=1e-12, abs_tol=0.0):
-        # peft's scale_layer / set_scale change scaling without changing alpha: carry it over as alpha.
-        ours.alpha = scaling * (math.sqrt(r) if use_rslora else r)
-    # The same Parameter objects: an optimizer built on the peft model keeps training them.
-    ours.lora_A = lora_a.weight
-    ours.lora_B = lora_b.weight
-    ours.train(layer.training)
-    return ours
+def _is_peft_tuner_layer(module: nn.Module) -> bool:
+    # Duck-typed (peft stays optional): peft's layers, and ours that subclass them, have a peft class in the MRO.
+    return any(cls.__module__.startswith("peft.tuners") for cls in type(module).__mro__)
+
+
+def _peft_tuner(model: nn.Module, action: str) -> nn.Module | None:
+    """peft's tuner (``LoraModel``) behind ``model``, whose methods do ``action`` the peft way; None for a model
+    without peft layers. Raises ``ValueError`` for peft layers outside a ``PeftModel`` (nothing to delegate to)."""
+    peft_model = peft_model_of(model)
+    if peft_model is not None:
+        return peft_model.base_model
+    if any(_is_peft_tuner_layer(module) for module in unwrap_model(model).modules()):
+        raise ValueError(
+            f"model: holds peft layers but is not a peft PeftModel; {action} the PeftModel itself (peft's own "
+            "methods do it there)"
+        )
+    return None
 
 
 def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module:
-    """Swap every LoRA layer of a ``peft`` model for a ``LoRALinear`` in place; returns ``peft_model``.
+    """Run a ``peft`` model's LoRA linear layers through peftkern's fused ops, in place; returns ``peft_model``.
 
-    Keeps the base layers and the adapters' Parameter objects (so existing optimizers keep working),
-    ranks, alphas (and any scale set on the layer), rsLoRA and the dropout probability: outputs and adapter
-    gradients stay those of ``peft`` (dropout draws differ: ours comes from a counter-based stream). Every
-    layer is checked first; on an unsupported layer (DoRA, lora_bias, several adapters, merged, Conv1D,
-    embeddings) a ``ValueError`` names it and the model is unchanged. After conversion save with
-    :func:`peftkern.save_adapter` (``peft``'s ``save_pretrained`` does not know our layers).
+    peft's modules stay in place: each ``peft.tuners.lora.Linear`` only gets a forward that runs
+    ``peftkern.lora_linear`` (and ``multi_lora_linear`` for ``adapter_names=`` batches) whenever the layer is
+    in a state the op computes exactly, and peft's own forward otherwise (see :mod:`peftkern.peft_compat`).
+    So the model stays a working ``PeftModel``: ``save_pretrained`` (Trainer checkpoints),
+    ``disable_adapter()``, merging, ``add_adapter`` / ``set_adapter`` / ``delete_adapter``,
+    ``modules_to_save`` and gradient checkpointing are peft's code and give peft's results; the Parameters
+    are the same objects (optimizers keep working). Outputs and gradients are peft's (dropout draws differ:
+    ours come from a counter-based stream). Layers peft runs that our ops do not cover (embeddings, convs,
+    bitsandbytes, DoRA, lora_bias, other tuners) keep peft's forward; one ``logging`` line (logger
+    ``"peftkern"``, INFO) says how many run fused and why the others do not, and :func:`fused_layers` lists
+    them. Call it again after ``add_adapter`` targets new modules; converted layers stay converted.
+
+    Raises ``ValueError`` only for a model without any peft layer, ``ImportError`` without peft.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
-    lora_layer, peft_linear = _peft_lora_classes()
+    try:
+        from . import peft_compat
+    except ImportError as error:  # pragma: no cover - peft is installed with the [peft] extra
+        raise ImportError("from_peft needs the peft package (pip install 'peftkern[peft]')") from error
     root = unwrap_model(peft_model)
-    found = [(name, module) for name, module in root.named_modules() if isinstance(module, lora_layer)]
-    if not found:
-        raise ValueError(f"peft_model: no peft LoRA layers found in {type(peft_model).__name__}")
-    converted = [(name, _convert_peft_layer(name, layer, peft_linear, backend)) for name, layer in found]
-    for name, layer in converted:
-        _set_submodule(root, name, layer)
+    if peft_model_of(peft_model) is None and not any(_is_peft_tuner_layer(m) for m in root.modules()):
+        raise ValueError(f"peft_model: no peft layers found in {type(peft_model).__name__}")
+    fused, fallback = peft_compat.convert(root, backend)
+    logger.info(peft_compat.describe(fused, fallback))
     return peft_model
 
 
-def merge(model: nn.Module) -> nn.Module:
+def fused_layers(model: nn.Module) -> list[str]:
+    """Names (as :func:`lora_layers` gives them) of the LoRA layers whose forward runs a peftkern op now:
+    unmerged ``LoRALinear`` layers, and the layers of a :func:`from_peft` model whose state the fused op
+    covers (one active adapter, not merged, adapters enabled, plain LoRA on an ``nn.Linear``)."""
+    compat = sys.modules.get(f"{__package__}.peft_compat")  # never imports peft
+    names = []
+    for name, module in unwrap_model(model).named_modules():
+        if isinstance(module, LoRALinear):
+            ours = not module.merged
+        else:
+            ours = compat is not None and isinstance(module, compat.FusedLoraLinear)
+            ours = ours and compat.fusion_blocker(module) is None
+        if ours:
+            names.append(name)
+    return names
+
+
+def _peft_method(model: nn.Module, method: str):
+    """peft's tuner method ``method`` (``merge_adapter``, ...) behind ``model``, or None for a model without
+    peft layers; ``ValueError`` for a peft model whose tuner has no such method (prompt learning: nothing
+    to merge)."""
+    tuner = _peft_tuner(model, method.removesuffix("_adapter"))
+    if tuner is None:
+        return None
+    bound = getattr(tuner, method, None)
+    if bound is None:
+        raise ValueError(f"model: peft's {type(tuner).__name__} has no {method} (nothing to merge)")
+    return bound
+
+
+def merge(model: nn.Module, *, safe_merge: bool = False) -> nn.Module:
     """Fold every adapter into its base weight, keeping the layers (``unmerge`` undoes it); returns
-    ``model``."""
+    ``model``. For a ``peft`` model, peft's ``merge_adapter(safe_merge=...)`` (its active adapters)."""
+    peft_merge = _peft_method(model, "merge_adapter")
+    if peft_merge is not None:
+        peft_merge(safe_merge=safe_merge)
     for _, layer in lora_layers(model):
         layer.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`: subtract every merged adapter from its base weight; returns ``model``."""
+    """Undo :func:`merge`: subtract every merged adapter from its base weight; returns ``model``. For a
+    ``peft`` model, peft's ``unmerge_adapter()``."""
+    peft_unmerge = _peft_method(model, "unmerge_adapter")
+    if peft_unmerge is not None:
+        peft_unmerge()
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, safe_merge: bool = False) -> nn.Module:
     """Fold every adapter into its base weight and put the plain ``nn.Linear`` back; returns the plain
-    model (for a ``peft`` model, its wrapped base model, as ``peft``'s ``merge_and_unload``)."""
-    root = unwrap_model(model)
-    layers = list(lora_layers(root))
-    for name, layer in layers:
+    model. For a ``peft`` model, peft's ``merge_and_unload(safe_merge=...)``, which returns its base model."""
+    peft_merge_and_unload = _peft_method(model, "merge_and_unload")
+    root = unwrap_model(model) if peft_merge_and_unload is None else peft_merge_and_unload(safe_merge=safe_merge)
+    for name, layer in list(lora_layers(root)):
         layer.merge()
         _set_submodule(root, name, layer.base_layer)
-    return root if _is_peft_model(model) else model
+    return model if peft_merge_and_unload is None else root
 
 
 class ParameterCount(NamedTuple):

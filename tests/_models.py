@@ -74,3 +74,19 @@ def loss_of(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, to
     """(logits, loss) of a causal-LM forward with the inputs as labels."""
     output = model(input_ids=input_ids, labels=input_ids)
     return output.logits, output.loss
+
+
+def count_fused_calls(monkeypatch, op: str) -> list[int]:
+    """Counts the calls that converted peft layers (``peftkern.from_peft``) make to ``peftkern.<op>``
+    (``lora_linear`` or ``multi_lora_linear``): a one-element list, incremented per call."""
+    import peftkern.peft_compat as compat
+
+    calls = [0]
+    real = getattr(compat, op)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compat, op, counted)
+    return calls

@@ -152,7 +152,7 @@ def test_bottleneck_file_damaged_or_pickled(tmp_path, damage):
     _, path = saved_model(tmp_path)
     BROKEN_WEIGHTS[damage](path / ADAPTER_WEIGHTS_NAME)
     model = small_llama(seed=5)
-    peftkern.inject_adapters(model, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True})
+    peftkern.inject_bottleneck_adapters(model, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True})
     before = _state(model)
     with pytest.raises(ValueError, match=f"{ADAPTER_WEIGHTS_NAME}: not a valid safetensors file"):
         peftkern.load_bottleneck_adapters(model, path)

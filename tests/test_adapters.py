@@ -1,9 +1,10 @@
-"""``BottleneckAdapter``, ``inject_adapters`` on a small random Llama (nothing downloaded), and the
+"""``BottleneckAdapter``, ``inject_bottleneck_adapters`` on a small random Llama (nothing downloaded), and the
 ``save_bottleneck_adapters``/``load_bottleneck_adapters`` file format."""
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import peftkern
 from peftkern import reference
-from peftkern.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, adapter_modules
+from peftkern.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, bottleneck_adapter_modules
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,7 +38,7 @@ def tokens(batch: int = 3, length: int = 10) -> torch.Tensor:
 def randomize_adapters(model: torch.nn.Module, seed: int = 2) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, module in adapter_modules(model):
+        for _, module in bottleneck_adapter_modules(model):
             for param in module.parameters():
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
 
@@ -74,7 +75,7 @@ def test_layer_needs_ids_with_several_adapters():
         layer(torch.randn(2, 16))
     with pytest.raises(ValueError, match="adapter_ids: expected shape"):
         layer(torch.randn(2, 4, 16), torch.tensor([0, 1, 2]))
-    with peftkern.use_adapter_ids(torch.tensor([0, 2])):
+    with peftkern.use_bottleneck_adapter_ids(torch.tensor([0, 2])):
         assert layer(torch.randn(2, 4, 16)).shape == (2, 4, 16)
 
 
@@ -104,14 +105,14 @@ def test_zeros_init_logits_equal_base(placement, count, layer_norm):
     model = small_llama()
     ids = tokens()
     base = model(ids).logits
-    peftkern.inject_adapters(model, {"placement": placement, "init": "zeros", "layer_norm": layer_norm,
+    peftkern.inject_bottleneck_adapters(model, {"placement": placement, "init": "zeros", "layer_norm": layer_norm,
                                      "num_adapters": 2})
-    names = [name for name, _ in adapter_modules(model)]
+    names = [name for name, _ in bottleneck_adapter_modules(model)]
     assert len(names) == count
     assert all(name.endswith(("mlp.bottleneck_adapter", "self_attn.bottleneck_adapter")) for name in names)
     if placement == "pfeiffer":
         assert all(".mlp." in name for name in names)
-    with peftkern.use_adapter_ids(torch.tensor([0, 1, -1])):
+    with peftkern.use_bottleneck_adapter_ids(torch.tensor([0, 1, -1])):
         assert torch.equal(model(ids).logits, base)
 
 
@@ -119,7 +120,7 @@ def test_zeros_init_logits_equal_base_triton():
     model = small_llama()
     ids = tokens(2, 6)
     base = model(ids).logits
-    peftkern.inject_adapters(model, {"placement": "houlsby", "init": "zeros"}, backend="triton")
+    peftkern.inject_bottleneck_adapters(model, {"placement": "houlsby", "init": "zeros"}, backend="triton")
     assert torch.equal(model(ids).logits, base)
 
 
@@ -128,10 +129,10 @@ def test_triton_backend_matches_torch_backend_in_the_model():
     results = []
     for backend in ("torch", "triton"):
         model = small_llama()
-        peftkern.inject_adapters(model, {"placement": "houlsby", "num_adapters": 2, "activation": "silu"},
+        peftkern.inject_bottleneck_adapters(model, {"placement": "houlsby", "num_adapters": 2, "activation": "silu"},
                                  backend=backend)
         randomize_adapters(model)
-        with peftkern.use_adapter_ids(torch.tensor([1, 0])):
+        with peftkern.use_bottleneck_adapter_ids(torch.tensor([1, 0])):
             logits = model(tokens(2, 6)).logits
         logits.square().mean().backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
@@ -148,13 +149,13 @@ def test_multi_adapter_rows_are_independent():
     model = small_llama()
     ids = tokens()
     base = model(ids).logits
-    peftkern.inject_adapters(model, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True})
+    peftkern.inject_bottleneck_adapters(model, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True})
     randomize_adapters(model)
     adapter_ids = torch.tensor([0, 1, -1])
-    with peftkern.use_adapter_ids(adapter_ids):
+    with peftkern.use_bottleneck_adapter_ids(adapter_ids):
         mixed = model(ids).logits
     for row in range(3):
-        with peftkern.use_adapter_ids(adapter_ids[row:row + 1]):
+        with peftkern.use_bottleneck_adapter_ids(adapter_ids[row:row + 1]):
             alone = model(ids[row:row + 1]).logits
         assert_close(mixed[row], alone[0], f"row {row}")
     assert_close(mixed[2], base[2], "row with id -1")
@@ -166,7 +167,7 @@ def test_injected_llama_trains():
     falls and each adapter's sequences end up predicting their adapter's token."""
     model = small_llama()
     base_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    peftkern.inject_adapters(model, {"placement": "houlsby", "reduction_factor": 4, "num_adapters": 2})
+    peftkern.inject_bottleneck_adapters(model, {"placement": "houlsby", "reduction_factor": 4, "num_adapters": 2})
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == 4 * 2 * (2 * 64 * 16 + 16 + 64)
@@ -175,7 +176,7 @@ def test_injected_llama_trains():
     adapter_ids = torch.tensor([0, 1, 0, 1])
     labels = torch.where(adapter_ids == 0, 5, 9)[:, None].expand(4, 12)
     losses = []
-    with peftkern.use_adapter_ids(adapter_ids):
+    with peftkern.use_bottleneck_adapter_ids(adapter_ids):
         for _ in range(15):
             logits = model(inputs).logits
             loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
@@ -192,18 +193,18 @@ def test_injected_llama_trains():
 
 def test_inject_errors_leave_the_model_alone():
     with pytest.raises(ValueError, match="found no Llama-style decoder layers"):
-        peftkern.inject_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), {})
+        peftkern.inject_bottleneck_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), {})
     model = small_llama()
     with pytest.raises(ValueError, match="placement"):
-        peftkern.inject_adapters(model, {"placement": "parallel"})
+        peftkern.inject_bottleneck_adapters(model, {"placement": "parallel"})
     with pytest.raises(ValueError, match="unknown field 'rank'"):
-        peftkern.inject_adapters(model, {"rank": 4})
+        peftkern.inject_bottleneck_adapters(model, {"rank": 4})
     assert all(p.requires_grad for p in model.parameters())
-    peftkern.inject_adapters(model, {})
+    peftkern.inject_bottleneck_adapters(model, {})
     with pytest.raises(ValueError, match="already holds bottleneck adapters"):
-        peftkern.inject_adapters(model, {})
-    peftkern.remove_adapters(model)
-    assert not list(adapter_modules(model))
+        peftkern.inject_bottleneck_adapters(model, {})
+    peftkern.remove_bottleneck_adapters(model)
+    assert not list(bottleneck_adapter_modules(model))
     ids = tokens()
     assert torch.equal(model(ids).logits, small_llama()(ids).logits)
 
@@ -213,7 +214,9 @@ def test_inject_errors_leave_the_model_alone():
 
 def saved_model(tmp_path, **config):
     model = small_llama()
-    peftkern.inject_adapters(model, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True, **config})
+    peftkern.inject_bottleneck_adapters(
+        model, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True, **config}
+    )
     randomize_adapters(model)
     peftkern.save_bottleneck_adapters(model, tmp_path / "adapter")
     return model, tmp_path / "adapter"
@@ -225,14 +228,14 @@ def test_save_load_round_trip(tmp_path):
     header = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
     assert header["config"]["placement"] == "houlsby" and header["hidden_size"] == 64
     ids = tokens()
-    with peftkern.use_adapter_ids(torch.tensor([1, 0, -1])):
+    with peftkern.use_bottleneck_adapter_ids(torch.tensor([1, 0, -1])):
         expected = model(ids).logits
         # into a bare model: adapters injected from the file's config
         fresh = peftkern.load_bottleneck_adapters(small_llama(), path)
         assert torch.equal(fresh(ids).logits, expected)
         # into a model that already has (other) adapters of the same config
         other = small_llama()
-        peftkern.inject_adapters(other, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True})
+        peftkern.inject_bottleneck_adapters(other, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True})
         peftkern.load_bottleneck_adapters(other, path)
         assert torch.equal(other(ids).logits, expected)
     # saving again replaces the files in place, leaving no temporary files behind
@@ -294,14 +297,14 @@ def test_corrupt_files_raise_and_leave_the_model_unchanged(tmp_path, case, has_a
     corrupt(path)
     model = small_llama(seed=5)
     if has_adapters:
-        peftkern.inject_adapters(model, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True})
+        peftkern.inject_bottleneck_adapters(model, {"placement": "houlsby", "num_adapters": 2, "layer_norm": True})
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(error, match=message):
         peftkern.load_bottleneck_adapters(model, path)
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert len(list(adapter_modules(model))) == (4 if has_adapters else 0)
+    assert len(list(bottleneck_adapter_modules(model))) == (4 if has_adapters else 0)
     if not has_adapters:
         assert all(p.requires_grad for p in model.parameters())  # not even frozen
 
@@ -309,7 +312,7 @@ def test_corrupt_files_raise_and_leave_the_model_unchanged(tmp_path, case, has_a
 def test_load_rejects_a_different_config(tmp_path):
     _, path = saved_model(tmp_path)
     model = small_llama()
-    peftkern.inject_adapters(model, {"placement": "houlsby", "num_adapters": 3, "layer_norm": True})
+    peftkern.inject_bottleneck_adapters(model, {"placement": "houlsby", "num_adapters": 3, "layer_norm": True})
     message = "key 'config.num_adapters': the file has 2, the model's adapters have 3"
     with pytest.raises(ValueError, match=message):
         peftkern.load_bottleneck_adapters(model, path)
@@ -333,3 +336,26 @@ def test_failed_save_keeps_the_previous_files(tmp_path, monkeypatch):
 def test_save_without_adapters_raises(tmp_path):
     with pytest.raises(ValueError, match="holds no bottleneck adapters"):
         peftkern.save_bottleneck_adapters(small_llama(), tmp_path / "none")
+
+
+@pytest.mark.parametrize(
+    "module, old, new",
+    [
+        ("peftkern", "AdapterConfig", "BottleneckConfig"),
+        ("peftkern", "inject_adapters", "inject_bottleneck_adapters"),
+        ("peftkern", "remove_adapters", "remove_bottleneck_adapters"),
+        ("peftkern", "use_adapter_ids", "use_bottleneck_adapter_ids"),
+        ("peftkern.adapters", "adapter_modules", "bottleneck_adapter_modules"),
+        ("peftkern.nn", "use_adapter_ids", "use_bottleneck_adapter_ids"),
+        ("peftkern.nn.bottleneck", "current_adapter_ids", "current_bottleneck_adapter_ids"),
+    ],
+)
+def test_old_bottleneck_names_warn_and_still_work(module, old, new):
+    """The bottleneck API says "bottleneck" now ("adapter" alone is a LoRA adapter: load_adapter, AdapterPool);
+    the old names stay for a while as aliases that warn."""
+    namespace = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=rf"{module}\.{old} is deprecated: it is {module}\.{new} now"):
+        assert getattr(namespace, old) is getattr(namespace, new)
+    assert old not in getattr(namespace, "__all__", [])
+    with pytest.raises(AttributeError, match="has no attribute 'inject_adapter'"):
+        namespace.inject_adapter  # noqa: B018

@@ -665,7 +665,7 @@ def test_soft_prompt_layers_bad_forward(call, error, pattern):
     _assert_same_state(encoder, before[1])
 
 
-# ---- BottleneckAdapter, inject_adapters -------------------------------------------------------------------
+# ---- BottleneckAdapter, inject_bottleneck_adapters -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("layer_norm", [False, True])
@@ -699,7 +699,7 @@ class _DecoderLayer(nn.Module):
 
 
 class _TinyDecoder(nn.Module):
-    """What inject_adapters looks for: decoder layers with `self_attn` and `mlp`, and config.hidden_size."""
+    """What inject_bottleneck_adapters looks for: decoder layers with `self_attn` and `mlp`, and config.hidden_size."""
 
     def __init__(self, hidden_size=8) -> None:
         super().__init__()
@@ -714,7 +714,7 @@ class _TinyDecoder(nn.Module):
     (_TinyDecoder(), {"scaling": math.inf}, {}, ValueError, r"scaling: expected a finite number"),
     (_TinyDecoder(), {"num_adapters": 0}, {}, ValueError, r"num_adapters: expected a positive int"),
     (_TinyDecoder(), {"activation": "elu"}, {}, ValueError, r"activation: expected one of"),
-    (_TinyDecoder(), [("placement", "houlsby")], {}, TypeError, r"config: expected an AdapterConfig or a dict"),
+    (_TinyDecoder(), [("placement", "houlsby")], {}, TypeError, r"config: expected an BottleneckConfig or a dict"),
     (_TinyDecoder(hidden_size=None), {}, {}, ValueError, r"model: expected model.config.hidden_size"),
     (nn.Sequential(nn.Linear(8, 8)), {}, {}, ValueError, r"model: found no Llama-style decoder layers"),
 ], ids=lambda v: str(v)[-30:])
@@ -722,7 +722,7 @@ def test_inject_adapters_bad_input_leaves_the_model_alone(model, config, kwargs,
     model = copy.deepcopy(model)
     before = _state(model)
     with pytest.raises(error, match=pattern):
-        peftkern.inject_adapters(model, config, **kwargs)
+        peftkern.inject_bottleneck_adapters(model, config, **kwargs)
     _assert_same_state(model, before)
     assert all(p.requires_grad for p in model.parameters())  # not frozen either
     assert not any(isinstance(m, peftkern.BottleneckAdapter) for m in model.modules())

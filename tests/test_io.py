@@ -241,9 +241,13 @@ OTHER_KEY = KEY.replace("q_proj", "k_proj")
          rf"tensor '{KEY}': expected shape \(4, 64\).*got \(5, 64\)"),
         (lambda p: _edit_tensors(p, lambda t: t.update({KEY: torch.zeros(4, 64, dtype=torch.int32)})),
          "expected a floating-point dtype"),
+        (lambda p: _edit_tensors(p, lambda t: t[KEY].__setitem__((1, 2), float("nan"))),
+         rf"tensor '{KEY}': holds NaN or infinite values"),
+        (lambda p: _edit_tensors(p, lambda t: t[OTHER_KEY.replace("k_proj", "v_proj")].fill_(float("-inf"))),
+         "v_proj.lora_A.weight': holds NaN or infinite values"),
     ],
     ids=["peft_type", "dora", "bias", "modules_to_save", "layers_to_transform", "r", "dropout", "patterns",
-         "no-target", "json", "truncated", "missing", "extra", "extra-module", "shape", "int-dtype"],
+         "no-target", "json", "truncated", "missing", "extra", "extra-module", "shape", "int-dtype", "nan", "inf"],
 )
 def test_bad_adapter_raises_and_leaves_model_unchanged(saved, corrupt, message):
     base, path = saved
@@ -306,3 +310,48 @@ def test_save_warns_about_trainable_parameters_it_does_not_save(tmp_path):
         peftkern.save_adapter(model, tmp_path)
     keys = load_file(tmp_path / pio.WEIGHTS_NAME)
     assert all(key.endswith(("lora_A.weight", "lora_B.weight")) for key in keys)
+
+
+def test_load_adapter_is_for_inference_unless_trainable(saved):
+    """As peft's from_pretrained: eval and frozen by default (no dropout at inference); is_trainable=True
+    trains the adapters and keeps the model's mode."""
+    base, path = saved
+    _edit_config(path, lora_dropout=0.3)
+    model = copy.deepcopy(base).train()
+    assert peftkern.load_adapter(model, path) is model
+    assert not model.training and not any(module.training for module in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = token_batch()
+    assert torch.equal(_logits(model, ids), _logits(model, ids))  # dropout off
+
+    trainable = peftkern.load_adapter(copy.deepcopy(base).train(), path, is_trainable=True)
+    assert all(layer.training for _, layer in lora_layers(trainable))
+    names = {name for name, p in trainable.named_parameters() if p.requires_grad}
+    assert names == {f"{name}.lora_{part}" for name, _ in lora_layers(trainable) for part in "AB"}
+    # Into existing layers: the same rule.
+    prepared = peftkern.inject_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, alpha=8)
+    peftkern.load_adapter(prepared, path)
+    assert not any(p.requires_grad for p in prepared.parameters()) and not prepared.training
+    with pytest.raises(TypeError, match="is_trainable: expected a bool"):
+        peftkern.load_adapter(prepared, path, is_trainable="yes")
+
+
+def test_load_adapter_refuses_a_peft_model(saved):
+    base, path = saved
+    theirs = _random_peft(base, target_modules=["q_proj"], r=2, lora_alpha=2)
+    with pytest.raises(ValueError, match="is a peft PeftModel; use its own load_adapter"):
+        peftkern.load_adapter(theirs, path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_honour_the_umask(tmp_path, umask):
+    """As open() makes files: mode 0o666 less the umask, not the 0o600 of a mkstemp temporary (or of
+    safetensors 0.8's own writer, which peft's adapter_model.safetensors gets)."""
+    model = _ours(tiny_llama(), CASES["names"])
+    previous = os.umask(umask)
+    try:
+        peftkern.save_adapter(model, tmp_path)
+    finally:
+        os.umask(previous)
+    for name in (pio.CONFIG_NAME, pio.WEIGHTS_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 from _helpers import assert_close
 from _models import (
+    count_fused_calls,
     loss_of,
     our_adapter_params,
     peft_adapter_params,
@@ -117,32 +119,46 @@ def test_all_linear_skips_output_head():
     ],
     ids=["plain", "rslora", "patterns"],
 )
-def test_from_peft_keeps_outputs_and_gradients(config):
+def test_from_peft_keeps_outputs_and_gradients(config, monkeypatch):
     theirs = _peft_model(tiny_llama(), **config)
     ours = copy.deepcopy(theirs)
     ours_before = peft_adapter_params(ours)
     returned = peftkern.from_peft(ours)
     assert returned is ours
-    ours_params = our_adapter_params(ours)
+    ours_params = peft_adapter_params(ours)
     assert sorted(ours_params) == sorted(ours_before)
     for name, (lora_a, lora_b) in ours_before.items():
         # The same Parameter objects: an optimizer built before the swap keeps working.
         assert ours_params[name][0] is lora_a and ours_params[name][1] is lora_b
-    assert not any(type(m).__module__.startswith("peft.tuners") for m in ours.base_model.model.modules())
+    # peft's modules stay (peft's isinstance checks hold); every LoRA layer runs our op once per forward.
+    assert peftkern.fused_layers(ours) == list(ours_params)
+    assert all(isinstance(ours.base_model.model.get_submodule(n), peft.tuners.lora.Linear) for n in ours_params)
+    calls = count_fused_calls(monkeypatch, "lora_linear")
     _assert_same_run(ours, theirs, ours_params, peft_adapter_params(theirs))
+    assert calls == [len(ours_params)]
 
 
-def test_from_peft_keeps_dropout_rslora_and_training_mode():
+def test_from_peft_keeps_dropout_and_training_mode(monkeypatch):
     theirs = _peft_model(tiny_llama(), target_modules=["q_proj"], r=4, lora_alpha=6, lora_dropout=0.25,
                          use_rslora=True)
     theirs.train()
     peftkern.from_peft(theirs)
-    layers = dict(lora_layers(theirs))
-    assert len(layers) == 2
-    for layer in layers.values():
-        assert layer.dropout == 0.25 and layer.use_rslora and layer.r == 4 and layer.alpha == 6.0
-        assert math.isclose(layer.scaling, 6.0 / 2.0)
-        assert layer.training
+    seen = []
+    import peftkern.peft_compat as compat
+
+    real = compat.lora_linear
+
+    def spy(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, **kwargs):
+        seen.append((scaling, dropout_p, training))
+        return real(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, **kwargs)
+
+    monkeypatch.setattr(compat, "lora_linear", spy)
+    theirs(input_ids=token_batch())
+    assert seen == [(6.0 / 2.0, 0.25, True)] * 2  # rsLoRA: alpha / sqrt(r)
+    theirs.eval()
+    seen.clear()
+    theirs(input_ids=token_batch())
+    assert seen == [(6.0 / 2.0, 0.25, False)] * 2
 
 
 def test_from_peft_after_set_scale():
@@ -151,26 +167,22 @@ def test_from_peft_after_set_scale():
         if hasattr(module, "set_scale"):
             module.set_scale("default", 0.5)
     ours = peftkern.from_peft(copy.deepcopy(theirs))
-    _assert_same_run(ours, theirs, our_adapter_params(ours), peft_adapter_params(theirs))
+    assert len(peftkern.fused_layers(ours)) == 2
+    _assert_same_run(ours, theirs, peft_adapter_params(ours), peft_adapter_params(theirs))
 
 
-def test_from_peft_rejects_dora_and_leaves_model_unchanged():
+def test_from_peft_runs_dora_with_peft_and_says_so(caplog):
     theirs = _peft_model(tiny_llama(), target_modules=["q_proj", "v_proj"], r=2, lora_alpha=2, use_dora=True)
-    before = [type(m) for m in theirs.modules()]
-    with pytest.raises(ValueError, match="DoRA"):
-        peftkern.from_peft(theirs)
-    assert [type(m) for m in theirs.modules()] == before
+    ours = copy.deepcopy(theirs)
+    with caplog.at_level(logging.INFO, logger="peftkern"):
+        peftkern.from_peft(ours)
+    assert "0 of 4 peft tuner layers run fused" in caplog.text and "(DoRA)" in caplog.text
+    assert peftkern.fused_layers(ours) == []
+    _assert_same_run(ours, theirs, peft_adapter_params(ours), peft_adapter_params(theirs))
 
 
-def test_from_peft_rejects_two_adapters():
-    theirs = _peft_model(tiny_llama(), target_modules=["q_proj"], r=2, lora_alpha=2)
-    theirs.add_adapter("second", peft.LoraConfig(target_modules=["q_proj"], r=2, task_type="CAUSAL_LM"))
-    with pytest.raises(ValueError, match=r"exactly one adapter.*'default', 'second'"):
-        peftkern.from_peft(theirs)
-
-
-def test_from_peft_needs_lora_layers():
-    with pytest.raises(ValueError, match="no peft LoRA layers"):
+def test_from_peft_needs_peft_layers():
+    with pytest.raises(ValueError, match="no peft layers"):
         peftkern.from_peft(tiny_llama())
 
 
@@ -200,8 +212,9 @@ def test_merge_and_unload_of_converted_peft_model_returns_base():
     ids = token_batch()
     with torch.no_grad():
         expected = theirs(input_ids=ids).logits
-        plain = peftkern.merge_and_unload(peftkern.from_peft(theirs))
+        plain = peftkern.merge_and_unload(peftkern.from_peft(theirs), safe_merge=True)
         assert type(plain).__name__ == "LlamaForCausalLM"
+        assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
         assert_close(plain(ids).logits, expected, "logits", scale=10)
 
 
@@ -280,8 +293,9 @@ def test_from_peft_on_triton_backend_matches_peft():
     """The fused Triton kernels (the interpreter on CPU) inside a whole model give peft's numbers."""
     theirs = _peft_model(tiny_llama(), target_modules=["q_proj", "down_proj"], r=4, lora_alpha=8)
     ours = peftkern.from_peft(copy.deepcopy(theirs), backend="triton")
-    assert all(layer.backend == "triton" for _, layer in lora_layers(ours))
-    _assert_same_run(ours, theirs, our_adapter_params(ours), peft_adapter_params(theirs))
+    root = ours.base_model.model
+    assert [root.get_submodule(name).peftkern_backend for name in peftkern.fused_layers(ours)] == ["triton"] * 4
+    _assert_same_run(ours, theirs, peft_adapter_params(ours), peft_adapter_params(theirs))
 
 
 @pytest.mark.gpu
@@ -298,7 +312,7 @@ def test_from_peft_on_gpu_bf16(backend):
     assert relative < 2e-2, relative
     loss.backward()
     ref_loss.backward()
-    ours_params, theirs_params = our_adapter_params(ours), peft_adapter_params(theirs)
+    ours_params, theirs_params = peft_adapter_params(ours), peft_adapter_params(theirs)
     for name, (lora_a, lora_b) in theirs_params.items():
         for mine, reference in ((ours_params[name][0], lora_a), (ours_params[name][1], lora_b)):
             assert mine.dtype == torch.float32

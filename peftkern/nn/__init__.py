@@ -1,6 +1,8 @@
 """Drop-in layers. Each holds parameters and calls ops; no kernel code here."""
 
-from .bottleneck import BottleneckAdapter, current_adapter_ids, use_adapter_ids
+from .._deprecation import deprecated_aliases
+from . import bottleneck
+from .bottleneck import BottleneckAdapter, current_bottleneck_adapter_ids, use_bottleneck_adapter_ids
 from .lora import LoRALinear
 from .multi_lora import MultiLoRALinear
 from .prompt import PrefixEncoder, PrefixTuningForCausalLM, PromptTuningEmbedding, PromptTuningForCausalLM
@@ -13,6 +15,8 @@ __all__ = [
     "PrefixTuningForCausalLM",
     "PromptTuningEmbedding",
     "PromptTuningForCausalLM",
-    "current_adapter_ids",
-    "use_adapter_ids",
+    "current_bottleneck_adapter_ids",
+    "use_bottleneck_adapter_ids",
 ]
+
+__getattr__ = deprecated_aliases(globals(), bottleneck.RENAMED)

@@ -13,11 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import reference
+from .._deprecation import deprecated_aliases
 from ..backends import describe_backend
 from ..ops._checks import check_tensor
 from ..ops.bottleneck import bottleneck_adapter
 
-__all__ = ["BottleneckAdapter", "use_adapter_ids", "current_adapter_ids"]
+__all__ = ["BottleneckAdapter", "use_bottleneck_adapter_ids", "current_bottleneck_adapter_ids"]
 
 _INITS = ("bert", "zeros")
 
@@ -27,7 +28,7 @@ _adapter_ids: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextV
 
 
 @contextlib.contextmanager
-def use_adapter_ids(adapter_ids: torch.Tensor | None) -> Iterator[None]:
+def use_bottleneck_adapter_ids(adapter_ids: torch.Tensor | None) -> Iterator[None]:
     """Inside this block, every ``BottleneckAdapter`` called without ``adapter_ids`` uses these.
 
     ``adapter_ids``: [B] (one id per sequence of a [B, T, D] batch) or one id per row of the layer's input;
@@ -44,8 +45,8 @@ def use_adapter_ids(adapter_ids: torch.Tensor | None) -> Iterator[None]:
         _adapter_ids.reset(token)
 
 
-def current_adapter_ids() -> torch.Tensor | None:
-    """The ids set by the innermost :func:`use_adapter_ids` block, or None."""
+def current_bottleneck_adapter_ids() -> torch.Tensor | None:
+    """The ids set by the innermost :func:`use_bottleneck_adapter_ids` block, or None."""
     return _adapter_ids.get()
 
 
@@ -126,12 +127,12 @@ class BottleneckAdapter(nn.Module):
 
     def _row_ids(self, x: torch.Tensor, adapter_ids: torch.Tensor | None) -> torch.Tensor | None:
         if adapter_ids is None:
-            adapter_ids = current_adapter_ids()
+            adapter_ids = current_bottleneck_adapter_ids()
         if adapter_ids is None:
             if self.num_adapters != 1:
                 raise ValueError(
                     f"adapter_ids: this BottleneckAdapter holds {self.num_adapters} adapters; pass "
-                    "adapter_ids or run inside peftkern.use_adapter_ids(...)"
+                    "adapter_ids or run inside peftkern.use_bottleneck_adapter_ids(...)"
                 )
             return None
         if not isinstance(adapter_ids, torch.Tensor):
@@ -150,7 +151,7 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: [..., dim] -> [..., dim]. ``adapter_ids``: [...] = x.shape[:-1], [rows], or [B] for x
-        [B, ..., dim]; default: the :func:`use_adapter_ids` context, else adapter 0 when L = 1."""
+        [B, ..., dim]; default: the :func:`use_bottleneck_adapter_ids` context, else adapter 0 when L = 1."""
         check_tensor("x", x, min_ndim=1)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x: expected last dimension {self.dim} (dim), got shape {tuple(x.shape)}")
@@ -181,3 +182,7 @@ class BottleneckAdapter(nn.Module):
             f"activation={self.activation}, scaling={self.scaling:g}, layer_norm={self.layer_norm}, "
             f"backend={backend}"
         )
+
+
+RENAMED = {"use_adapter_ids": "use_bottleneck_adapter_ids", "current_adapter_ids": "current_bottleneck_adapter_ids"}
+__getattr__ = deprecated_aliases(globals(), RENAMED)
