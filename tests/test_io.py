@@ -77,7 +77,9 @@ def test_peft_loads_what_we_save(tmp_path, case):
             "Dropout" if layer.dropout else "Identity"
         )
     ids = token_batch()
-    assert_close(_logits(theirs, ids), _logits(ours, ids), "logits peft-loaded vs ours")
+    # Two decoder layers of fp32 ops rounded in a different order (our torch backend folds the scaling into
+    # addmm; peft scales, then adds): a few ulps more than one op's tolerance.
+    assert_close(_logits(theirs, ids), _logits(ours, ids), "logits peft-loaded vs ours", scale=4)
 
 
 def test_saved_config_reads_as_peft_config(tmp_path):
