@@ -53,6 +53,14 @@ def gemm_configs(wide: bool = False) -> list[triton.Config]:
     ]
 
 
+def autotune(configs: list[triton.Config], key: list[str]):
+    """``triton.autotune`` as every kernel here uses it: ``key`` names the sizes that change the best config and
+    the constexpr switches (dropout, bias, ids, activation, precision) that change the kernel itself, so a
+    config tuned without dropout is never reused with it; results are cached on disk (Triton's cache), so a
+    new process does not tune again."""
+    return triton.autotune(configs=configs, key=key, cache_results=True)
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the row count: its power-of-two bucket, not the exact M, which varies every step."""
     return triton.next_power_of_2(max(m, 1))

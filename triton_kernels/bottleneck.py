@@ -29,7 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_in_fp32, fp32_precision, gemm_configs, gemm_k_loop, grouped_tile, interpreting, m_bucket, mma
+from ._common import (
+    autotune,
+    dot_in_fp32,
+    fp32_precision,
+    gemm_configs,
+    gemm_k_loop,
+    grouped_tile,
+    interpreting,
+    m_bucket,
+    mma,
+)
 from ._segments import adapter_segments
 
 __all__ = ["ACTIVATION_CODES", "bottleneck_forward", "bottleneck_backward"]
@@ -143,7 +153,7 @@ def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.con
 # --------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "NB", "K", "L"])
+@autotune(gemm_configs(), ["M_BUCKET", "NB", "K", "L", "HAS_BIAS", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"])
 @triton.jit
 def _bottleneck_down_kernel(
     X, W, BIAS, IDS, H, A,
@@ -173,7 +183,7 @@ def _bottleneck_down_kernel(
     tl.store(A + offsets, activate(acc, ACT).to(A.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "NB", "L"])
+@autotune(gemm_configs(), ["M_BUCKET", "N", "NB", "L", "HAS_BIAS", "HAS_IDS", "DOT_FP32", "PRECISION"])
 @triton.jit
 def _bottleneck_up_kernel(
     A, W, BIAS, IDS, RES, Y,
@@ -208,7 +218,7 @@ def _bottleneck_up_kernel(
 # --------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "NB", "N", "L"])
+@autotune(gemm_configs(), ["M_BUCKET", "NB", "N", "L", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"])
 @triton.jit
 def _bottleneck_bwd_dh_kernel(
     DY, W, IDS, H, DH,
@@ -233,7 +243,7 @@ def _bottleneck_bwd_dh_kernel(
     tl.store(DH + offsets, (scaling * acc * activate_grad(h, ACT)).to(DH.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "K", "NB", "L"])
+@autotune(gemm_configs(), ["M_BUCKET", "K", "NB", "L", "HAS_IDS", "ADD_DY", "DOT_FP32", "PRECISION"])
 @triton.jit
 def _bottleneck_bwd_dx_kernel(
     DH, W, IDS, DY, DX,

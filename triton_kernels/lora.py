@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ._common import (
     apply_keep,
+    autotune,
     dot_in_fp32,
     dropout_keep,
     fp32_precision,
@@ -85,7 +86,7 @@ def _lora_shrink_kernel(
     tl.store(S + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
-@triton.autotune(configs=gemm_configs(wide=True), key=["M_BUCKET", "N", "K", "R"])
+@autotune(gemm_configs(wide=True), ["M_BUCKET", "N", "K", "R", "HAS_BIAS", "BASE_FP32", "LORA_FP32", "PRECISION"])
 @triton.jit
 def _lora_fwd_kernel(
     X, W, BIAS, S, B, Y,
@@ -168,7 +169,9 @@ def _lora_bwd_dy_kernel(
                  mask=row_ok[:, None] & rank_ok[None, :])
 
 
-@triton.autotune(configs=gemm_configs(wide=True), key=["M_BUCKET", "N", "K", "R"])
+@autotune(
+    gemm_configs(wide=True), ["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "BASE_FP32", "LORA_FP32", "PRECISION"]
+)
 @triton.jit
 def _lora_bwd_dx_kernel(
     DY, W, DS, A, DX, SEED,
