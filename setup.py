@@ -152,17 +152,21 @@ class NvccBuildExt(build_ext):
             self._run_pool(compile_jobs, link)
 
     def _build_cpu_extension(self, ext: Extension) -> None:
-        import pybind11
-
-        ext.include_dirs = [*ext.include_dirs, pybind11.get_include()]
+        if self.compiler.compiler_type == "msvc":
+            ext.extra_compile_args, ext.extra_link_args = ["/O2", "/std:c++17"], []
         try:
+            import pybind11
+
+            ext.include_dirs = [*ext.include_dirs, pybind11.get_include()]
             super().build_extension(ext)
-        except (CCompilerError, BaseError, OSError) as error:
+        except (ImportError, CCompilerError, BaseError, OSError) as error:
             warnings.warn(
                 f"peftkern._cpu was not built ({error}); the torch backend's dropout falls back to torch ops "
                 "(the same masks, several times slower)",
                 stacklevel=1,
             )
+            # Nothing to install for it: an editable install would otherwise fail copying the missing file.
+            self.extensions = [e for e in self.extensions if e is not ext]
 
     def _run_ninja(self, ninja: str, build_dir: Path, compile_jobs, link: list[str], out: Path) -> None:
         lines = [

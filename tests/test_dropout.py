@@ -81,10 +81,49 @@ def test_fallback_without_the_extension_gives_the_same_mask(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.float16])
 def test_triton_mask_kernel_matches_reference(dtype):
-    # The torch backend's mask on CUDA tensors; here through Triton's interpreter on CPU tensors.
-    pytest.importorskip("triton")
+    # The torch backend's mask on CUDA tensors: on a GPU there, else through Triton's interpreter on CPU
+    # tensors (conftest switches it on when no GPU is visible).
     from peftkern.triton_kernels.dropout import dropout_keep_mask
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for seed, shape in [(5, (1, 1)), (2**40 + 3, (3, 1500)), (-5, (0, 4))]:
-        got = dropout_keep_mask(torch.tensor([seed]), shape, 0.3, dtype)
-        assert torch.equal(got, reference.dropout_mask(seed, shape, 0.3).to(dtype)), (seed, shape)
+        got = dropout_keep_mask(torch.tensor([seed], device=device), shape, 0.3, dtype)
+        assert got.device.type == device
+        assert torch.equal(got.cpu(), reference.dropout_mask(seed, shape, 0.3).to(dtype)), (seed, shape)
+
+
+def test_traced_calls_take_the_custom_op_and_record_a_faithful_graph():
+    # make_fx records what a call does; the C++ kernel's writes would be invisible to it, so traced and fake
+    # calls draw the mask with the reference's torch ops and go through the custom op.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import peftkern
+
+    x, weight = torch.randn(5, 8), torch.randn(6, 8)
+    lora_a, lora_b = torch.randn(2, 8), torch.randn(6, 2)
+    seed = torch.tensor([7])
+
+    def call(x, weight, lora_a, lora_b, seed):
+        return peftkern.lora_linear(x, weight, None, lora_a, lora_b, 0.5, 0.25, seed=seed, backend="torch")
+
+    expected = call(x, weight, lora_a, lora_b, seed)
+    for mode in ("real", "fake"):
+        graph = make_fx(call, tracing_mode=mode)(x, weight, lora_a, lora_b, seed)
+        assert "peftkern.lora_linear" in str(graph.code), mode
+        assert torch.equal(graph(x, weight, lora_a, lora_b, seed), expected), mode
+
+
+def test_eager_path_has_no_double_backward_and_vmap_takes_the_custom_op():
+    import peftkern
+
+    x = torch.randn(4, 8, requires_grad=True)
+    weight, lora_b = torch.randn(6, 8), torch.randn(6, 2, requires_grad=True)
+    lora_a = torch.randn(2, 8, requires_grad=True)
+    y = peftkern.lora_linear(x, weight, None, lora_a, lora_b, 2.0, backend="torch")
+    (grad_b,) = torch.autograd.grad(y.sum(), lora_b, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        torch.autograd.grad(grad_b.sum(), lora_a)
+    batched = torch.func.vmap(lambda row: peftkern.lora_linear(row, weight, None, lora_a, lora_b, 2.0,
+                                                               backend="torch"))(x.detach()[:, None])
+    plain = peftkern.lora_linear(x.detach(), weight, None, lora_a, lora_b, 2.0, backend="torch")
+    torch.testing.assert_close(batched[:, 0], plain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -56,9 +57,15 @@ def gemm_configs(wide: bool = False) -> list[triton.Config]:
 def autotune(configs: list[triton.Config], key: list[str]):
     """``triton.autotune`` as every kernel here uses it: ``key`` names the sizes that change the best config and
     the constexpr switches (dropout, bias, ids, activation, precision) that change the kernel itself, so a
-    config tuned without dropout is never reused with it; results are cached on disk (Triton's cache), so a
-    new process does not tune again."""
-    return triton.autotune(configs=configs, key=key, cache_results=True)
+    config tuned without dropout is never reused with it; results are cached on disk (Triton's cache, where
+    the installed Triton can), so a new process does not tune again."""
+    if _AUTOTUNE_CACHES:
+        return triton.autotune(configs=configs, key=key, cache_results=True)
+    return triton.autotune(configs=configs, key=key)
+
+
+# Triton 3.4 and later can keep autotuning results on disk; 3.2 and 3.3 (torch 2.6 and 2.7's) cannot.
+_AUTOTUNE_CACHES = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
 def m_bucket(m: int) -> int:

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -146,8 +147,13 @@ void fill_keep_mask(uint64_t seed, int64_t offset, int64_t numel, float p32, Wor
   const int64_t chunk = (numel / threads + kLanes - 1) / kLanes * kLanes;
   std::vector<std::thread> workers;
   for (int64_t start = chunk; start < numel; start += chunk) {
-    workers.emplace_back(keep_span<Word>, key0, key1, static_cast<uint64_t>(offset + start),
-                         std::min(chunk, numel - start), p32, one, keep + start);
+    const uint64_t first = static_cast<uint64_t>(offset) + static_cast<uint64_t>(start);
+    const int64_t count = std::min(chunk, numel - start);
+    try {
+      workers.emplace_back(keep_span<Word>, key0, key1, first, count, p32, one, keep + start);
+    } catch (const std::system_error&) {
+      keep_span<Word>(key0, key1, first, count, p32, one, keep + start);  // no thread to be had: do it here
+    }
   }
   keep_span<Word>(key0, key1, static_cast<uint64_t>(offset), std::min(chunk, numel), p32, one, keep);
   for (auto& worker : workers) worker.join();
@@ -181,7 +187,8 @@ void dropout_keep_mask(uint64_t seed, int64_t offset, int64_t numel, double p, u
   }
 }
 
-// For tests: run the Philox rounds in `name` ("avx512f", "avx2", "scalar") when this CPU has it.
+// For tests: run the Philox rounds in `name` ("avx512f", "avx2", "scalar") when this CPU has it. Not
+// synchronised with running calls: switch only while no mask is being drawn.
 void use_simd(const std::string& name) {
   if (name == "scalar") {
     philox_block = philox_block_scalar;

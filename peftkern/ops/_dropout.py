@@ -35,9 +35,27 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-# One thread: right after a matmul torch's OpenMP workers still spin on the other cores, and a second thread
-# of ours competes with them (measured on 2 cores: 0.53 ms alone vs 3 ms with two threads for 512K elements).
-_CPU_MASK_THREADS = 1
+# Right after a matmul torch's OpenMP workers still spin on the other cores for a while, and threads of ours
+# compete with them (2 cores, 512K elements: 0.53 ms on one thread, 3 ms on two). So a thread per 4M elements
+# (about 4 ms of work each), up to torch's thread count.
+_ELEMENTS_PER_THREAD = 1 << 22
+
+
+def _mask_threads(numel: int) -> int:
+    return max(1, min(torch.get_num_threads(), numel // _ELEMENTS_PER_THREAD))
+
+
+def _real_tensor(t: torch.Tensor) -> bool:
+    """A plain tensor with real storage: not fake, meta, functional or functorch-wrapped, and no dispatch
+    mode is recording (the C++ kernel writes through its address, which nothing traced would see)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (
+        type(t) is torch.Tensor
+        and t.device.type != "meta"
+        and _get_current_dispatch_mode() is None
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
 
 # The bits of 1 in each mask dtype the CPU kernel writes (the mask holds them where kept, 0 where dropped).
 _ONE_BITS = {
@@ -56,11 +74,13 @@ def keep_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, dtype: torch
     ``seed``: a 1-element int64 tensor. On CPU its value is read (free there); on CUDA it stays on the device.
     """
     device = seed.device
+    if not _real_tensor(seed):  # traced (make_fx, fake tensors): the reference's torch ops record faithfully
+        return reference.dropout_mask(seed, shape, p, device=device).to(dtype)
     if device.type == "cpu" and dtype in _ONE_BITS and _cpu_kernels() is not None:
         keep = torch.empty(shape, dtype=dtype)
         _cpu_kernels().dropout_keep_mask(
             int(seed.reshape(())) & (2**64 - 1), 0, keep.numel(), float(p), keep.data_ptr(), keep.element_size(),
-            _ONE_BITS[dtype], _CPU_MASK_THREADS,
+            _ONE_BITS[dtype], _mask_threads(shape[0] * shape[1]),
         )
         return keep
     if device.type == "cuda" and _triton_available():

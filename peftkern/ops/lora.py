@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..backends import resolve_backend
 from ._checks import (
@@ -50,6 +51,9 @@ def _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
     if keep is not None:
         s = s.div_(1.0 - dropout_p)
     y = F.linear(x, weight, bias)
+    if scaling == 0.0:  # addmm drops the product when alpha is 0; the spec keeps 0 * inf = NaN
+        lora = (s @ lora_b.to(compute).T).mul_(scaling)
+        return (y.to(compute) + lora).to(x.dtype), s
     if y.dtype == compute:
         return y.addmm_(s, lora_b.to(compute).T, alpha=scaling), s
     return torch.addmm(y.to(compute), s, lora_b.to(compute).T, alpha=scaling).to(x.dtype), s
@@ -74,7 +78,7 @@ def _torch_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, se
         return grad_x.addmm_(grad_s, lora_a.to(compute)), grad_a, grad_b
     lora = grad_s @ lora_a.to(compute)
     if keep is not None:
-        lora = lora.mul_(keep.to(compute))
+        lora = lora.mul_(keep)
     if grad_x.dtype == compute:
         return grad_x.add_(lora), grad_a, grad_b
     return (grad_x.to(compute) + lora).to(x.dtype), grad_a, grad_b
@@ -197,8 +201,9 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerLoRALinear(torch.autograd.Function):
     """The same forward and backward as the custom ops, without their per-call dispatch (tens of
-    microseconds a call in eager mode, as much as a small layer's whole work on the CPU). Used outside
-    torch.compile; the compiler traces the custom ops."""
+    microseconds a call in eager mode, as much as a small layer's whole work on the CPU). Used only for plain
+    eager calls (see :func:`_plain_eager`); torch.compile, export, make_fx, fake tensors and functorch
+    transforms get the custom ops. Like them, no double backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
@@ -208,8 +213,19 @@ class _EagerLoRALinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         return _gradients(ctx, grad_y, _backward_impl)
+
+
+def _plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """Whether this call runs plain eager on real tensors: not traced by dynamo, no dispatch mode (make_fx,
+    FakeTensorMode, FlopCounter, ...), no functorch transform (vmap, grad) and no tensor subclass."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
 # ---- the public function ----------------------------------------------------------------------------------
@@ -304,8 +320,8 @@ def lora_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     args = (x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed_tensor, name)
-    if torch.compiler.is_compiling():
-        y, _ = torch.ops.peftkern.lora_linear(*args)
-    else:
+    if _plain_eager(x, weight, bias, lora_a, lora_b, seed_tensor):
         y = _EagerLoRALinear.apply(*args)
+    else:
+        y, _ = torch.ops.peftkern.lora_linear(*args)
     return y.reshape(*lead, weight.shape[0])
