@@ -163,7 +163,7 @@ def build_segments(adapter_ids: torch.Tensor, num_adapters: int, block_m: int) -
 
 
 @triton.jit
-def _adapter_rank(RANKS, adapter, L, R):
+def adapter_rank(RANKS, adapter, L, R):
     """(adapter clamped into [0, L), rank clamped into [0, R] or 0 when ``adapter`` is not in [0, L))."""
     ok = (adapter >= 0) & (adapter < L)
     safe = tl.where(ok, adapter, 0)
@@ -185,19 +185,10 @@ def _base_tile(
 
 
 @triton.jit
-def _multi_lora_shrink_decode_kernel(
-    IN, F, IDS, RANKS, SCALES, T,
-    M, J, R, L,
-    stride_im, stride_ij, stride_fl, stride_fr, stride_fj,
-    HAS_SCALE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """T[m, r] = scale_i * sum_j IN[m, j] F[i, r, j] with i = ids[m], zero for r >= rank_i or i = -1.
-
-    One program per (row, rank chunk): a gathered GEMV, memory-bound, so it loads nothing past the rank.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    adapter, rank = _adapter_rank(RANKS, tl.load(IDS + row).to(tl.int64), L, R)
+def gemv_rank_chunk(IN, F, row, adapter, rank, chunk, J, stride_im, stride_ij, stride_fl, stride_fr, stride_fj,
+                    BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(acc [BLOCK_R] fp32 = sum_j IN[row, j] F[adapter, r, j] for the chunk's ranks r < rank, else 0; the
+    chunk's ranks; their mask r < rank). A gathered GEMV: memory-bound, so it loads nothing past the rank."""
     ranks = chunk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rank_ok = ranks < rank
     j_end = tl.where(chunk * BLOCK_R < rank, J, 0)
@@ -209,6 +200,57 @@ def _multi_lora_shrink_decode_kernel(
         f = tl.load(F + adapter * stride_fl + ranks[:, None] * stride_fr + js[None, :] * stride_fj,
                     mask=rank_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(f * v[None, :], axis=1)
+    return acc, ranks, rank_ok
+
+
+@triton.jit
+def segment_tile_rows(PERM, TILES, tile, n_tiles, M, BLOCK_M: tl.constexpr):
+    """Tile ``tile`` of the segment table: (its adapter id as stored, or -1; its rows in x [BLOCK_M] int64;
+    their mask; whether the tile has any row: padding tiles have none)."""
+    adapter = tl.load(TILES + tile)
+    row_start = tl.load(TILES + n_tiles + tile)
+    row_end = tl.minimum(tl.load(TILES + 2 * n_tiles + tile), M)
+    sorted_rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = sorted_rows < row_end
+    rows = tl.load(PERM + sorted_rows, mask=row_ok, other=0)
+    return adapter, rows, row_ok, row_start < row_end
+
+
+@triton.jit
+def tile_shrink(IN, F, rows, row_ok, adapter, rank, chunk, J, stride_im, stride_ij, stride_fl, stride_fr,
+                stride_fj, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """As :func:`gemv_rank_chunk` for a tile of rows that share one adapter: a [BLOCK_M, BLOCK_R] GEMM tile."""
+    ranks = chunk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rank_ok = ranks < rank
+    j_end = tl.where(chunk * BLOCK_R < rank, J, 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for j0 in range(0, j_end, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        j_ok = js < J
+        v = tl.load(IN + rows[:, None] * stride_im + js[None, :] * stride_ij,
+                    mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        f_t = tl.load(F + adapter * stride_fl + ranks[None, :] * stride_fr + js[:, None] * stride_fj,
+                      mask=j_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = mma(v, f_t, acc, DOT_FP32, PRECISION)
+    return acc, ranks, rank_ok
+
+
+@triton.jit
+def _multi_lora_shrink_decode_kernel(
+    IN, F, IDS, RANKS, SCALES, T,
+    M, J, R, L,
+    stride_im, stride_ij, stride_fl, stride_fr, stride_fj,
+    HAS_SCALE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """T[m, r] = scale_i * sum_j IN[m, j] F[i, r, j] with i = ids[m], zero for r >= rank_i or i = -1.
+
+    One program per (row, rank chunk): a gathered GEMV (:func:`gemv_rank_chunk`).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    adapter, rank = adapter_rank(RANKS, tl.load(IDS + row).to(tl.int64), L, R)
+    acc, ranks, rank_ok = gemv_rank_chunk(IN, F, row, adapter, rank, tl.program_id(1), J, stride_im, stride_ij,
+                                          stride_fl, stride_fr, stride_fj, BLOCK_J, BLOCK_R)
     if HAS_SCALE:
         acc = tl.where(rank_ok, acc * tl.load(SCALES + adapter), 0.0)
     tl.store(T + row * R + ranks, acc, mask=ranks < R)
@@ -222,27 +264,12 @@ def _multi_lora_shrink_segment_kernel(
     HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """As the decode shrink, over one tile of rows that share an adapter: a [BLOCK_M, BLOCK_R] GEMM tile."""
-    tile = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    adapter, rank = _adapter_rank(RANKS, tl.load(TILES + tile), L, R)
-    row_start = tl.load(TILES + n_tiles + tile)
-    row_end = tl.minimum(tl.load(TILES + 2 * n_tiles + tile), M)
-    sorted_rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = sorted_rows < row_end
-    rows = tl.load(PERM + sorted_rows, mask=row_ok, other=0)
-    ranks = chunk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rank_ok = ranks < rank
-    j_end = tl.where(chunk * BLOCK_R < rank, J, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for j0 in range(0, j_end, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        j_ok = js < J
-        v = tl.load(IN + rows[:, None] * stride_im + js[None, :] * stride_ij,
-                    mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        f_t = tl.load(F + adapter * stride_fl + ranks[None, :] * stride_fr + js[:, None] * stride_fj,
-                      mask=j_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = mma(v, f_t, acc, DOT_FP32, PRECISION)
+    """As the decode shrink, over one tile of rows that share an adapter (:func:`tile_shrink`)."""
+    adapter, rows, row_ok, _ = segment_tile_rows(PERM, TILES, tl.program_id(0).to(tl.int64), n_tiles, M, BLOCK_M)
+    adapter, rank = adapter_rank(RANKS, adapter, L, R)
+    acc, ranks, rank_ok = tile_shrink(IN, F, rows, row_ok, adapter, rank, tl.program_id(1), J, stride_im,
+                                      stride_ij, stride_fl, stride_fr, stride_fj, DOT_FP32, PRECISION,
+                                      BLOCK_M, BLOCK_J, BLOCK_R)
     if HAS_SCALE:
         acc = tl.where(rank_ok[None, :], acc * tl.load(SCALES + adapter), 0.0)
     tl.store(T + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & (ranks < R)[None, :])
@@ -310,17 +337,12 @@ def _multi_lora_fused_segment_kernel(
     """As the decode fused kernel over a tile of rows that share one adapter (rows gathered through the
     sort permutation): the epilogue is a dense [BLOCK_M, rank] x [rank, BLOCK_N] product."""
     tile_m, tile_n = grouped_tile(tl.program_id(0), n_tiles, tl.cdiv(C, BLOCK_N), GROUP)
-    tile = tile_m.to(tl.int64)
-    adapter, rank = _adapter_rank(RANKS, tl.load(TILES + tile), L, R)
-    row_start = tl.load(TILES + n_tiles + tile)
-    row_end = tl.minimum(tl.load(TILES + 2 * n_tiles + tile), M)
-    sorted_rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = sorted_rows < row_end
-    rows = tl.load(PERM + sorted_rows, mask=row_ok, other=0)
+    adapter, rows, row_ok, has_rows = segment_tile_rows(PERM, TILES, tile_m.to(tl.int64), n_tiles, M, BLOCK_M)
+    adapter, rank = adapter_rank(RANKS, adapter, L, R)
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
     # Padding tiles (no rows) skip the base loop too.
-    j_end = tl.where(row_start < row_end, J, 0)
+    j_end = tl.where(has_rows, J, 0)
     acc = _base_tile(IN, W, rows, row_ok, cols, col_ok, j_end, stride_im, stride_ij, stride_wj, stride_wc,
                      BASE_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_SCALE:
@@ -359,7 +381,7 @@ def _multi_lora_grad_kernel(
     tile_c = tl.program_id(1)
     chunk = tl.program_id(2) // SPLITS
     split = tl.program_id(2) % SPLITS
-    adapter, rank = _adapter_rank(RANKS, adapter, L, R)
+    adapter, rank = adapter_rank(RANKS, adapter, L, R)
     seg_start = tl.load(BOUNDS + adapter + 1)
     seg_end = tl.minimum(tl.load(BOUNDS + (L + 1) + adapter + 1), M)
     if SPLITS > 1:
@@ -503,11 +525,13 @@ def multi_lora_forward(
     scalings: torch.Tensor,
     ranks: torch.Tensor,
     path: str = "auto",
+    segments: Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (Y [M, N] in x's dtype, S [M, R] fp32, unscaled, zero past each row's rank).
 
     x: [M, K] any strides; weight [N, K]; lora_a [L, R, K]; lora_b [L, N, R]; adapter_ids [M] contiguous;
-    scalings [L] fp32; ranks [L] int32. ``path``: "auto" | "decode" | "prefill".
+    scalings [L] fp32; ranks [L] int32. ``path``: "auto" | "decode" | "prefill". ``segments``: the ids'
+    table with ``segment_block(M)``-row tiles when already built (a ``LoRABatch``'s), else built here.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -516,7 +540,10 @@ def multi_lora_forward(
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, torch.empty((0, R), device=x.device, dtype=torch.float32)
-    segments = None if decode else build_segments(adapter_ids, L, segment_block(M))
+    if decode:
+        segments = None
+    elif segments is None:
+        segments = build_segments(adapter_ids, L, segment_block(M))
     a_strides = (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
     s = _shrink(x, lora_a, a_strides, adapter_ids, segments, ranks, None, R, L, decode)
     _fused(x, weight, (weight.stride(1), weight.stride(0)), bias, s, lora_b,
@@ -537,11 +564,12 @@ def multi_lora_backward(
     s: torch.Tensor,
     need_dx: bool,
     path: str = "auto",
+    segments: Segments | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Returns (dX [M, K] or None, dA [L, R, K], dB [L, N, R]) in the dtypes of x, A and B.
 
     grad_y: [M, N]; s: [M, R] fp32 from the forward. Each adapter's dA/dB sums only its own rows; slots
-    no row uses get zeros. dW and db are left to the caller.
+    no row uses get zeros. dW and db are left to the caller. ``segments``: as in :func:`multi_lora_forward`.
     """
     M, K = x.shape
     L, R = lora_a.shape[:2]
@@ -550,7 +578,8 @@ def multi_lora_backward(
     dx = torch.empty((M, K), device=device, dtype=x.dtype) if need_dx else None
     if M == 0:
         return dx, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
-    segments = build_segments(adapter_ids, L, segment_block(M))
+    if segments is None:
+        segments = build_segments(adapter_ids, L, segment_block(M))
     row_segments = None if decode else segments
     # dS = s_i * dY @ B[i]: the shrink with F[i, r, j=n] = B[i, n, r].
     ds = _shrink(grad_y, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
