@@ -39,6 +39,8 @@ __all__ = ["MAX_SLICES", "lora_shrink", "lora_expand_add"]
 
 # Slices per launch; longer lists run in groups of this many.
 MAX_SLICES = 4
+# Warps of the segment kernels: their int64 row addresses of 64- or 128-row tiles spill at 4 warps on sm_90.
+_SEGMENT_WARPS = 8
 
 
 @triton.jit
@@ -222,6 +224,7 @@ def lora_shrink(
                 x, *pointers, segments.perm, segments.tiles, ranks, out, *common, n_tiles, *strides,
                 DOT_FP32=dot_in_fp32(x.dtype, group[0].dtype), PRECISION=fp32_precision(),
                 BLOCK_M=segments.block_m, BLOCK_K=16 if interpreting() else 64, BLOCK_R=block_r,
+                num_warps=_SEGMENT_WARPS,
             )
     return s
 
@@ -266,5 +269,5 @@ def lora_expand_add(
             _lora_expand_add_segment_kernel[(n_tiles, grid_n, len(group))](
                 y, part, *pointers, segments.perm, segments.tiles, ranks, scalings, *common, n_tiles, *args,
                 EXPAND_FP32=dot_in_fp32(y.dtype, group[0].dtype), PRECISION=fp32_precision(),
-                BLOCK_M=segments.block_m, BLOCK_N=block_n if interpreting() else 128, BLOCK_R=_EXPAND_CHUNK,
+                BLOCK_M=segments.block_m, BLOCK_N=block_n, BLOCK_R=_EXPAND_CHUNK, num_warps=_SEGMENT_WARPS,
             )

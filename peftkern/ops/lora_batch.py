@@ -14,19 +14,9 @@ import numbers
 
 import torch
 
-from ._checks import INDEX_DTYPES, check_tensor
+from ._checks import INDEX_DTYPES, check_tensor, host_check_default
 
-__all__ = ["LoRABatch", "check_adapter_ids", "host_check_default"]
-
-
-def host_check_default(check_ids: bool | None, device: torch.device) -> bool:
-    """``check_ids`` as given, or by default: True on the CPU (reading values there costs nothing), False on
-    CUDA (a host check would sync the device, and fails inside CUDA-graph capture)."""
-    if check_ids is None:
-        return device.type == "cpu"
-    if not isinstance(check_ids, bool):
-        raise TypeError(f"check_ids: expected a bool or None, got {type(check_ids).__name__}")
-    return check_ids
+__all__ = ["LoRABatch", "check_adapter_ids"]
 
 
 def check_adapter_ids(adapter_ids: torch.Tensor, num_adapters: int) -> None:

@@ -16,8 +16,14 @@ from collections.abc import Sequence
 import torch
 
 from ..backends import resolve_backend
-from ._checks import check_backend_dtypes, check_same_device, check_tensor, intermediate_dtype
-from .lora_batch import LoRABatch, host_check_default
+from ._checks import (
+    check_backend_dtypes,
+    check_same_device,
+    check_tensor,
+    host_check_default,
+    intermediate_dtype,
+)
+from .lora_batch import LoRABatch
 from .multi_lora import (
     PATHS,
     _as_ranks,

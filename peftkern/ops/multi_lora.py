@@ -28,9 +28,10 @@ from ._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    host_check_default,
     intermediate_dtype,
 )
-from .lora_batch import LoRABatch, check_adapter_ids, host_check_default
+from .lora_batch import LoRABatch, check_adapter_ids
 
 __all__ = ["multi_lora_linear"]
 
