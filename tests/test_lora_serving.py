@@ -310,6 +310,20 @@ def test_opcheck_torch_backend():
     torch.library.opcheck(torch.ops.peftkern.lora_expand_add.default, args)
 
 
+def test_torch_compile_fullgraph_with_a_batch():
+    """A prebuilt LoRABatch and check_ids=False leave no host sync: shrink + expand-add compile as one graph."""
+    x, lora_a, lora_b, ids, ranks, scalings = _problem(4, 2, 4, [3, 5], [0, 1, -1, 1], [4, 2])
+    x, lora_a, lora_b = x.float(), [a.float() for a in lora_a], [b.float() for b in lora_b]
+    batch, scalings = peftkern.LoRABatch(ids, 2), torch.tensor(scalings)
+
+    def step(x, y):
+        s = peftkern.lora_shrink(x, lora_a, batch, ranks, backend="torch", check_ids=False)
+        return peftkern.lora_expand_add(y, s, lora_b, batch, scalings, 1, ranks, backend="torch", check_ids=False)
+
+    compiled = torch.compile(step, fullgraph=True)(x, torch.zeros(4, 10))
+    assert torch.equal(compiled, step(x, torch.zeros(4, 10)))
+
+
 def test_random_problems_match_reference():
     """Property test: random sizes, slot counts, ranks, ids, slices and offsets on every backend and path."""
     hypothesis = pytest.importorskip("hypothesis")
@@ -459,3 +473,41 @@ def test_cuda_graph_capture_and_replay_with_updated_batch(path, M):
         reference.lora_expand_add(expected, s, [b.double().cpu() for b in lora_b], ids64, scalings.cpu(), 0,
                                   ranks.cpu())
         assert_close(out, expected, f"replay {trial}", dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_no_host_sync_by_default_on_cuda():
+    """CUDA tensors, default arguments: no op of a serving step syncs the host (torch's sync debug mode
+    raises on any synchronizing call), the plain-ids multi_lora_linear and prompt ops included."""
+    device = "cuda"
+    L, R, K_, N_ = 3, 8, 64, 48
+    x = torch.randn(80, K_, device=device, dtype=torch.bfloat16)
+    weight = torch.randn(N_, K_, device=device, dtype=torch.bfloat16)
+    lora_a = torch.randn(L, R, K_, device=device, dtype=torch.bfloat16)
+    lora_b = torch.randn(L, N_, R, device=device, dtype=torch.bfloat16)
+    scalings = torch.ones(L, device=device)
+    ranks = torch.tensor([8, 4, 0], device=device, dtype=torch.int32)
+    embed = torch.randn(50, 16, device=device)
+    prompts, prefix = torch.randn(2, 3, 16, device=device), torch.randn(2, 3, 2 * 2 * 2 * 4, device=device)
+    input_ids, prompt_ids = torch.randint(0, 50, (2, 5), device=device), torch.tensor([0, 1], device=device)
+
+    def step():
+        for rows in (8, 80):  # decode and prefill
+            ids = torch.randint(-1, L, (rows,), device=device)
+            batch = peftkern.LoRABatch(ids, L)
+            s = peftkern.lora_shrink(x[:rows], lora_a, batch, ranks)
+            peftkern.lora_expand_add(torch.zeros(rows, N_, device=device, dtype=torch.bfloat16), s, lora_b, batch,
+                                     scalings, 0, ranks)
+            batch.update(torch.randint(-1, L, (rows,), device=device))
+            for adapter_ids in (batch, ids):
+                peftkern.multi_lora_linear(x[:rows], weight, None, lora_a, lora_b, adapter_ids, scalings, ranks)
+        peftkern.prompt_concat(input_ids, embed, prompts, prompt_ids)
+        peftkern.prefix_kv(prefix, prompt_ids, 2, 2)
+
+    step()  # autotuning (which times configs, so syncs) happens on the first call
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
