@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import DTYPES, assert_close
+from _helpers import DTYPES, assert_close, capture_in_cuda_graph
 
 import peftkern
 from peftkern import reference
@@ -244,7 +244,7 @@ def _bad_call(what: str, **overrides):
 
 
 BAD_CASES = [
-    ("shrink", {"x": torch.randn(4, K + 1)}, ValueError, r"lora_a: expected shape \(2, 8, 34\)"),
+    ("shrink", {"x": torch.randn(4, K + 1)}, ValueError, r"lora_a: expected shape \(2, 8, 34\) \(\[L, R, K\]"),
     ("shrink", {"x": torch.randn(5, K)}, ValueError, "batch: holds ids for 4 rows, but the input has 5 rows"),
     ("shrink", {"x": torch.randn(4, K).half(), "lora_a": torch.randn(2, 8, K).bfloat16()}, TypeError,
      "lora_a: expected the dtype of x"),
@@ -260,7 +260,8 @@ BAD_CASES = [
     ("expand", {"s": torch.zeros(4, 7)}, ValueError, r"s: expected shape \(4, 8\) \(\[M, R\] for one lora_b\)"),
     ("expand", {"lora_b": [torch.randn(2, 3, 8)] * 2}, ValueError, r"s: expected shape \(2, 4, 8\)"),
     ("expand", {"lora_b": [torch.randn(2, 3, 8), torch.randn(2, 3, 4)], "s": torch.zeros(2, 4, 8)}, ValueError,
-     r"lora_b\[1\]: expected shape \(2, \*, 8\)"),
+     r"lora_b\[1\]: expected shape \(2, \*, 8\) \(\[L, N_j, R\], one L and R"),
+    ("expand", {"lora_b": torch.randn(2, 6, 0), "s": torch.zeros(4, 0)}, ValueError, "lora_b: expected L >= 1"),
     ("expand", {"offset": 1}, ValueError, r"y: expected at least offset \+ sum\(N_j\) = 1 \+ 6 = 7 columns"),
     ("expand", {"offset": -1}, ValueError, "offset: expected an int >= 0"),
     ("expand", {"offset": 1.0}, ValueError, "offset: expected an int >= 0"),
@@ -454,14 +455,7 @@ def test_cuda_graph_capture_and_replay_with_updated_batch(path, M):
         s = peftkern.lora_shrink(x, lora_a, batch, ranks, backend="triton", path=path)
         return peftkern.lora_expand_add(y, s, lora_b, batch, scalings, 0, ranks, backend="triton", path=path)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_in_cuda_graph(step)
     for trial in range(3):
         new_ids = torch.randint(-1, L, (M,), device=device, generator=g)
         batch.update(new_ids)

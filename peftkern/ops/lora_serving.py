@@ -19,6 +19,7 @@ from ..backends import resolve_backend
 from ._checks import (
     check_backend_dtypes,
     check_same_device,
+    check_shape,
     check_tensor,
     host_check_default,
     intermediate_dtype,
@@ -136,19 +137,25 @@ def _(y, s, lora_b, adapter_ids, scalings, ranks, offset, perm, tiles, block_m, 
 # ---- input checks -------------------------------------------------------------------------------------------
 
 
-def _as_slices(name: str, value: object) -> list[torch.Tensor]:
-    """A tensor or a non-empty list/tuple of tensors -> list; every one 3-D, one dtype, one device."""
+def _as_slices(name: str, value: object, expected, meaning: str, like_name: str, like: torch.Tensor):
+    """``value`` (a tensor, or a non-empty list/tuple of tensors) as a list of 3-D tensors, each of shape
+    ``expected(first slice's shape)`` (None: any size), one dtype: ``like``'s (the activations) or fp32."""
     if isinstance(value, torch.Tensor):
-        slices = [value]
+        slices, labels = [value], [name]
     elif isinstance(value, (list, tuple)) and value:
-        slices = list(value)
+        slices, labels = list(value), [f"{name}[{j}]" for j in range(len(value))]
     else:
         raise TypeError(f"{name}: expected a tensor [L, ., .] or a non-empty list of them, got {type(value).__name__}")
-    for j, tensor in enumerate(slices):
-        label = name if isinstance(value, torch.Tensor) else f"{name}[{j}]"
+    for label, tensor in zip(labels, slices):
         check_tensor(label, tensor, ndim=3)
         if tensor.dtype != slices[0].dtype:
-            raise TypeError(f"{label}: expected the dtype of {name}[0] ({slices[0].dtype}), got {tensor.dtype}")
+            raise TypeError(f"{label}: expected the dtype of {labels[0]} ({slices[0].dtype}), got {tensor.dtype}")
+        check_shape(label, tensor, expected(slices[0].shape), meaning)
+    if 0 in (slices[0].shape[0], slices[0].shape[2 if name == "lora_b" else 1]):
+        raise ValueError(f"{name}: expected L >= 1 adapter slots and R >= 1, got shape {tuple(slices[0].shape)}")
+    if slices[0].dtype not in (like.dtype, torch.float32, torch.float64):
+        raise TypeError(f"{name}: expected the dtype of {like_name} ({like.dtype}) or float32, got {slices[0].dtype}")
+    check_same_device(like_name, like, **dict(zip(labels, slices)))
     return slices
 
 
@@ -212,21 +219,10 @@ def lora_shrink(
         float32 (float64 for float64 inputs) [..., R] for one ``lora_a`` tensor, [n, ..., R] for a list of
         n; rows with id -1 (or an id outside [-1, L)) are zero. Not differentiable (serving).
     """
-    slices = _as_slices("lora_a", lora_a)
     check_tensor("x", x, min_ndim=1)
+    slices = _as_slices("lora_a", lora_a, lambda first: (first[0], first[1], x.shape[-1]),
+                        "[L, R, K] with K = x.shape[-1], one shape for every slice", "x", x)
     num_adapters, r_max = slices[0].shape[:2]
-    for j, tensor in enumerate(slices):
-        if tuple(tensor.shape) != (num_adapters, r_max, x.shape[-1]):
-            label = "lora_a" if len(slices) == 1 and isinstance(lora_a, torch.Tensor) else f"lora_a[{j}]"
-            raise ValueError(
-                f"{label}: expected shape ({num_adapters}, {r_max}, {x.shape[-1]}) ([L, R, K] with K = "
-                f"x.shape[-1], one shape for every slice), got {tuple(tensor.shape)}"
-            )
-    if num_adapters == 0 or r_max == 0:
-        raise ValueError(f"lora_a: expected L >= 1 adapter slots and R >= 1, got shape {tuple(slices[0].shape)}")
-    if slices[0].dtype not in (x.dtype, torch.float32, torch.float64):
-        raise TypeError(f"lora_a: expected the dtype of x ({x.dtype}) or float32, got {slices[0].dtype}")
-    check_same_device("x", x, **{f"lora_a[{j}]": t for j, t in enumerate(slices)})
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     batch = _as_batch(batch, x2.shape[0], num_adapters, x.device, check_ids)
@@ -268,20 +264,11 @@ def lora_expand_add(
     Returns:
         y. Not differentiable (serving).
     """
-    slices = _as_slices("lora_b", lora_b)
     check_tensor("y", y, ndim=2)
     check_tensor("s", s)
+    slices = _as_slices("lora_b", lora_b, lambda first: (first[0], None, first[2]),
+                        "[L, N_j, R], one L and R for every slice", "y", y)
     num_adapters, _, r_max = slices[0].shape
-    for j, tensor in enumerate(slices):
-        if tensor.shape[0] != num_adapters or tensor.shape[2] != r_max:
-            raise ValueError(
-                f"lora_b[{j}]: expected shape ({num_adapters}, *, {r_max}) (one L and R for every slice), "
-                f"got {tuple(tensor.shape)}"
-            )
-    if num_adapters == 0 or r_max == 0:
-        raise ValueError(f"lora_b: expected L >= 1 adapter slots and R >= 1, got shape {tuple(slices[0].shape)}")
-    if slices[0].dtype not in (y.dtype, torch.float32, torch.float64):
-        raise TypeError(f"lora_b: expected the dtype of y ({y.dtype}) or float32, got {slices[0].dtype}")
     rows = y.shape[0]
     one = isinstance(lora_b, torch.Tensor)
     expected = (rows, r_max) if one else (len(slices), rows, r_max)
@@ -296,7 +283,7 @@ def lora_expand_add(
             f"y: expected at least offset + sum(N_j) = {offset} + {width} = {offset + width} columns, "
             f"got shape {tuple(y.shape)}"
         )
-    check_same_device("y", y, s=s, **{f"lora_b[{j}]": t for j, t in enumerate(slices)})
+    check_same_device("y", y, s=s)
     batch = _as_batch(batch, rows, num_adapters, y.device, check_ids)
     path = _check_path(path)
     host = host_check_default(check_ids, y.device)
