@@ -505,3 +505,15 @@ def test_no_host_sync_by_default_on_cuda():
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_header_on_the_emulator(tmp_path):
+    """csrc/include/peftkern/lora_serving.cuh (launch_lora_shrink, launch_lora_expand_add) on the CPU emulator
+    under AddressSanitizer against float64 loops: slices of different widths from an offset, mixed ranks and
+    a rank-0 slot, bad ids, decode and prefill shrinks, strided x / y, B stored rank-major, a layer of a
+    stacked weight, every dtype pairing; untouched rows and columns keep their exact values."""
+    import _emulator
+
+    binary = _emulator.build(tmp_path, "lora_serving_emulated")
+    expected = "21 cases, 0 failures" if _emulator.FULL else "18 cases, 0 failures"
+    assert _emulator.run(binary).strip().endswith(expected)
