@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "bindings_common.h"
 #include "multi_lora_api.h"
@@ -11,6 +12,7 @@ namespace peftkern_bind {
 
 namespace {
 
+using peftkern_ext::RawLoraServing;
 using peftkern_ext::RawMultiBackward;
 using peftkern_ext::RawMultiForward;
 using peftkern_ext::RawTensor3;
@@ -175,6 +177,84 @@ int64_t segment_tiles(int64_t M, int64_t L) {
   return peftkern_ext::multi_lora_segment_tiles(M, L);
 }
 
+using Slice = std::tuple<uintptr_t, Strides3>;  // (address, strides) of one A_j or B_j
+
+RawLoraServing serving_args(int dtype, int adapter_dtype, const std::vector<Slice>& slices, uintptr_t adapter_ids,
+                            bool ids_int64, uintptr_t ranks, uintptr_t s, int64_t M, int64_t L, int64_t R) {
+  check_dtypes(dtype, adapter_dtype);
+  check_multi_sizes(M, 0, 0, L, R);
+  const int64_t n = static_cast<int64_t>(slices.size());
+  if (n < 1 || n > peftkern_ext::kMaxLoraSlices) {
+    throw py::value_error("slices: expected 1 to " + std::to_string(peftkern_ext::kMaxLoraSlices) + " slices, got " +
+                          std::to_string(n));
+  }
+  require_address("adapter_ids", adapter_ids, M);
+  require_address("ranks", ranks, L);
+  require_address("s", s, n * M * R);
+  RawLoraServing args{};
+  args.n_slices = static_cast<int>(n);
+  args.adapter_ids = adapter_ids;
+  args.ids_int64 = ids_int64;
+  args.ranks = ranks;
+  args.s = s;
+  args.M = M;
+  args.L = L;
+  args.R = R;
+  args.adapter_fp32 = adapter_dtype == peftkern_ext::kFloat32;
+  return args;
+}
+
+void lora_shrink(int dtype, int adapter_dtype, uintptr_t x, Strides x_strides, const std::vector<Slice>& slices,
+                 uintptr_t adapter_ids, bool ids_int64, uintptr_t perm, uintptr_t tiles, int64_t n_tiles,
+                 uintptr_t ranks, uintptr_t s, int64_t M, int64_t K, int64_t L, int64_t R, int device,
+                 uintptr_t stream) {
+  RawLoraServing args = serving_args(dtype, adapter_dtype, slices, adapter_ids, ids_int64, ranks, s, M, L, R);
+  if (K < 0) throw py::value_error("K: expected >= 0, got " + std::to_string(K));
+  args.x = matrix("x", x, x_strides, M, K);
+  args.K = K;
+  for (int j = 0; j < args.n_slices; ++j) {
+    args.slices[j] = tensor3("slices", std::get<0>(slices[j]), std::get<1>(slices[j]), L, R, K);
+  }
+  if ((perm == 0) != (tiles == 0)) throw py::value_error("perm, tiles: expected both addresses or neither");
+  if (perm != 0 && n_tiles != peftkern_ext::multi_lora_segment_tiles(M, L)) {
+    throw py::value_error("n_tiles: expected multi_lora_segment_tiles(M, L) = " +
+                          std::to_string(peftkern_ext::multi_lora_segment_tiles(M, L)) + " (a 64-row table), got " +
+                          std::to_string(n_tiles));
+  }
+  args.perm = perm;
+  args.tiles = tiles;
+  args.n_tiles = n_tiles;
+  if (M == 0) return;
+  launch_for_dtype(dtype, device, stream, "lora_shrink", args, peftkern_ext::lora_shrink_f16,
+                   peftkern_ext::lora_shrink_bf16, peftkern_ext::lora_shrink_f32);
+}
+
+void lora_expand_add(int dtype, int adapter_dtype, uintptr_t y, Strides y_strides, uintptr_t s,
+                     const std::vector<Slice>& slices, const std::vector<int64_t>& cols, uintptr_t adapter_ids,
+                     bool ids_int64, uintptr_t ranks, uintptr_t scalings, int64_t offset, int64_t M, int64_t L,
+                     int64_t R, int device, uintptr_t stream) {
+  RawLoraServing args = serving_args(dtype, adapter_dtype, slices, adapter_ids, ids_int64, ranks, s, M, L, R);
+  if (cols.size() != slices.size()) {
+    throw py::value_error("cols: expected one width per slice (" + std::to_string(slices.size()) + "), got " +
+                          std::to_string(cols.size()));
+  }
+  if (offset < 0) throw py::value_error("offset: expected >= 0, got " + std::to_string(offset));
+  int64_t width = offset;
+  for (int j = 0; j < args.n_slices; ++j) {
+    if (cols[j] < 0) throw py::value_error("cols: expected widths >= 0, got " + std::to_string(cols[j]));
+    args.slices[j] = tensor3("slices", std::get<0>(slices[j]), std::get<1>(slices[j]), L, cols[j], R);
+    args.cols[j] = cols[j];
+    width += cols[j];
+  }
+  require_address("scalings", scalings, L);
+  args.y = matrix("y", y, y_strides, M, width);
+  args.scalings = scalings;
+  args.offset = offset;
+  if (M == 0 || width == offset) return;
+  launch_for_dtype(dtype, device, stream, "lora_expand_add", args, peftkern_ext::lora_expand_add_f16,
+                   peftkern_ext::lora_expand_add_bf16, peftkern_ext::lora_expand_add_f32);
+}
+
 }  // namespace
 
 void bind_multi_lora(py::module_& m) {
@@ -209,6 +289,18 @@ void bind_multi_lora(py::module_& m) {
         "workspace bytes multi_lora_segments needs", py::arg("M"), py::arg("L"));
   m.def("multi_lora_segment_tiles", &segment_tiles, "length of the segment tile table: cdiv(M, 64) + min(L + 1, M)",
         py::arg("M"), py::arg("L"));
+  m.def("lora_shrink", &lora_shrink,
+        "s[j] = x A_j[i]^T for each slice j (up to 8) with i = adapter_ids[t]; s = [n, M, R] fp32, zero past ranks",
+        py::arg("dtype"), py::arg("adapter_dtype"), py::arg("x"), py::arg("x_strides"), py::arg("slices"),
+        py::arg("adapter_ids"), py::arg("ids_int64"), py::arg("perm"), py::arg("tiles"), py::arg("n_tiles"),
+        py::arg("ranks"), py::arg("s"), py::arg("M"), py::arg("K"), py::arg("L"), py::arg("R"), py::arg("device"),
+        py::arg("stream"));
+  m.def("lora_expand_add", &lora_expand_add,
+        "y[t, o_j : o_j + N_j] += scalings[i] s[j, t] B_j[i]^T for each slice j (up to 8), in place",
+        py::arg("dtype"), py::arg("adapter_dtype"), py::arg("y"), py::arg("y_strides"), py::arg("s"),
+        py::arg("slices"), py::arg("cols"), py::arg("adapter_ids"), py::arg("ids_int64"), py::arg("ranks"),
+        py::arg("scalings"), py::arg("offset"), py::arg("M"), py::arg("L"), py::arg("R"), py::arg("device"),
+        py::arg("stream"));
   m.attr("MULTI_LORA_DECODE_MAX_ROWS") = peftkern_ext::kMultiLoraDecodeMaxRows;
   m.attr("MULTI_LORA_SEGMENT_ROWS") = peftkern_ext::kMultiLoraSegmentRows;
 }

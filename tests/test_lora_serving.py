@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import DTYPES, assert_close, capture_in_cuda_graph
+from _helpers import DTYPES, assert_close, capture_in_cuda_graph, cuda_ext, needs_extension
 
 import peftkern
 from peftkern import reference
@@ -17,7 +17,7 @@ K = 33
 
 
 def _device(backend: str) -> str:
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 def _problem(M, L, R, widths, ids, ranks, seed=0):
@@ -160,7 +160,7 @@ def test_reused_and_updated_batch(backend, path):
     assert batch.adapter_ids.data_ptr() == ids_buffer and batch.adapter_ids.tolist() == second
     if table is not None:  # the prefill segment table was rebuilt in the same tensors
         assert batch._segments[table.block_m] is table
-        from peftkern.triton_kernels.multi_lora import build_segments
+        from peftkern.triton_kernels._segments import build_segments
 
         fresh = build_segments(torch.tensor(second), L, table.block_m)
         assert all(torch.equal(old.cpu(), new) for old, new in zip(table[:3], fresh[:3]))
@@ -288,18 +288,117 @@ def test_bad_inputs_raise_naming_the_argument(what, overrides, error, pattern, m
         _bad_call(what, **overrides)
 
 
-def test_cuda_backend_says_it_has_no_kernel(monkeypatch):
-    """The CUDA C++ shrink/expand are only launched inside the fused multi_lora_linear: backend 'cuda' says so
-    (CPU tensors are refused first, as for every op)."""
-    from peftkern.ops import lora_serving
-
-    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+def test_cuda_backend_refuses_cpu_tensors():
+    with pytest.raises(ValueError, match="lora_shrink: backend 'cuda' needs CUDA tensors"):
         peftkern.lora_shrink(torch.randn(2, K), torch.randn(1, 4, K), torch.zeros(2, dtype=torch.int64),
                              backend="cuda")
+
+
+def _serving_bindings():
+    ext = cuda_ext()
+    if not hasattr(ext, "lora_shrink"):
+        pytest.skip("this peftkern._C was built before the serving bindings: rebuild it (pip install -e .)")
+    return ext
+
+
+@needs_extension
+def test_cuda_bindings_check_arguments_before_any_launch():
+    ext = _serving_bindings()
+    shrink = dict(dtype=ext.FLOAT16, adapter_dtype=ext.FLOAT16, x=256, x_strides=(8, 1), slices=[(256, (16, 8, 1))],
+                  adapter_ids=256, ids_int64=True, perm=0, tiles=0, n_tiles=0, ranks=256, s=256, M=3, K=8, L=2, R=2,
+                  device=0, stream=0)
+    cases = [
+        ({"slices": []}, r"slices: expected 1 to 8 slices, got 0"),
+        ({"slices": [(256, (16, 8, 1))] * 9}, r"slices: expected 1 to 8 slices, got 9"),
+        ({"slices": [(256, (16, 8, 1)), (0, (16, 8, 1))]}, r"slices: expected a device address, got 0"),
+        ({"adapter_dtype": ext.BFLOAT16}, r"adapter_dtype: expected the activation dtype"),
+        ({"L": 0}, r"L: expected at least 1 adapter slot"),
+        ({"x": 0}, r"x: expected a device address, got 0 for a \[3, 8\] matrix"),
+        ({"s": 0}, r"s: expected a device address, got 0 for 6 elements"),
+        ({"perm": 256}, r"perm, tiles: expected both addresses or neither"),
+        ({"perm": 256, "tiles": 256, "n_tiles": 2}, r"n_tiles: expected multi_lora_segment_tiles\(M, L\) = 4"),
+        ({"device": -1}, r"device: expected a CUDA device index >= 0"),
+    ]
+    for override, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            ext.lora_shrink(**{**shrink, **override})
+    assert ext.lora_shrink(**{**shrink, "M": 0, "x": 0, "s": 0, "adapter_ids": 0}) is None  # no device touched
+    expand = dict(dtype=ext.FLOAT32, adapter_dtype=ext.FLOAT32, y=256, y_strides=(9, 1), s=256,
+                  slices=[(256, (8, 2, 1)), (256, (8, 2, 1))], cols=[4, 3], adapter_ids=256, ids_int64=False,
+                  ranks=256, scalings=256, offset=2, M=3, L=2, R=2, device=0, stream=0)
+    cases = [
+        ({"cols": [4]}, r"cols: expected one width per slice \(2\), got 1"),
+        ({"cols": [4, -1]}, r"cols: expected widths >= 0"),
+        ({"offset": -1}, r"offset: expected >= 0, got -1"),
+        ({"scalings": 0}, r"scalings: expected a device address"),
+        ({"y": 0}, r"y: expected a device address, got 0 for a \[3, 9\] matrix"),
+    ]
+    for override, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            ext.lora_expand_add(**{**expand, **override})
+
+
+@needs_extension
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_cuda_backend_passes_the_bindings_arguments_in_order(path, monkeypatch):
+    """No GPU here: the public functions on backend 'cuda' reach the real bindings' parameter lists with every
+    address, stride, size and code in place, the batch's 64-row segment table for a prefill shrink."""
+    import contextlib
+    import re
+    import types
+
+    from peftkern.ops import _cuda_multi_lora as launchers
+    from peftkern.ops import lora_serving
+
+    ext = _serving_bindings()
+    calls = {}
+
+    def recorder(name):
+        names = re.findall(r"(\w+): ", getattr(ext, name).__doc__.split(") ->")[0])
+        return lambda *args: calls.setdefault(name, []).append(dict(zip(names, args, strict=True)))
+
+    fake = types.SimpleNamespace(
+        FLOAT16=ext.FLOAT16, BFLOAT16=ext.BFLOAT16, FLOAT32=ext.FLOAT32, lora_shrink=recorder("lora_shrink"),
+        lora_expand_add=recorder("lora_expand_add"), MULTI_LORA_DECODE_MAX_ROWS=ext.MULTI_LORA_DECODE_MAX_ROWS,
+        MULTI_LORA_SEGMENT_ROWS=ext.MULTI_LORA_SEGMENT_ROWS,
+    )
+    for module in (launchers, lora_serving):
+        monkeypatch.setattr(module, "cuda_extension", lambda: fake)
     monkeypatch.setattr(lora_serving, "resolve_backend", lambda device, op, backend: "cuda")
-    with pytest.raises(RuntimeError, match="lora_expand_add: backend 'cuda' has no kernel for lora_expand_add"):
-        peftkern.lora_expand_add(torch.zeros(2, 3), torch.zeros(2, 4), torch.randn(1, 3, 4),
-                                 torch.zeros(2, dtype=torch.int64), [1.0])
+    monkeypatch.setattr(launchers, "_launch_context", lambda t: (3, 12345))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+
+    M, L, R = 70, 3, 16
+    x = torch.randn(M, 2 * K, dtype=torch.bfloat16)[:, ::2]
+    stacked = torch.randn(2, L, R, K, dtype=torch.bfloat16)
+    lora_a = [stacked[1]] * 9  # nine slices: two launches of at most eight
+    batch = peftkern.LoRABatch(torch.tensor([(t % 4) - 1 for t in range(M)], dtype=torch.int32), L)
+    ranks = torch.tensor([16, 4, 0], dtype=torch.int32)
+    s = peftkern.lora_shrink(x, lora_a, batch, ranks, path=path)
+    assert s.shape == (9, M, R) and s.dtype == torch.float32
+    first, second = calls["lora_shrink"]
+    assert len(first["slices"]) == 8 and len(second["slices"]) == 1 and second["s"] == s[8].data_ptr()
+    assert (first["dtype"], first["adapter_dtype"], first["device"], first["stream"]) == (ext.BFLOAT16,
+                                                                                        ext.BFLOAT16, 3, 12345)
+    assert (first["M"], first["K"], first["L"], first["R"]) == (M, K, L, R)
+    assert first["x"] == x.data_ptr() and first["x_strides"] == (2 * K, 2) and first["s"] == s.data_ptr()
+    assert first["slices"][0] == (stacked[1].data_ptr(), (R * K, K, 1))
+    assert first["adapter_ids"] == batch.adapter_ids.data_ptr() and first["ids_int64"] is True
+    if path == "prefill":
+        table = batch.segments(64)
+        assert (first["perm"], first["tiles"], first["n_tiles"]) == (table.perm.data_ptr(), table.tiles.data_ptr(),
+                                                                     ext.multi_lora_segment_tiles(M, L))
+    else:
+        assert (first["perm"], first["tiles"], first["n_tiles"]) == (0, 0, 0)
+
+    y = torch.zeros(M, 40, dtype=torch.bfloat16)
+    lora_b = [torch.randn(L, R, n).transpose(1, 2) for n in (5, 7)]  # fp32 adapters, rank-major storage
+    peftkern.lora_expand_add(y, s[:2], lora_b, batch, torch.tensor([0.5, 1.0, 2.0]), 3, ranks, path=path)
+    (e,) = calls["lora_expand_add"]
+    assert (e["dtype"], e["adapter_dtype"], e["offset"], e["cols"]) == (ext.BFLOAT16, ext.FLOAT32, 3, [5, 7])
+    assert e["y"] == y.data_ptr() and e["y_strides"] == (40, 1) and e["s"] == s.data_ptr()
+    assert e["slices"] == [(b.data_ptr(), (R * n, 1, n)) for b, n in zip(lora_b, (5, 7))]
+    assert (e["M"], e["L"], e["R"], e["ids_int64"]) == (M, L, R, True)
 
 
 def test_opcheck_torch_backend():
@@ -356,11 +455,13 @@ def test_random_problems_match_reference():
 def test_multi_lora_linear_with_a_batch_builds_the_segments_once(backend, path, monkeypatch):
     """Two layers, forward and backward, one LoRABatch: the results of plain ids, and (Triton) the segment
     table built once for all of it instead of in every layer's forward and backward."""
+    from peftkern.triton_kernels import _segments
     from peftkern.triton_kernels import multi_lora as triton_multi_lora
 
     builds = []
-    original = triton_multi_lora.build_segments
-    monkeypatch.setattr(triton_multi_lora, "build_segments", lambda *a: builds.append(1) or original(*a))
+    original = _segments.build_segments
+    for module in (_segments, triton_multi_lora):  # LoRABatch's builder, and the launchers' own
+        monkeypatch.setattr(module, "build_segments", lambda *a: builds.append(1) or original(*a))
     dev = _device(backend)
     torch.manual_seed(0)
     layers = [peftkern.MultiLoRALinear(torch.nn.Linear(K, K, device=dev), 3, 8, backend=backend) for _ in range(2)]
@@ -434,8 +535,22 @@ def test_pool_batch_builds_the_metadata_once_for_all_layers(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_cuda_backend_matches_reference(scenario, dtype, path, no_tf32):
+    """Backend 'cuda' (csrc/include/peftkern/lora_serving.cuh) on a GPU: strided views, slices, offsets."""
+    M, L, R, widths, ids, ranks = SCENARIOS[scenario]
+    s, y, _, expected_s, expected_y = _run(_problem(M, L, R, widths, ids, ranks, seed=5), "cuda", path, dtype,
+                                           offset=2, strided=True)
+    assert_close(s, expected_s, "s", dtype=dtype)
+    assert_close(y, expected_y, "y", dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("path,M", [("decode", 8), ("prefill", 96)])
-def test_cuda_graph_capture_and_replay_with_updated_batch(path, M):
+def test_cuda_graph_capture_and_replay_with_updated_batch(backend, path, M):
     """Shrink + expand-add captured once around a caller's base GEMM; each replay after batch.update(new ids)
     matches the reference for the new ids."""
     device = "cuda"
@@ -452,8 +567,8 @@ def test_cuda_graph_capture_and_replay_with_updated_batch(path, M):
 
     def step():
         y = x @ weight.T
-        s = peftkern.lora_shrink(x, lora_a, batch, ranks, backend="triton", path=path)
-        return peftkern.lora_expand_add(y, s, lora_b, batch, scalings, 0, ranks, backend="triton", path=path)
+        s = peftkern.lora_shrink(x, lora_a, batch, ranks, backend=backend, path=path)
+        return peftkern.lora_expand_add(y, s, lora_b, batch, scalings, 0, ranks, backend=backend, path=path)
 
     graph, out = capture_in_cuda_graph(step)
     for trial in range(3):

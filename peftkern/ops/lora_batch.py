@@ -116,13 +116,14 @@ class LoRABatch:
         return self
 
     def _build_segments(self, block_m: int):
-        from ..triton_kernels.multi_lora import build_segments
+        from ..triton_kernels._segments import build_segments
 
         return build_segments(self.adapter_ids, self.num_adapters, block_m)
 
     def segments(self, block_m: int):
-        """The Triton prefill kernels' segment table (``triton_kernels.multi_lora.Segments``) with tiles of
-        ``block_m`` rows: built on the first call (device ops, no host sync), then the same tensors."""
+        """The prefill kernels' segment table (``triton_kernels._segments.Segments``) with tiles of ``block_m``
+        rows (the Triton kernels' height, or the CUDA C++ kernels' 64): built on the first call (device ops,
+        no host sync), then the same tensors."""
         table = self._segments.get(block_m)
         if table is None:
             table = self._segments[block_m] = self._build_segments(block_m)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..backends import resolve_backend
+from ..backends import cuda_extension, resolve_backend
 from ._checks import (
     check_backend_dtypes,
     check_same_device,
@@ -39,14 +39,6 @@ from .multi_lora import (
 __all__ = ["lora_shrink", "lora_expand_add"]
 
 _TORCH_ROW_CHUNK = 256
-
-
-def _no_cuda_kernel(op: str) -> RuntimeError:
-    return RuntimeError(
-        f"{op}: backend 'cuda' has no kernel for {op} yet (the shrink and expand of "
-        "csrc/include/peftkern/multi_lora.cuh are launched only inside the fused multi_lora_linear); "
-        "use backend 'triton' or 'torch'"
-    )
 
 
 # ---- torch backend: gathers per row chunk, no host sync ----------------------------------------------------
@@ -98,6 +90,10 @@ def _lora_shrink_op(
         from ..triton_kernels.lora_serving import lora_shrink as triton_shrink
 
         return triton_shrink(x, lora_a, adapter_ids, ranks, _segments(perm, None, tiles, block_m))
+    if backend == "cuda":
+        from ._cuda_multi_lora import lora_shrink as cuda_shrink
+
+        return cuda_shrink(x, lora_a, adapter_ids, ranks, None if perm is None else (perm, tiles))
     return _torch_shrink(x, lora_a, adapter_ids, ranks)
 
 
@@ -125,6 +121,11 @@ def _lora_expand_add_op(
         from ..triton_kernels.lora_serving import lora_expand_add as triton_expand_add
 
         triton_expand_add(y, s, lora_b, adapter_ids, scalings, ranks, offset, _segments(perm, None, tiles, block_m))
+        return
+    if backend == "cuda":
+        from ._cuda_multi_lora import lora_expand_add as cuda_expand_add
+
+        cuda_expand_add(y, s, lora_b, adapter_ids, scalings, ranks, offset)
         return
     _torch_expand_add(y, s, lora_b, adapter_ids, scalings, ranks, offset)
 
@@ -177,15 +178,20 @@ def _check_path(path: str | None) -> str:
 
 
 def _dispatch(op: str, device: torch.device, backend: str | None, batch: LoRABatch, path: str, **tensors):
-    """(backend name, perm, tiles, block_m): the segment table only for the Triton prefill kernels."""
+    """(backend name, perm, tiles, block_m): the batch's segment table where the backend's prefill kernels
+    read one (Triton: its own tile height; CUDA C++: 64-row tiles, for the shrink only)."""
     name = resolve_backend(device, op, backend)
     check_backend_dtypes(op, name, **tensors)
-    if name == "cuda":
-        raise _no_cuda_kernel(op)
-    if name != "triton":
-        return name, None, None, 0
-    perm, _, tiles, block_m = batch_segments(batch, path)
-    return name, perm, tiles, block_m
+    if name == "triton":
+        perm, _, tiles, block_m = batch_segments(batch, path)
+        return name, perm, tiles, block_m
+    if name == "cuda" and op == "lora_shrink" and batch.num_tokens:
+        ext = cuda_extension()
+        rows = batch.num_tokens
+        if path == "prefill" or (path == "auto" and rows > ext.MULTI_LORA_DECODE_MAX_ROWS):
+            table = batch.segments(ext.MULTI_LORA_SEGMENT_ROWS)
+            return name, table.perm, table.tiles, table.block_m
+    return name, None, None, 0
 
 
 # ---- the public functions -----------------------------------------------------------------------------------
