@@ -223,6 +223,16 @@ def test_zero_rows(backend, path):
                              path=path)
 
 
+def test_host_checks_default_to_cpu_tensors_only():
+    """check_ids=None (every op's default): a host check for CPU tensors, none for CUDA ones (no sync)."""
+    from peftkern.ops._checks import host_check_default
+
+    assert host_check_default(None, torch.device("cpu")) is True
+    assert host_check_default(None, torch.device("cuda", 0)) is False
+    assert host_check_default(True, torch.device("cuda", 0)) is True
+    assert host_check_default(False, torch.device("cpu")) is False
+
+
 def test_cpu_default_checks_ids_and_reference_rejects_bad_ids():
     x, lora_a, lora_b, ids, ranks, scalings = _problem(3, 2, 4, [5], [0, 1, 0], [4, 4])
     with pytest.raises(ValueError, match=r"adapter_ids: expected values in \[-1, 2\)"):
@@ -657,3 +667,30 @@ def test_vendoring_example_compiles_and_runs_where_it_can(tmp_path):
         assert run.returncode == 0 and run.stdout.strip().endswith("0 out of tolerance"), run.stdout + run.stderr
     else:
         assert run.returncode == 2 and "no CUDA device here" in run.stdout, run.stdout + run.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [8, 200])
+def test_multi_lora_linear_with_a_batch_launches_at_most_three_kernels(rows):
+    """Forward of one layer with a prebuilt LoRABatch (inference, Triton, after warm-up): the shrink and the
+    fused GEMM, nothing else (no segment table, no id check, no copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = "cuda"
+    x = torch.randn(rows, 256, device=device, dtype=torch.bfloat16)
+    weight = torch.randn(512, 256, device=device, dtype=torch.bfloat16)
+    lora_a = torch.randn(4, 16, 256, device=device, dtype=torch.bfloat16)
+    lora_b = torch.randn(4, 512, 16, device=device, dtype=torch.bfloat16)
+    scalings = torch.ones(4, device=device)
+    ranks = torch.tensor([16, 8, 4, 0], device=device, dtype=torch.int32)
+    batch = peftkern.LoRABatch(torch.randint(-1, 4, (rows,), device=device), 4)
+    call = lambda: peftkern.multi_lora_linear(x, weight, None, lora_a, lora_b, batch, scalings, ranks,
+                                              backend="triton")
+    with torch.no_grad():
+        call()  # autotune and build the batch's table (prefill) outside the count
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert 1 <= len(kernels) <= 3, [e.name for e in kernels]
