@@ -188,9 +188,10 @@ def _bottleneck(act, ad):
 
 
 def _lora_serving(act, ad):
-    # decode (one slice, and three of different widths), prefill; one row, odd sizes, a strided x.
+    # decode (one slice, and three of different widths), prefill (64- and 128-row segment tiles); one row, odd
+    # sizes, a strided x.
     for tokens, k, widths, transposed in [(24, 96, [80], False), (1, 33, [17, 9, 9], False),
-                                          (200, 96, [64, 32, 32], True)]:
+                                          (200, 96, [64, 32, 32], True), (2100, 64, [64, 32], False)]:
         x = torch.randn(k, tokens, dtype=act).t() if transposed else torch.randn(tokens, k, dtype=act)
         batch = peftkern.LoRABatch(torch.randint(-1, 4, (tokens,)), 4)
         ranks = torch.tensor([16, 8, 4, 16], dtype=torch.int32)

@@ -269,5 +269,7 @@ def lora_expand_add(
             _lora_expand_add_segment_kernel[(n_tiles, grid_n, len(group))](
                 y, part, *pointers, segments.perm, segments.tiles, ranks, scalings, *common, n_tiles, *args,
                 EXPAND_FP32=dot_in_fp32(y.dtype, group[0].dtype), PRECISION=fp32_precision(),
-                BLOCK_M=segments.block_m, BLOCK_N=block_n, BLOCK_R=_EXPAND_CHUNK, num_warps=_SEGMENT_WARPS,
+                # 128-row tiles: 32 columns, or the fp32 path spills on sm_90 (ptxas, triton 3.6 and 3.9).
+                BLOCK_M=segments.block_m, BLOCK_N=block_n if segments.block_m <= 64 else 32,
+                BLOCK_R=_EXPAND_CHUNK, num_warps=_SEGMENT_WARPS,
             )
