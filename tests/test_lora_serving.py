@@ -191,6 +191,13 @@ def test_batch_capacity_and_update_checks():
         peftkern.LoRABatch(torch.tensor([0, 0]), 1, max_tokens=1)
     with pytest.raises(TypeError, match="check_ids: expected a bool or None"):
         peftkern.LoRABatch(torch.tensor([0]), 1, check_ids="yes")
+    with pytest.raises(ValueError, match=r"adapter_ids: expected a tensor on cpu \(the batch's device\) or the CPU"):
+        batch.update(torch.zeros(1, dtype=torch.int64, device="meta"))
+    # CPU ids for a batch elsewhere are checked on the CPU (free) and copied over.
+    moved = peftkern.LoRABatch(torch.tensor([1, -1]), 2, device="meta")
+    assert moved.device == torch.device("meta") and moved.adapter_ids.device.type == "meta"
+    with pytest.raises(ValueError, match=r"adapter_ids: expected values in \[-1, 2\)"):
+        moved.update(torch.tensor([0, 5]))
 
 
 @pytest.mark.parametrize("backend,path", IMPLS, ids=IMPL_IDS)
@@ -583,7 +590,7 @@ def test_cuda_graph_capture_and_replay_with_updated_batch(backend, path, M):
     graph, out = capture_in_cuda_graph(step)
     for trial in range(3):
         new_ids = torch.randint(-1, L, (M,), device=device, generator=g)
-        batch.update(new_ids)
+        batch.update(new_ids if trial % 2 else new_ids.cpu())  # from the device or (checked) from the host
         graph.replay()
         torch.cuda.synchronize()
         ids64 = new_ids.cpu()

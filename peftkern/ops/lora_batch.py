@@ -47,9 +47,13 @@ class LoRABatch:
         num_adapters: L, the adapter slots of the weights the batch is used with.
         max_tokens: capacity of the buffers (default M): ``update`` then accepts up to this many rows
             without allocating.
-        check_ids: check the ids' values on the host (ValueError on a bad id). Default: on the CPU yes, on
-            CUDA no (no host sync; every backend then treats ids outside [-1, L) as -1, never reading out
-            of bounds). Applies to ``update`` too.
+        device: where the batch lives (default: the ids' device). Ids on the CPU, as a scheduler makes
+            them, are checked there for free and copied to it without waiting for the device
+            (``non_blocking``; from pinned memory the copy is asynchronous, so keep that buffer unchanged
+            until the step's kernels ran).
+        check_ids: check the ids' values on the host (ValueError on a bad id). Default: when the ids given
+            are on the CPU yes, on CUDA no (no host sync; every backend then treats ids outside [-1, L) as
+            -1, never reading out of bounds). Applies to ``update`` too.
 
     Attributes: ``adapter_ids`` ([M] int64 view of the owned buffer), ``num_adapters``, ``num_tokens`` (M),
     ``max_tokens``, ``device``.
@@ -61,6 +65,7 @@ class LoRABatch:
         num_adapters: int,
         max_tokens: int | None = None,
         *,
+        device: torch.device | str | None = None,
         check_ids: bool | None = None,
     ) -> None:
         check_tensor("adapter_ids", adapter_ids, dtypes=INDEX_DTYPES)
@@ -69,7 +74,7 @@ class LoRABatch:
         if max_tokens is None:
             max_tokens = max(rows, 1)
         self.max_tokens = _positive_int("max_tokens", max_tokens)
-        self.device = adapter_ids.device
+        self.device = adapter_ids.device if device is None else torch.device(device)
         self.check_ids = check_ids
         self._ids = torch.full((self.max_tokens,), -1, dtype=torch.int64, device=self.device)
         self.num_tokens = 0
@@ -83,16 +88,17 @@ class LoRABatch:
         return self._ids[: self.num_tokens]
 
     def update(self, adapter_ids: torch.Tensor, *, check_ids: bool | None = None) -> LoRABatch:
-        """Refresh the batch in place with new ids (at most ``max_tokens`` rows, on the batch's device).
+        """Refresh the batch in place with new ids (at most ``max_tokens`` rows, on the batch's device or the
+        CPU).
 
         With the same row count as before, every buffer keeps its address (CUDA-graph replay sees the new
         ids); no host sync on CUDA unless ``check_ids`` asks for one. Do not update a batch between a
         forward and its backward. Returns the batch.
         """
         check_tensor("adapter_ids", adapter_ids, dtypes=INDEX_DTYPES)
-        if adapter_ids.device != self.device:
+        if adapter_ids.device not in (self.device, torch.device("cpu")):
             raise ValueError(
-                f"adapter_ids: expected a tensor on {self.device} (the batch's device), got one on "
+                f"adapter_ids: expected a tensor on {self.device} (the batch's device) or the CPU, got one on "
                 f"{adapter_ids.device}"
             )
         rows = adapter_ids.numel()
@@ -101,10 +107,10 @@ class LoRABatch:
                 f"adapter_ids: expected at most max_tokens={self.max_tokens} ids, got {rows} (shape "
                 f"{tuple(adapter_ids.shape)}); build a new LoRABatch with a larger max_tokens"
             )
-        check = host_check_default(self.check_ids if check_ids is None else check_ids, self.device)
+        check = host_check_default(self.check_ids if check_ids is None else check_ids, adapter_ids.device)
         if check:
             check_adapter_ids(adapter_ids, self.num_adapters)
-        self._ids[:rows].copy_(adapter_ids.reshape(-1))
+        self._ids[:rows].copy_(adapter_ids.reshape(-1), non_blocking=True)
         if rows != self.num_tokens:
             self.num_tokens = rows
             self._segments.clear()
