@@ -49,12 +49,33 @@ void check_workspace(uintptr_t workspace, int64_t workspace_bytes, int64_t neede
   }
 }
 
+// A caller's segment table must have the header's length (64-row tiles).
+void check_n_tiles(int64_t n_tiles, int64_t M, int64_t L) {
+  if (n_tiles != peftkern_ext::multi_lora_segment_tiles(M, L)) {
+    throw py::value_error("n_tiles: expected multi_lora_segment_tiles(M, L) = " +
+                          std::to_string(peftkern_ext::multi_lora_segment_tiles(M, L)) + " (a 64-row table), got " +
+                          std::to_string(n_tiles));
+  }
+}
+
+// A caller's prebuilt segment table (all three addresses) or none (all 0).
+peftkern_ext::RawSegments segment_table(uintptr_t perm, uintptr_t bounds, uintptr_t tiles, int64_t n_tiles, int64_t M,
+                                        int64_t L) {
+  if (perm == 0 && bounds == 0 && tiles == 0) return {};
+  if (perm == 0 || bounds == 0 || tiles == 0) {
+    throw py::value_error("perm, bounds, tiles: expected all three addresses of a segment table, or none");
+  }
+  check_n_tiles(n_tiles, M, L);
+  return {perm, bounds, tiles, n_tiles};
+}
+
 void multi_lora_forward(int dtype, int adapter_dtype, uintptr_t x, Strides x_strides, uintptr_t weight,
                         Strides w_strides, uintptr_t bias, int64_t bias_stride, uintptr_t lora_a, Strides3 a_strides,
                         uintptr_t lora_b, Strides3 b_strides, uintptr_t adapter_ids, bool ids_int64,
                         uintptr_t scalings, uintptr_t ranks, uintptr_t s, uintptr_t y, Strides y_strides,
                         uintptr_t workspace, int64_t workspace_bytes, int64_t M, int64_t N, int64_t K, int64_t L,
-                        int64_t R, int path, int device, uintptr_t stream) {
+                        int64_t R, int path, int device, uintptr_t stream, uintptr_t perm, uintptr_t bounds,
+                        uintptr_t tiles, int64_t n_tiles) {
   check_dtypes(dtype, adapter_dtype);
   check_multi_sizes(M, N, K, L, R);
   check_path(path);
@@ -85,6 +106,7 @@ void multi_lora_forward(int dtype, int adapter_dtype, uintptr_t x, Strides x_str
   args.R = R;
   args.path = path;
   args.adapter_fp32 = adapter_dtype == peftkern_ext::kFloat32;
+  args.segments = segment_table(perm, bounds, tiles, n_tiles, M, L);
   if (M == 0) return;
   launch_for_dtype(dtype, device, stream, "multi_lora_forward", args, peftkern_ext::multi_lora_forward_f16,
                    peftkern_ext::multi_lora_forward_bf16, peftkern_ext::multi_lora_forward_f32);
@@ -95,7 +117,8 @@ void multi_lora_backward(int dtype, int adapter_dtype, uintptr_t grad_y, Strides
                          uintptr_t lora_b, Strides3 b_strides, uintptr_t adapter_ids, bool ids_int64,
                          uintptr_t scalings, uintptr_t ranks, uintptr_t s, uintptr_t grad_x, Strides gx_strides,
                          uintptr_t grad_a, uintptr_t grad_b, uintptr_t workspace, int64_t workspace_bytes, int64_t M,
-                         int64_t N, int64_t K, int64_t L, int64_t R, int path, int device, uintptr_t stream) {
+                         int64_t N, int64_t K, int64_t L, int64_t R, int path, int device, uintptr_t stream,
+                         uintptr_t perm, uintptr_t bounds, uintptr_t tiles, int64_t n_tiles) {
   check_dtypes(dtype, adapter_dtype);
   check_multi_sizes(M, N, K, L, R);
   check_path(path);
@@ -129,6 +152,7 @@ void multi_lora_backward(int dtype, int adapter_dtype, uintptr_t grad_y, Strides
   args.R = R;
   args.path = path;
   args.adapter_fp32 = adapter_dtype == peftkern_ext::kFloat32;
+  args.segments = segment_table(perm, bounds, tiles, n_tiles, M, L);
   if (M == 0 && L * R * K == 0 && L * N * R == 0) return;
   launch_for_dtype(dtype, device, stream, "multi_lora_backward", args, peftkern_ext::multi_lora_backward_f16,
                    peftkern_ext::multi_lora_backward_bf16, peftkern_ext::multi_lora_backward_f32);
@@ -216,11 +240,7 @@ void lora_shrink(int dtype, int adapter_dtype, uintptr_t x, Strides x_strides, c
     args.slices[j] = tensor3("slices", std::get<0>(slices[j]), std::get<1>(slices[j]), L, R, K);
   }
   if ((perm == 0) != (tiles == 0)) throw py::value_error("perm, tiles: expected both addresses or neither");
-  if (perm != 0 && n_tiles != peftkern_ext::multi_lora_segment_tiles(M, L)) {
-    throw py::value_error("n_tiles: expected multi_lora_segment_tiles(M, L) = " +
-                          std::to_string(peftkern_ext::multi_lora_segment_tiles(M, L)) + " (a 64-row table), got " +
-                          std::to_string(n_tiles));
-  }
+  if (perm != 0) check_n_tiles(n_tiles, M, L);
   args.perm = perm;
   args.tiles = tiles;
   args.n_tiles = n_tiles;
@@ -265,7 +285,8 @@ void bind_multi_lora(py::module_& m) {
         py::arg("lora_a_strides"), py::arg("lora_b"), py::arg("lora_b_strides"), py::arg("adapter_ids"),
         py::arg("ids_int64"), py::arg("scalings"), py::arg("ranks"), py::arg("s"), py::arg("y"), py::arg("y_strides"),
         py::arg("workspace"), py::arg("workspace_bytes"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("L"),
-        py::arg("R"), py::arg("path"), py::arg("device"), py::arg("stream"));
+        py::arg("R"), py::arg("path"), py::arg("device"), py::arg("stream"), py::arg("perm") = 0,
+        py::arg("bounds") = 0, py::arg("tiles") = 0, py::arg("n_tiles") = 0);
   m.def("multi_lora_backward", &multi_lora_backward,
         "dX (if grad_x != 0), dA, dB of the multi-LoRA linear (per-adapter sums in a fixed order)", py::arg("dtype"),
         py::arg("adapter_dtype"), py::arg("grad_y"), py::arg("grad_y_strides"), py::arg("x"), py::arg("x_strides"),
@@ -274,7 +295,7 @@ void bind_multi_lora(py::module_& m) {
         py::arg("scalings"), py::arg("ranks"), py::arg("s"), py::arg("grad_x"), py::arg("grad_x_strides"),
         py::arg("grad_a"), py::arg("grad_b"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("L"), py::arg("R"), py::arg("path"), py::arg("device"),
-        py::arg("stream"));
+        py::arg("stream"), py::arg("perm") = 0, py::arg("bounds") = 0, py::arg("tiles") = 0, py::arg("n_tiles") = 0);
   m.def("multi_lora_segments", &multi_lora_segments,
         "the segment table of adapter_ids (perm [M], bounds [2, L + 1], tiles [3, n_tiles], int64), on the device",
         py::arg("adapter_ids"), py::arg("ids_int64"), py::arg("M"), py::arg("L"), py::arg("workspace"),

@@ -21,6 +21,13 @@ struct RawTensor3 {
   int64_t stride0, stride1, stride2;
 };
 
+// A segment table in device memory (peftkern::MultiLoraSegments): perm [M], bounds [2, L + 1], tiles
+// [3, n_tiles], int64; perm == 0: none.
+struct RawSegments {
+  uintptr_t perm, bounds, tiles;
+  int64_t n_tiles;
+};
+
 struct RawMultiForward {
   RawMatrix x, weight, y;
   RawTensor3 lora_a, lora_b;
@@ -35,6 +42,7 @@ struct RawMultiForward {
   int64_t M, N, K, L, R;
   int path;           // 0 auto, 1 decode, 2 prefill
   bool adapter_fp32;  // A and B are float32 (with 16-bit activations); else x's dtype
+  RawSegments segments;  // a prebuilt 64-row segment table, or perm == 0
 };
 
 struct RawMultiBackward {
@@ -46,6 +54,7 @@ struct RawMultiBackward {
   int64_t M, N, K, L, R;
   int path;
   bool adapter_fp32;
+  RawSegments segments;
 };
 
 // Workspace bytes (peftkern::multi_lora_forward_plan / multi_lora_backward_plan); defined in

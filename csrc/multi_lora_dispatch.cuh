@@ -24,9 +24,16 @@ peftkern::Strided3D<T> typed_tensor3(const RawTensor3& t) {
   return {reinterpret_cast<T*>(t.data), t.stride0, t.stride1, t.stride2};
 }
 
+inline peftkern::MultiLoraSegments typed_segments(const RawSegments& s) {
+  return {reinterpret_cast<int64_t*>(s.perm), reinterpret_cast<int64_t*>(s.bounds),
+          reinterpret_cast<int64_t*>(s.tiles), s.n_tiles};
+}
+
 template <typename T, typename TA>
 cudaError_t run_multi_forward(const RawMultiForward& a, cudaStream_t stream) {
   peftkern::MultiLoraForwardArgs<T, TA> args{};
+  const peftkern::MultiLoraSegments segments = typed_segments(a.segments);
+  args.segments = a.segments.perm != 0 ? &segments : nullptr;
   args.x = typed_matrix<const T>(a.x);
   args.weight = typed_matrix<const T>(a.weight);
   args.bias = reinterpret_cast<const T*>(a.bias);
@@ -51,6 +58,8 @@ cudaError_t run_multi_forward(const RawMultiForward& a, cudaStream_t stream) {
 template <typename T, typename TA>
 cudaError_t run_multi_backward(const RawMultiBackward& a, cudaStream_t stream) {
   peftkern::MultiLoraBackwardArgs<T, TA> args{};
+  const peftkern::MultiLoraSegments segments = typed_segments(a.segments);
+  args.segments = a.segments.perm != 0 ? &segments : nullptr;
   args.grad_y = typed_matrix<const T>(a.grad_y);
   args.x = typed_matrix<const T>(a.x);
   args.weight = typed_matrix<const T>(a.weight);
@@ -105,8 +114,7 @@ peftkern::LoraSlices<TA> typed_slices(const RawLoraServing& a) {
 
 template <typename T, typename TA>
 cudaError_t run_lora_shrink(const RawLoraServing& a, cudaStream_t stream) {
-  peftkern::MultiLoraSegments segments{reinterpret_cast<int64_t*>(a.perm), nullptr,
-                                       reinterpret_cast<int64_t*>(a.tiles), a.n_tiles};
+  const peftkern::MultiLoraSegments segments = typed_segments({a.perm, 0, a.tiles, a.n_tiles});
   return peftkern::launch_lora_shrink<T, TA>(typed_matrix<const T>(a.x), typed_slices<TA>(a),
                                              reinterpret_cast<const void*>(a.adapter_ids), a.ids_int64,
                                              a.perm != 0 ? &segments : nullptr,

@@ -353,6 +353,13 @@ def test_cuda_bindings_check_arguments_before_any_launch():
     for override, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
             ext.lora_expand_add(**{**expand, **override})
+    # multi_lora_forward / _backward take a caller's segment table: all three addresses and its length.
+    from test_cuda_multi_lora import _forward_args
+
+    with pytest.raises(ValueError, match="perm, bounds, tiles: expected all three addresses"):
+        ext.multi_lora_forward(**_forward_args(ext, perm=256))
+    with pytest.raises(ValueError, match=r"n_tiles: expected multi_lora_segment_tiles\(M, L\) = 4"):
+        ext.multi_lora_forward(**_forward_args(ext, perm=256, bounds=256, tiles=256, n_tiles=3))
 
 
 @needs_extension
@@ -366,6 +373,7 @@ def test_cuda_backend_passes_the_bindings_arguments_in_order(path, monkeypatch):
 
     from peftkern.ops import _cuda_multi_lora as launchers
     from peftkern.ops import lora_serving
+    from peftkern.ops import multi_lora as multi_lora_op
 
     ext = _serving_bindings()
     calls = {}
@@ -379,7 +387,7 @@ def test_cuda_backend_passes_the_bindings_arguments_in_order(path, monkeypatch):
         lora_expand_add=recorder("lora_expand_add"), MULTI_LORA_DECODE_MAX_ROWS=ext.MULTI_LORA_DECODE_MAX_ROWS,
         MULTI_LORA_SEGMENT_ROWS=ext.MULTI_LORA_SEGMENT_ROWS,
     )
-    for module in (launchers, lora_serving):
+    for module in (launchers, multi_lora_op):
         monkeypatch.setattr(module, "cuda_extension", lambda: fake)
     monkeypatch.setattr(lora_serving, "resolve_backend", lambda device, op, backend: "cuda")
     monkeypatch.setattr(launchers, "_launch_context", lambda t: (3, 12345))
@@ -416,6 +424,56 @@ def test_cuda_backend_passes_the_bindings_arguments_in_order(path, monkeypatch):
     assert e["y"] == y.data_ptr() and e["y_strides"] == (40, 1) and e["s"] == s.data_ptr()
     assert e["slices"] == [(b.data_ptr(), (R * n, 1, n)) for b, n in zip(lora_b, (5, 7))]
     assert (e["M"], e["L"], e["R"], e["ids_int64"]) == (M, L, R, True)
+
+
+@needs_extension
+@pytest.mark.parametrize("rows", [8, 70])
+def test_cuda_multi_lora_linear_reads_the_batch_table(rows, monkeypatch):
+    """Backend 'cuda', a prebuilt LoRABatch: the forward (prefill) and the backward get the batch's 64-row
+    segment table instead of building one per layer; the decode forward gets none (it reads no table)."""
+    import contextlib
+    import re
+    import types
+
+    from peftkern.ops import _cuda_multi_lora as launchers
+    from peftkern.ops import multi_lora as multi_lora_op
+
+    ext = _serving_bindings()
+    calls = {}
+
+    def recorder(name):
+        names = re.findall(r"(\w+): ", getattr(ext, name).__doc__.split(") ->")[0])
+        return lambda *args: calls.setdefault(name, []).append(dict(zip(names, args, strict=True)))
+
+    fake = types.SimpleNamespace(**{k: getattr(ext, k) for k in dir(ext) if k.isupper() or "workspace" in k},
+                                 multi_lora_forward=recorder("multi_lora_forward"),
+                                 multi_lora_backward=recorder("multi_lora_backward"))
+    for module in (launchers, multi_lora_op):
+        monkeypatch.setattr(module, "cuda_extension", lambda: fake)
+    monkeypatch.setattr(multi_lora_op, "resolve_backend", lambda device, op, backend: "cuda")
+    monkeypatch.setattr(launchers, "_launch_context", lambda t: (0, 0))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+
+    L = 3
+    batch = peftkern.LoRABatch(torch.tensor([(t % 4) - 1 for t in range(rows)]), L)
+    x = torch.randn(rows, K, requires_grad=True)
+    lora_a, lora_b = torch.randn(L, 8, K, requires_grad=True), torch.randn(L, 5, 8, requires_grad=True)
+    y = peftkern.multi_lora_linear(x, torch.randn(5, K), None, lora_a, lora_b, batch, [1.0] * L)
+    y.sum().backward()
+    table = batch.segments(ext.MULTI_LORA_SEGMENT_ROWS)
+    addresses = (table.perm.data_ptr(), table.bounds.data_ptr(), table.tiles.data_ptr(),
+                 ext.multi_lora_segment_tiles(rows, L))
+    for name in ("multi_lora_forward", "multi_lora_backward"):
+        (call,) = calls[name]
+        assert (call["perm"], call["bounds"], call["tiles"], call["n_tiles"]) == addresses, name
+    assert list(batch._segments) == [ext.MULTI_LORA_SEGMENT_ROWS]  # one table, built once
+    with torch.no_grad():  # inference: a decode forward reads no table
+        peftkern.multi_lora_linear(x, torch.randn(5, K), None, lora_a, lora_b, peftkern.LoRABatch(
+            torch.zeros(rows, dtype=torch.int64), L), [1.0] * L)
+    expected = (0, 0, 0, 0) if rows <= ext.MULTI_LORA_DECODE_MAX_ROWS else None
+    last = calls["multi_lora_forward"][-1]
+    if expected is not None:
+        assert (last["perm"], last["bounds"], last["tiles"], last["n_tiles"]) == expected
 
 
 def test_opcheck_torch_backend():

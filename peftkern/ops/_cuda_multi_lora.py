@@ -50,6 +50,19 @@ def _adapter_meta(scalings: torch.Tensor, ranks: torch.Tensor, L: int) -> tuple[
     return scalings.to(torch.float32).contiguous(), ranks.to(torch.int32).contiguous()
 
 
+def _table(ext, segments) -> tuple[int, int, int, int]:
+    """(perm, bounds, tiles, n_tiles) addresses of a prebuilt segment table (the kernels' 64-row tiles), or
+    zeros for none."""
+    if segments is None:
+        return 0, 0, 0, 0
+    if segments.block_m != ext.MULTI_LORA_SEGMENT_ROWS:
+        raise ValueError(
+            f"segments: expected a table of {ext.MULTI_LORA_SEGMENT_ROWS}-row tiles (the CUDA kernels'), got "
+            f"{segments.block_m}-row tiles"
+        )
+    return segments.perm.data_ptr(), segments.bounds.data_ptr(), segments.tiles.data_ptr(), segments.tiles.shape[1]
+
+
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     # torch's caching allocator hands out 512-byte aligned blocks: the 256-byte alignment the kernels need.
     return torch.empty(nbytes, device=device, dtype=torch.uint8)
@@ -65,11 +78,14 @@ def multi_lora_forward(
     scalings: torch.Tensor,
     ranks: torch.Tensor,
     path: str = "auto",
+    segments=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (Y [M, N] in x's dtype, S [M, R] fp32, unscaled, zero past each row's rank).
 
     x: [M, K] any strides; weight [N, K]; lora_a [L, R, K]; lora_b [L, N, R]; adapter_ids [M] int32/int64;
     scalings [L]; ranks [L]. ``path``: "auto" | "decode" | "prefill". Inputs already checked by the op.
+    ``segments``: the ids' table with 64-row tiles (``triton_kernels._segments.Segments``, a LoRABatch's)
+    when built once for every layer; None: the kernels build it in the workspace.
     """
     ext = cuda_extension()
     code = _path_code(path)
@@ -97,7 +113,7 @@ def multi_lora_forward(
             ids.data_ptr(), ids_int64, scalings.data_ptr(), ranks.data_ptr(),
             s.data_ptr(), y.data_ptr(), _strides(y),
             workspace.data_ptr(), workspace_bytes,
-            M, N, K, L, R, code, device, stream,
+            M, N, K, L, R, code, device, stream, *_table(ext, segments),
         )
     return y, s
 
@@ -114,12 +130,13 @@ def multi_lora_backward(
     s: torch.Tensor,
     need_dx: bool,
     path: str = "auto",
+    segments=None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Returns (dX [M, K] or None, dA [L, R, K], dB [L, N, R]) in the dtypes of x, A and B.
 
     grad_y: [M, N]; s: [M, R] fp32 from the forward. Each adapter's dA/dB sums only its own rows, in a fixed
     order (deterministic); slots no row uses get zeros, and so does everything past each adapter's rank.
-    dW and db are left to the caller.
+    dW and db are left to the caller. ``segments``: as in :func:`multi_lora_forward`.
     """
     ext = cuda_extension()
     code = _path_code(path)
@@ -156,7 +173,7 @@ def multi_lora_backward(
             dx.data_ptr() if dx is not None else 0, _strides(dx) if dx is not None else (0, 0),
             grad_a.data_ptr(), grad_b.data_ptr(),
             workspace.data_ptr(), workspace_bytes,
-            M, N, K, L, R, code, device, stream,
+            M, N, K, L, R, code, device, stream, *_table(ext, segments),
         )
     return dx, grad_a, grad_b
 

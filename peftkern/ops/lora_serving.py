@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..backends import cuda_extension, resolve_backend
+from ..backends import resolve_backend
 from ._checks import (
     check_backend_dtypes,
     check_same_device,
@@ -179,18 +179,12 @@ def _check_path(path: str | None) -> str:
 
 def _dispatch(op: str, device: torch.device, backend: str | None, batch: LoRABatch, path: str, **tensors):
     """(backend name, perm, tiles, block_m): the batch's segment table where the backend's prefill kernels
-    read one (Triton: its own tile height; CUDA C++: 64-row tiles, for the shrink only)."""
+    read one (Triton: both pieces, its own tile height; CUDA C++: the shrink, 64-row tiles)."""
     name = resolve_backend(device, op, backend)
     check_backend_dtypes(op, name, **tensors)
-    if name == "triton":
-        perm, _, tiles, block_m = batch_segments(batch, path)
+    if name == "triton" or (name == "cuda" and op == "lora_shrink"):
+        perm, _, tiles, block_m = batch_segments(batch, path, backend=name)
         return name, perm, tiles, block_m
-    if name == "cuda" and op == "lora_shrink" and batch.num_tokens:
-        ext = cuda_extension()
-        rows = batch.num_tokens
-        if path == "prefill" or (path == "auto" and rows > ext.MULTI_LORA_DECODE_MAX_ROWS):
-            table = batch.segments(ext.MULTI_LORA_SEGMENT_ROWS)
-            return name, table.perm, table.tiles, table.block_m
     return name, None, None, 0
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..backends import resolve_backend
+from ..backends import cuda_extension, resolve_backend
 from ._checks import (
     INDEX_DTYPES,
     autocast_inputs,
@@ -167,7 +167,8 @@ def _multi_lora_linear_op(
     if backend == "cuda":
         from ._cuda_multi_lora import multi_lora_forward as cuda_multi_lora_forward
 
-        return cuda_multi_lora_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks, path)
+        return cuda_multi_lora_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks, path,
+                                       _segments(perm, bounds, tiles, block_m))
     return _torch_forward(x, weight, bias, lora_a, lora_b, adapter_ids, scalings, ranks)
 
 
@@ -208,7 +209,7 @@ def _multi_lora_linear_backward_op(
     elif backend == "cuda":
         from ._cuda_multi_lora import multi_lora_backward as cuda_multi_lora_backward
 
-        grad_x, grad_a, grad_b = cuda_multi_lora_backward(*args, path)
+        grad_x, grad_a, grad_b = cuda_multi_lora_backward(*args, path, _segments(perm, bounds, tiles, block_m))
     else:
         grad_x, grad_a, grad_b = _torch_backward(*args)
     return (grad_x if grad_x is not None else x.new_empty(0)), grad_a, grad_b
@@ -347,16 +348,25 @@ def _as_ranks(ranks, num_adapters: int, r_max: int, x: torch.Tensor, check_value
     return torch.tensor([int(v) for v in ranks], dtype=torch.int32, device=device)
 
 
-def batch_segments(batch: LoRABatch, path: str, backward: bool = False) -> tuple:
-    """(perm, bounds, tiles, block_m) of the batch's segment table for the Triton kernels, or Nones (and 0)
-    where no kernel reads one: the decode forward without a backward to come, an empty batch. Built on the
-    batch's first request, so once per batch for every layer, forward and backward."""
-    from ..triton_kernels.multi_lora import _use_decode, segment_block
-
+def batch_segments(batch: LoRABatch, path: str, backward: bool = False, backend: str = "triton") -> tuple:
+    """(perm, bounds, tiles, block_m) of the batch's segment table for the kernels of ``backend`` ("triton":
+    its tile height; "cuda": the CUDA C++ kernels' 64 rows), or Nones (and 0) where no kernel reads one: the
+    decode forward without a backward to come, an empty batch. Built on the batch's first request, so once
+    per batch for every layer, forward and backward."""
     rows = batch.num_tokens
-    if rows == 0 or (_use_decode(path, rows) and not backward):
+    if rows == 0:
         return None, None, None, 0
-    segments = batch.segments(segment_block(rows))
+    if backend == "cuda":
+        ext = cuda_extension()
+        decode = path == "decode" or (path == "auto" and rows <= ext.MULTI_LORA_DECODE_MAX_ROWS)
+        block_m = ext.MULTI_LORA_SEGMENT_ROWS
+    else:
+        from ..triton_kernels.multi_lora import _use_decode, segment_block
+
+        decode, block_m = _use_decode(path, rows), segment_block(rows)
+    if decode and not backward:
+        return None, None, None, 0
+    segments = batch.segments(block_m)
     return segments.perm, segments.bounds, segments.tiles, segments.block_m
 
 
@@ -422,11 +432,11 @@ def multi_lora_linear(
     if batch is not None:
         batch.check(num_adapters, x2.shape[0], x.device, "adapter_ids")
         ids = batch.adapter_ids
-        if name == "triton":
+        if name in ("triton", "cuda"):
             backward = torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)
             )
-            table = batch_segments(batch, path, backward)
+            table = batch_segments(batch, path, backward, name)
     else:
         if check_ids:
             check_adapter_ids(adapter_ids, num_adapters)

@@ -58,7 +58,10 @@ void run_case(const Case& c, const std::string& name) {
   const std::string label = std::string(peftkern::DType<T>::name) + "/" + peftkern::DType<TA>::name + " " + name;
   std::vector<int32_t> ranks(L);
   std::vector<float> scalings(L);
-  for (int64_t i = 0; i < L; ++i) ranks[i] = static_cast<int32_t>(i == 2 ? 0 : (i % 2 ? R / 4 + 1 : R)), scalings[i] = 0.5f + i;
+  for (int64_t i = 0; i < L; ++i) {  // slot 2 has rank 0, odd slots a small rank
+    ranks[i] = static_cast<int32_t>(i == 2 ? 0 : (i % 2 ? R / 4 + 1 : R));
+    scalings[i] = 0.5f + i;
+  }
   const std::vector<int64_t> ids = ids_for(M, L);
   const int64_t layers = c.stacked ? 2 : 1, layer = layers - 1;
   auto rank_of = [&](int64_t t) -> int64_t { return ids[t] >= 0 && ids[t] < L ? ranks[ids[t]] : 0; };
@@ -73,7 +76,8 @@ void run_case(const Case& c, const std::string& name) {
     const int64_t N = c.widths[j];
     total += N;
     a.emplace_back(layers * L, R, K, R * K, K, 1);
-    b.push_back(c.rank_major ? HostTensor<TA>(layers * L, N, R, N * R, 1, N) : HostTensor<TA>(layers * L, N, R, N * R, R, 1));
+    b.push_back(c.rank_major ? HostTensor<TA>(layers * L, N, R, N * R, 1, N)
+                             : HostTensor<TA>(layers * L, N, R, N * R, R, 1));
     for (int64_t i = 0; i < L; ++i)
       for (int64_t r = 0; r < ranks[i]; ++r) {  // the other layer and the padding past each rank stay NaN
         for (int64_t k = 0; k < K; ++k) a[j].at(layer * L + i, r, k) = peftkern::from_float<TA>(uniform_pm1() * 0.3f);
