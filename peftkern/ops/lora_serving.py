@@ -4,8 +4,9 @@ step. Checks, backend dispatch, and the ``peftkern::lora_shrink`` / ``peftkern::
 (with fake implementations, so ``torch.compile`` sees through them). Inference only: no autograd formula.
 
 Semantics: ``peftkern.reference.lora_shrink`` / ``lora_expand_add`` (a float64 row loop). No host sync on
-CUDA tensors unless ``check_ids=True`` or scalings/ranks are given as Python sequences (one small copy to
-the device); the kernels never read out of bounds whatever the ids hold.
+CUDA tensors unless ``check_ids=True``, or scalings/ranks are given as Python sequences (copied to the device
+in each call, a copy that waits for it: pass tensors); the kernels never read out of bounds whatever the ids
+hold.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ._checks import (
 )
 from .lora_batch import LoRABatch
 from .multi_lora import (
+    _TORCH_ROW_CHUNK,
     PATHS,
     _as_ranks,
     _as_scalings,
@@ -37,8 +39,6 @@ from .multi_lora import (
 )
 
 __all__ = ["lora_shrink", "lora_expand_add"]
-
-_TORCH_ROW_CHUNK = 256
 
 
 # ---- torch backend: gathers per row chunk, no host sync ----------------------------------------------------
