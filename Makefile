@@ -61,7 +61,7 @@ CUDA_EXAMPLE_ARCH ?= 80
 .PHONY: cuda-example gpu-test-memcheck
 cuda-example:
 	mkdir -p build
-	for example in lora_forward_example multi_lora_forward_example; do \
+	for example in lora_forward_example multi_lora_forward_example lora_serving_example; do \
 		$(NVCC) -std=c++17 -O2 -Icsrc/include \
 			-gencode=arch=compute_$(CUDA_EXAMPLE_ARCH),code=sm_$(CUDA_EXAMPLE_ARCH) \
 			csrc/examples/$$example.cu -o build/$$example || exit 1; \

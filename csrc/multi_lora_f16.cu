@@ -11,4 +11,12 @@ cudaError_t multi_lora_backward_f16(const RawMultiBackward& args, cudaStream_t s
   return dispatch_multi_backward<half>(args, stream);
 }
 
+cudaError_t lora_shrink_f16(const RawLoraServing& args, cudaStream_t stream) {
+  return dispatch_lora_shrink<half>(args, stream);
+}
+
+cudaError_t lora_expand_add_f16(const RawLoraServing& args, cudaStream_t stream) {
+  return dispatch_lora_expand_add<half>(args, stream);
+}
+
 }  // namespace peftkern_ext

@@ -43,4 +43,12 @@ cudaError_t multi_lora_segments(uintptr_t ids, bool ids_int64, int64_t M, int64_
                          cudaMemcpyDeviceToDevice, stream);
 }
 
+cudaError_t lora_shrink_f32(const RawLoraServing& args, cudaStream_t stream) {
+  return dispatch_lora_shrink<float>(args, stream);
+}
+
+cudaError_t lora_expand_add_f32(const RawLoraServing& args, cudaStream_t stream) {
+  return dispatch_lora_expand_add<float>(args, stream);
+}
+
 }  // namespace peftkern_ext

@@ -42,7 +42,16 @@ from .nn import (
     PromptTuningForCausalLM,
     use_bottleneck_adapter_ids,
 )
-from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_kv, prompt_concat
+from .ops import (
+    LoRABatch,
+    bottleneck_adapter,
+    lora_expand_add,
+    lora_linear,
+    lora_shrink,
+    multi_lora_linear,
+    prefix_kv,
+    prompt_concat,
+)
 from .pool import AdapterPool
 
 __version__ = "0.1.0"
@@ -51,6 +60,7 @@ __all__ = [
     "BottleneckConfig",
     "AdapterPool",
     "BottleneckAdapter",
+    "LoRABatch",
     "LoRALinear",
     "MultiLoRALinear",
     "PrefixEncoder",
@@ -66,7 +76,9 @@ __all__ = [
     "load_adapter",
     "load_bottleneck_adapters",
     "load_soft_prompt",
+    "lora_expand_add",
     "lora_linear",
+    "lora_shrink",
     "mark_trainable",
     "merge",
     "merge_and_unload",

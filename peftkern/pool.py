@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from .io import read_peft_adapter
-from .nn.multi_lora import MultiLoRALinear
+from .nn.multi_lora import MultiLoRALinear, SharedBatch
+from .ops.lora_batch import LoRABatch
 
 __all__ = ["AdapterPool"]
 
@@ -139,7 +140,7 @@ class AdapterPool:
         self.model = model
         self.num_slots = num_slots
         self.r_max = r_max
-        self._ids_var: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+        self._ids_var: contextvars.ContextVar[SharedBatch | LoRABatch | None] = contextvars.ContextVar(
             f"peftkern_pool_{id(self)}", default=None
         )
         self._lock = _ReadWriteLock()
@@ -326,20 +327,39 @@ class AdapterPool:
 
     # ---- running ------------------------------------------------------------------------------------------
 
+    def _shared_batch(self, names: Sequence[str | None] | torch.Tensor | LoRABatch) -> SharedBatch | LoRABatch:
+        if isinstance(names, LoRABatch):
+            if names.num_adapters != self.num_slots or names.device != self._device:
+                raise ValueError(
+                    f"names: a LoRABatch for this pool needs num_adapters={self.num_slots} and device "
+                    f"{self._device}, got {names!r}"
+                )
+            return names
+        if isinstance(names, torch.Tensor):
+            if names.device != self._device:
+                raise ValueError(f"names: expected slot ids on {self._device}, got a tensor on {names.device}")
+            return SharedBatch(names, self.num_slots)
+        # The pool makes these ids itself from loaded names: nothing to check on the host.
+        return SharedBatch(self.ids(names), self.num_slots, check_ids=False)
+
     @contextlib.contextmanager
-    def batch(self, names: Sequence[str | None]) -> Iterator[torch.Tensor]:
+    def batch(self, names: Sequence[str | None] | torch.Tensor | LoRABatch) -> Iterator[torch.Tensor]:
         """Run the model on a batch whose row b uses adapter ``names[b]`` (None: the base model).
 
-        The ids [B] broadcast over the sequence dimension inside each layer. Yields the ids. Loads and
-        evictions from other threads wait until the block ends.
+        ``names``: adapter names (a sequence of str or None); or slot ids (an int tensor on the pool's
+        device, -1 = base model, e.g. from :meth:`ids` or :meth:`slot`); or a :class:`~peftkern.LoRABatch`
+        over x's rows (kept by the caller and ``update``-d each step, e.g. around CUDA-graph replay).
+        Ids [B] broadcast over the sequence dimension inside each layer, and the batch metadata is built
+        once for all layers, not in each. Yields the ids. Loads and evictions from other threads wait
+        until the block ends.
         """
         with self._lock.read():
-            ids = self.ids(names)
+            shared = self._shared_batch(names)
             if self._write_event is not None:
                 torch.cuda.current_stream(self._device).wait_event(self._write_event)
-            token = self._ids_var.set(ids)
+            token = self._ids_var.set(shared)
             try:
-                yield ids
+                yield shared.adapter_ids
             finally:
                 self._ids_var.reset(token)
                 if self._device.type == "cuda":

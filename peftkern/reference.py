@@ -26,6 +26,8 @@ __all__ = [
     "prompt_concat",
     "prefix_kv",
     "multi_lora_linear",
+    "lora_shrink",
+    "lora_expand_add",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -277,9 +279,7 @@ def multi_lora_linear(
         out = out + bias
     rows = []
     for t in range(x2.shape[0]):
-        i = int(ids[t])
-        if not -1 <= i < lora_a.shape[0]:
-            raise ValueError(f"adapter_ids: expected values in [-1, {lora_a.shape[0]}), got {i} at row {t}")
+        i = _row_adapter(ids, t, lora_a.shape[0])
         row = out[t]
         if i != -1:
             rank = r_max if ranks is None else int(ranks[i])
@@ -290,3 +290,60 @@ def multi_lora_linear(
     if rows:
         out = torch.stack(rows)
     return out.reshape(*lead, weight.shape[0])
+
+
+def _row_adapter(adapter_ids: torch.Tensor, t: int, num_adapters: int) -> int:
+    i = int(adapter_ids[t])
+    if not -1 <= i < num_adapters:
+        raise ValueError(f"adapter_ids: expected values in [-1, {num_adapters}), got {i} at row {t}")
+    return i
+
+
+def lora_shrink(x: torch.Tensor, lora_a, adapter_ids: torch.Tensor, ranks=None) -> torch.Tensor:
+    """The serving shrink: ``s[t, :r_i] = x[t] @ A[i, :r_i].T`` with ``i = adapter_ids[t]``, zero past r_i
+    and for rows with i = -1.
+
+    x: [M, K]; lora_a: A [L, R, K] (returns [M, R]) or a list of n of them (merged slices such as q/k/v:
+    returns [n, M, R]); adapter_ids: [M] in [-1, L); ranks: [L] in [0, R] or None (R everywhere).
+    Returns float64 for float64 inputs, else float32 (computed in float64 here).
+    """
+    slices = [lora_a] if isinstance(lora_a, torch.Tensor) else list(lora_a)
+    num_adapters, r_max = slices[0].shape[:2]
+    wide = torch.float64 if torch.float64 in (x.dtype, slices[0].dtype) else torch.float32
+    out = torch.zeros(len(slices), x.shape[0], r_max, dtype=torch.float64, device=x.device)
+    for t in range(x.shape[0]):
+        i = _row_adapter(adapter_ids, t, num_adapters)
+        if i == -1:
+            continue
+        rank = r_max if ranks is None else int(ranks[i])
+        for j, a in enumerate(slices):
+            out[j, t, :rank] = x[t].double() @ a[i, :rank].double().T
+    out = out.to(wide)
+    return out[0] if isinstance(lora_a, torch.Tensor) else out
+
+
+def lora_expand_add(
+    y: torch.Tensor, s: torch.Tensor, lora_b, adapter_ids: torch.Tensor, scalings, offset: int = 0, ranks=None
+) -> torch.Tensor:
+    """The serving expand-add, in place: ``y[t, o_j : o_j + N_j] += scalings[i] * s_j[t, :r_i] @
+    B_j[i, :, :r_i].T`` with ``i = adapter_ids[t]``; rows with i = -1 are left untouched.
+
+    y: [M, >= offset + sum N_j]; lora_b: B [L, N, R] with s [M, R], or a list of n of them with s
+    [n, M, R], slice j written at ``o_j = offset + N_0 + ... + N_(j-1)``; scalings: [L]; ranks: [L] or
+    None. Computed in float64, rounded once to y's dtype. Returns y.
+    """
+    slices = [lora_b] if isinstance(lora_b, torch.Tensor) else list(lora_b)
+    inputs = [s] if isinstance(lora_b, torch.Tensor) else list(s)
+    num_adapters, _, r_max = slices[0].shape
+    for t in range(y.shape[0]):
+        i = _row_adapter(adapter_ids, t, num_adapters)
+        if i == -1:
+            continue
+        rank = r_max if ranks is None else int(ranks[i])
+        column = offset
+        for s_j, b in zip(inputs, slices):
+            width = b.shape[1]
+            update = float(scalings[i]) * (s_j[t, :rank].double() @ b[i, :, :rank].double().T)
+            y[t, column : column + width] = (y[t, column : column + width].double() + update).to(y.dtype)
+            column += width
+    return y

@@ -187,7 +187,23 @@ def _bottleneck(act, ad):
     _backward(y)
 
 
-WORKLOADS = {"lora": _lora, "multi_lora": _multi_lora, "prompt": _prompts, "bottleneck": _bottleneck}
+def _lora_serving(act, ad):
+    # decode (one slice, and three of different widths), prefill (64- and 128-row segment tiles); one row, odd
+    # sizes, a strided x.
+    for tokens, k, widths, transposed in [(24, 96, [80], False), (1, 33, [17, 9, 9], False),
+                                          (200, 96, [64, 32, 32], True), (2100, 64, [64, 32], False)]:
+        x = torch.randn(k, tokens, dtype=act).t() if transposed else torch.randn(tokens, k, dtype=act)
+        batch = peftkern.LoRABatch(torch.randint(-1, 4, (tokens,)), 4)
+        ranks = torch.tensor([16, 8, 4, 16], dtype=torch.int32)
+        lora_a = [torch.randn(4, 16, k, dtype=ad) for _ in widths]
+        s = peftkern.lora_shrink(x, lora_a, batch, ranks, backend="triton")
+        y = torch.zeros(tokens, sum(widths) + 8, dtype=act)
+        peftkern.lora_expand_add(y, s, [torch.randn(4, n, 16, dtype=ad) for n in widths], batch,
+                                 torch.ones(4), 8, ranks, backend="triton")
+
+
+WORKLOADS = {"lora": _lora, "multi_lora": _multi_lora, "prompt": _prompts, "bottleneck": _bottleneck,
+             "lora_serving": _lora_serving}
 
 
 def ptxas_usage(ptx: str, arch: int) -> str:

@@ -34,7 +34,6 @@ hold, nothing reads out of bounds. Ranks are clamped to [0, R] the same way. Off
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -50,6 +49,7 @@ from ._common import (
     m_bucket,
     mma,
 )
+from ._segments import Segments, build_segments
 
 __all__ = ["DECODE_MAX_ROWS", "Segments", "build_segments", "multi_lora_forward", "multi_lora_backward"]
 
@@ -110,60 +110,13 @@ _EXPAND_CHUNK = 16
 # --------------------------------------------------------------------------------------------------------
 
 
-class Segments(NamedTuple):
-    """Rows grouped by adapter.
-
-    perm: [M] int64, row indices in the order of a stable sort by adapter id (base-only rows first).
-    bounds: [2, L + 1] int64, ``bounds[0, j]:bounds[1, j]`` is the slice of ``perm`` for adapter j - 1.
-    tiles: [3, n_tiles] int64, per tile (adapter, first sorted position, end of its segment); padding
-        tiles past the last real one are empty (start = end = 0) with adapter -1.
-    block_m: rows per tile.
-    """
-
-    perm: torch.Tensor
-    bounds: torch.Tensor
-    tiles: torch.Tensor
-    block_m: int
-
-
-def build_segments(adapter_ids: torch.Tensor, num_adapters: int, block_m: int) -> Segments:
-    """Group the rows of ``adapter_ids`` [M] by adapter, on the device, without a host sync.
-
-    Ids outside [-1, num_adapters) join the base-only group, as the kernels treat them.
-    """
-    device = adapter_ids.device
-    M, L = adapter_ids.numel(), num_adapters
-    ids = adapter_ids.reshape(-1).to(torch.int64)
-    keys = torch.where((ids >= 0) & (ids < L), ids + 1, 0)  # 0 = base only, j = adapter j - 1
-    sorted_keys, perm = torch.sort(keys, stable=True)
-    groups = torch.arange(L + 1, device=device, dtype=torch.int64)
-    starts = torch.searchsorted(sorted_keys, groups)
-    ends = torch.searchsorted(sorted_keys, groups, right=True)
-    tiles_per_group = (ends - starts + block_m - 1) // block_m
-    tile_ends = torch.cumsum(tiles_per_group, 0)
-    n_tiles = triton.cdiv(M, block_m) + min(L + 1, M)  # each non-empty group adds at most one partial tile
-    tile = torch.arange(n_tiles, device=device, dtype=torch.int64)
-    group = torch.searchsorted(tile_ends, tile, right=True)
-    real = group <= L
-    group = group.clamp(max=L)
-    first_tile = tile_ends[group] - tiles_per_group[group]
-    start = starts[group] + (tile - first_tile) * block_m
-    zero = torch.zeros_like(tile)
-    tiles = torch.stack([
-        torch.where(real, group - 1, -1),
-        torch.where(real, start, zero),
-        torch.where(real, ends[group], zero),
-    ]).contiguous()
-    return Segments(perm, torch.stack([starts, ends]).contiguous(), tiles, block_m)
-
-
 # --------------------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _adapter_rank(RANKS, adapter, L, R):
+def adapter_rank(RANKS, adapter, L, R):
     """(adapter clamped into [0, L), rank clamped into [0, R] or 0 when ``adapter`` is not in [0, L))."""
     ok = (adapter >= 0) & (adapter < L)
     safe = tl.where(ok, adapter, 0)
@@ -185,19 +138,10 @@ def _base_tile(
 
 
 @triton.jit
-def _multi_lora_shrink_decode_kernel(
-    IN, F, IDS, RANKS, SCALES, T,
-    M, J, R, L,
-    stride_im, stride_ij, stride_fl, stride_fr, stride_fj,
-    HAS_SCALE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """T[m, r] = scale_i * sum_j IN[m, j] F[i, r, j] with i = ids[m], zero for r >= rank_i or i = -1.
-
-    One program per (row, rank chunk): a gathered GEMV, memory-bound, so it loads nothing past the rank.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    adapter, rank = _adapter_rank(RANKS, tl.load(IDS + row).to(tl.int64), L, R)
+def gemv_rank_chunk(IN, F, row, adapter, rank, chunk, J, stride_im, stride_ij, stride_fl, stride_fr, stride_fj,
+                    BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(acc [BLOCK_R] fp32 = sum_j IN[row, j] F[adapter, r, j] for the chunk's ranks r < rank, else 0; the
+    chunk's ranks; their mask r < rank). A gathered GEMV: memory-bound, so it loads nothing past the rank."""
     ranks = chunk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rank_ok = ranks < rank
     j_end = tl.where(chunk * BLOCK_R < rank, J, 0)
@@ -209,6 +153,57 @@ def _multi_lora_shrink_decode_kernel(
         f = tl.load(F + adapter * stride_fl + ranks[:, None] * stride_fr + js[None, :] * stride_fj,
                     mask=rank_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(f * v[None, :], axis=1)
+    return acc, ranks, rank_ok
+
+
+@triton.jit
+def segment_tile_rows(PERM, TILES, tile, n_tiles, M, BLOCK_M: tl.constexpr):
+    """Tile ``tile`` of the segment table: (its adapter id as stored, or -1; its rows in x [BLOCK_M] int64;
+    their mask; whether the tile has any row: padding tiles have none)."""
+    adapter = tl.load(TILES + tile)
+    row_start = tl.load(TILES + n_tiles + tile)
+    row_end = tl.minimum(tl.load(TILES + 2 * n_tiles + tile), M)
+    sorted_rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = sorted_rows < row_end
+    rows = tl.load(PERM + sorted_rows, mask=row_ok, other=0)
+    return adapter, rows, row_ok, row_start < row_end
+
+
+@triton.jit
+def tile_shrink(IN, F, rows, row_ok, adapter, rank, chunk, J, stride_im, stride_ij, stride_fl, stride_fr,
+                stride_fj, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """As :func:`gemv_rank_chunk` for a tile of rows that share one adapter: a [BLOCK_M, BLOCK_R] GEMM tile."""
+    ranks = chunk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rank_ok = ranks < rank
+    j_end = tl.where(chunk * BLOCK_R < rank, J, 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for j0 in range(0, j_end, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        j_ok = js < J
+        v = tl.load(IN + rows[:, None] * stride_im + js[None, :] * stride_ij,
+                    mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        f_t = tl.load(F + adapter * stride_fl + ranks[None, :] * stride_fr + js[:, None] * stride_fj,
+                      mask=j_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = mma(v, f_t, acc, DOT_FP32, PRECISION)
+    return acc, ranks, rank_ok
+
+
+@triton.jit
+def _multi_lora_shrink_decode_kernel(
+    IN, F, IDS, RANKS, SCALES, T,
+    M, J, R, L,
+    stride_im, stride_ij, stride_fl, stride_fr, stride_fj,
+    HAS_SCALE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """T[m, r] = scale_i * sum_j IN[m, j] F[i, r, j] with i = ids[m], zero for r >= rank_i or i = -1.
+
+    One program per (row, rank chunk): a gathered GEMV (:func:`gemv_rank_chunk`).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    adapter, rank = adapter_rank(RANKS, tl.load(IDS + row).to(tl.int64), L, R)
+    acc, ranks, rank_ok = gemv_rank_chunk(IN, F, row, adapter, rank, tl.program_id(1), J, stride_im, stride_ij,
+                                          stride_fl, stride_fr, stride_fj, BLOCK_J, BLOCK_R)
     if HAS_SCALE:
         acc = tl.where(rank_ok, acc * tl.load(SCALES + adapter), 0.0)
     tl.store(T + row * R + ranks, acc, mask=ranks < R)
@@ -222,27 +217,12 @@ def _multi_lora_shrink_segment_kernel(
     HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """As the decode shrink, over one tile of rows that share an adapter: a [BLOCK_M, BLOCK_R] GEMM tile."""
-    tile = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    adapter, rank = _adapter_rank(RANKS, tl.load(TILES + tile), L, R)
-    row_start = tl.load(TILES + n_tiles + tile)
-    row_end = tl.minimum(tl.load(TILES + 2 * n_tiles + tile), M)
-    sorted_rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = sorted_rows < row_end
-    rows = tl.load(PERM + sorted_rows, mask=row_ok, other=0)
-    ranks = chunk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rank_ok = ranks < rank
-    j_end = tl.where(chunk * BLOCK_R < rank, J, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for j0 in range(0, j_end, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        j_ok = js < J
-        v = tl.load(IN + rows[:, None] * stride_im + js[None, :] * stride_ij,
-                    mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        f_t = tl.load(F + adapter * stride_fl + ranks[None, :] * stride_fr + js[:, None] * stride_fj,
-                      mask=j_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = mma(v, f_t, acc, DOT_FP32, PRECISION)
+    """As the decode shrink, over one tile of rows that share an adapter (:func:`tile_shrink`)."""
+    adapter, rows, row_ok, _ = segment_tile_rows(PERM, TILES, tl.program_id(0).to(tl.int64), n_tiles, M, BLOCK_M)
+    adapter, rank = adapter_rank(RANKS, adapter, L, R)
+    acc, ranks, rank_ok = tile_shrink(IN, F, rows, row_ok, adapter, rank, tl.program_id(1), J, stride_im,
+                                      stride_ij, stride_fl, stride_fr, stride_fj, DOT_FP32, PRECISION,
+                                      BLOCK_M, BLOCK_J, BLOCK_R)
     if HAS_SCALE:
         acc = tl.where(rank_ok[None, :], acc * tl.load(SCALES + adapter), 0.0)
     tl.store(T + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & (ranks < R)[None, :])
@@ -310,17 +290,12 @@ def _multi_lora_fused_segment_kernel(
     """As the decode fused kernel over a tile of rows that share one adapter (rows gathered through the
     sort permutation): the epilogue is a dense [BLOCK_M, rank] x [rank, BLOCK_N] product."""
     tile_m, tile_n = grouped_tile(tl.program_id(0), n_tiles, tl.cdiv(C, BLOCK_N), GROUP)
-    tile = tile_m.to(tl.int64)
-    adapter, rank = _adapter_rank(RANKS, tl.load(TILES + tile), L, R)
-    row_start = tl.load(TILES + n_tiles + tile)
-    row_end = tl.minimum(tl.load(TILES + 2 * n_tiles + tile), M)
-    sorted_rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = sorted_rows < row_end
-    rows = tl.load(PERM + sorted_rows, mask=row_ok, other=0)
+    adapter, rows, row_ok, has_rows = segment_tile_rows(PERM, TILES, tile_m.to(tl.int64), n_tiles, M, BLOCK_M)
+    adapter, rank = adapter_rank(RANKS, adapter, L, R)
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
     # Padding tiles (no rows) skip the base loop too.
-    j_end = tl.where(row_start < row_end, J, 0)
+    j_end = tl.where(has_rows, J, 0)
     acc = _base_tile(IN, W, rows, row_ok, cols, col_ok, j_end, stride_im, stride_ij, stride_wj, stride_wc,
                      BASE_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_SCALE:
@@ -359,7 +334,7 @@ def _multi_lora_grad_kernel(
     tile_c = tl.program_id(1)
     chunk = tl.program_id(2) // SPLITS
     split = tl.program_id(2) % SPLITS
-    adapter, rank = _adapter_rank(RANKS, adapter, L, R)
+    adapter, rank = adapter_rank(RANKS, adapter, L, R)
     seg_start = tl.load(BOUNDS + adapter + 1)
     seg_end = tl.minimum(tl.load(BOUNDS + (L + 1) + adapter + 1), M)
     if SPLITS > 1:
@@ -503,11 +478,13 @@ def multi_lora_forward(
     scalings: torch.Tensor,
     ranks: torch.Tensor,
     path: str = "auto",
+    segments: Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (Y [M, N] in x's dtype, S [M, R] fp32, unscaled, zero past each row's rank).
 
     x: [M, K] any strides; weight [N, K]; lora_a [L, R, K]; lora_b [L, N, R]; adapter_ids [M] contiguous;
-    scalings [L] fp32; ranks [L] int32. ``path``: "auto" | "decode" | "prefill".
+    scalings [L] fp32; ranks [L] int32. ``path``: "auto" | "decode" | "prefill". ``segments``: the ids'
+    table with ``segment_block(M)``-row tiles when already built (a ``LoRABatch``'s), else built here.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -516,7 +493,10 @@ def multi_lora_forward(
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, torch.empty((0, R), device=x.device, dtype=torch.float32)
-    segments = None if decode else build_segments(adapter_ids, L, segment_block(M))
+    if decode:
+        segments = None
+    elif segments is None:
+        segments = build_segments(adapter_ids, L, segment_block(M))
     a_strides = (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
     s = _shrink(x, lora_a, a_strides, adapter_ids, segments, ranks, None, R, L, decode)
     _fused(x, weight, (weight.stride(1), weight.stride(0)), bias, s, lora_b,
@@ -537,11 +517,12 @@ def multi_lora_backward(
     s: torch.Tensor,
     need_dx: bool,
     path: str = "auto",
+    segments: Segments | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Returns (dX [M, K] or None, dA [L, R, K], dB [L, N, R]) in the dtypes of x, A and B.
 
     grad_y: [M, N]; s: [M, R] fp32 from the forward. Each adapter's dA/dB sums only its own rows; slots
-    no row uses get zeros. dW and db are left to the caller.
+    no row uses get zeros. dW and db are left to the caller. ``segments``: as in :func:`multi_lora_forward`.
     """
     M, K = x.shape
     L, R = lora_a.shape[:2]
@@ -550,7 +531,8 @@ def multi_lora_backward(
     dx = torch.empty((M, K), device=device, dtype=x.dtype) if need_dx else None
     if M == 0:
         return dx, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
-    segments = build_segments(adapter_ids, L, segment_block(M))
+    if segments is None:
+        segments = build_segments(adapter_ids, L, segment_block(M))
     row_segments = None if decode else segments
     # dS = s_i * dY @ B[i]: the shrink with F[i, r, j=n] = B[i, n, r].
     ds = _shrink(grad_y, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),

@@ -10,9 +10,10 @@ import torch.nn as nn
 
 from ..backends import describe_backend
 from ..ops._checks import check_finite_scalar, check_tensor
+from ..ops.lora_batch import LoRABatch
 from ..ops.multi_lora import multi_lora_linear
 
-__all__ = ["MultiLoRALinear", "broadcast_adapter_ids"]
+__all__ = ["MultiLoRALinear", "SharedBatch", "broadcast_adapter_ids"]
 
 
 def broadcast_adapter_ids(adapter_ids: torch.Tensor, lead_shape: tuple[int, ...]) -> torch.Tensor:
@@ -30,6 +31,31 @@ def broadcast_adapter_ids(adapter_ids: torch.Tensor, lead_shape: tuple[int, ...]
     return adapter_ids.reshape(shape + (1,) * (len(lead_shape) - len(shape))).expand(lead_shape)
 
 
+class SharedBatch:
+    """A model-level batch: ids [B] (or any prefix of x's leading shape) shared by every layer, and one
+    :class:`~peftkern.LoRABatch` per leading shape of x, built by the first layer that sees that shape and
+    reused by all the others (so the batch metadata is built once per forward, not once per layer).
+
+    ``check_ids`` as in LoRABatch (default: a host check on CPU only); it runs once, at construction.
+    """
+
+    def __init__(self, adapter_ids: torch.Tensor, num_adapters: int, *, check_ids: bool | None = None) -> None:
+        # Validates the ids (dtype; values when checked) once, for every layer.
+        self._flat = LoRABatch(adapter_ids, num_adapters, check_ids=check_ids)
+        self.adapter_ids = adapter_ids
+        self.num_adapters = num_adapters
+        self._batches: dict[tuple[int, ...], LoRABatch] = {tuple(adapter_ids.shape): self._flat}
+
+    def for_input(self, lead_shape: tuple[int, ...]) -> LoRABatch:
+        """The LoRABatch of x's leading shape ``lead_shape`` (ids broadcast over the dims past theirs)."""
+        lead_shape = tuple(lead_shape)
+        batch = self._batches.get(lead_shape)
+        if batch is None:
+            ids = broadcast_adapter_ids(self.adapter_ids, lead_shape)
+            batch = self._batches[lead_shape] = LoRABatch(ids, self.num_adapters, check_ids=False)
+        return batch
+
+
 class MultiLoRALinear(nn.Module):
     """``y[t] = base_layer(x)[t] + scalings[i] * B[i, :, :r_i] A[i, :r_i] x[t]``, ``i = adapter_ids[t]``.
 
@@ -39,7 +65,9 @@ class MultiLoRALinear(nn.Module):
     uses its first ``ranks[i]`` ranks; 0 = empty slot). The base layer is frozen in place.
 
     The ids come from ``forward(x, adapter_ids=...)``, else from the ``AdapterPool`` batch this layer belongs
-    to, else from the attribute ``adapter_ids``; ids of shape [B] broadcast over x [B, T, K].
+    to, else from the attribute ``adapter_ids``; ids of shape [B] broadcast over x [B, T, K]. Each may also
+    be a :class:`~peftkern.LoRABatch` of x's rows (its metadata built once for every layer) or a
+    :class:`SharedBatch`. ``check_ids``: as in ``multi_lora_linear`` (None: a host check on CPU only).
     """
 
     def __init__(
@@ -49,7 +77,7 @@ class MultiLoRALinear(nn.Module):
         r_max: int,
         dtype: torch.dtype | None = None,
         backend: str | None = None,
-        check_ids: bool = True,
+        check_ids: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -138,7 +166,7 @@ class MultiLoRALinear(nn.Module):
         self.scalings[slot] = 0.0
         self.ranks[slot] = 0
 
-    def _resolve_ids(self, adapter_ids: torch.Tensor | None) -> torch.Tensor:
+    def _resolve_ids(self, adapter_ids):
         if adapter_ids is None and self._pool_ids is not None:
             adapter_ids = self._pool_ids.get()
         if adapter_ids is None:
@@ -150,9 +178,15 @@ class MultiLoRALinear(nn.Module):
             )
         return adapter_ids
 
-    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, adapter_ids: torch.Tensor | LoRABatch | SharedBatch | None = None
+    ) -> torch.Tensor:
         check_tensor("x", x, min_ndim=1)
-        ids = broadcast_adapter_ids(self._resolve_ids(adapter_ids), x.shape[:-1])
+        ids = self._resolve_ids(adapter_ids)
+        if isinstance(ids, SharedBatch):
+            ids = ids.for_input(x.shape[:-1])
+        elif not isinstance(ids, LoRABatch):
+            ids = broadcast_adapter_ids(ids, x.shape[:-1])
         return multi_lora_linear(
             x,
             self.base_layer.weight,

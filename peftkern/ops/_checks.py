@@ -102,3 +102,13 @@ def check_backend_dtypes(op: str, backend: str, **tensors: torch.Tensor | None) 
                 f"{op}: {name} has dtype {value.dtype}, which backend {backend!r} does not support "
                 f"(expected one of {_names(KERNEL_DTYPES)}); use backend 'torch' for it"
             )
+
+
+def host_check_default(check_ids: bool | None, device: torch.device) -> bool:
+    """``check_ids`` as given, or by default: True on the CPU (reading values there costs nothing), False on
+    CUDA (a host check would sync the device, and fails inside CUDA-graph capture)."""
+    if check_ids is None:
+        return device.type == "cpu"
+    if not isinstance(check_ids, bool):
+        raise TypeError(f"check_ids: expected a bool or None, got {type(check_ids).__name__}")
+    return check_ids

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from ..backends import cuda_extension
-from ._cuda import _launch_context, _linear_codes, _strides
+from ._cuda import _adapter_code, _dtype_code, _launch_context, _linear_codes, _strides
 
-__all__ = ["PATHS", "multi_lora_forward", "multi_lora_backward", "build_segments"]
+__all__ = ["PATHS", "multi_lora_forward", "multi_lora_backward", "build_segments", "lora_shrink",
+           "lora_expand_add"]
 
 PATHS = ("auto", "decode", "prefill")  # codes 0, 1, 2 of peftkern::MultiLoraPath
 
@@ -49,6 +50,19 @@ def _adapter_meta(scalings: torch.Tensor, ranks: torch.Tensor, L: int) -> tuple[
     return scalings.to(torch.float32).contiguous(), ranks.to(torch.int32).contiguous()
 
 
+def _table(ext, segments) -> tuple[int, int, int, int]:
+    """(perm, bounds, tiles, n_tiles) addresses of a prebuilt segment table (the kernels' 64-row tiles), or
+    zeros for none."""
+    if segments is None:
+        return 0, 0, 0, 0
+    if segments.block_m != ext.MULTI_LORA_SEGMENT_ROWS:
+        raise ValueError(
+            f"segments: expected a table of {ext.MULTI_LORA_SEGMENT_ROWS}-row tiles (the CUDA kernels'), got "
+            f"{segments.block_m}-row tiles"
+        )
+    return segments.perm.data_ptr(), segments.bounds.data_ptr(), segments.tiles.data_ptr(), segments.tiles.shape[1]
+
+
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     # torch's caching allocator hands out 512-byte aligned blocks: the 256-byte alignment the kernels need.
     return torch.empty(nbytes, device=device, dtype=torch.uint8)
@@ -64,11 +78,14 @@ def multi_lora_forward(
     scalings: torch.Tensor,
     ranks: torch.Tensor,
     path: str = "auto",
+    segments=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (Y [M, N] in x's dtype, S [M, R] fp32, unscaled, zero past each row's rank).
 
     x: [M, K] any strides; weight [N, K]; lora_a [L, R, K]; lora_b [L, N, R]; adapter_ids [M] int32/int64;
     scalings [L]; ranks [L]. ``path``: "auto" | "decode" | "prefill". Inputs already checked by the op.
+    ``segments``: the ids' table with 64-row tiles (``triton_kernels._segments.Segments``, a LoRABatch's)
+    when built once for every layer; None: the kernels build it in the workspace.
     """
     ext = cuda_extension()
     code = _path_code(path)
@@ -96,7 +113,7 @@ def multi_lora_forward(
             ids.data_ptr(), ids_int64, scalings.data_ptr(), ranks.data_ptr(),
             s.data_ptr(), y.data_ptr(), _strides(y),
             workspace.data_ptr(), workspace_bytes,
-            M, N, K, L, R, code, device, stream,
+            M, N, K, L, R, code, device, stream, *_table(ext, segments),
         )
     return y, s
 
@@ -113,12 +130,13 @@ def multi_lora_backward(
     s: torch.Tensor,
     need_dx: bool,
     path: str = "auto",
+    segments=None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Returns (dX [M, K] or None, dA [L, R, K], dB [L, N, R]) in the dtypes of x, A and B.
 
     grad_y: [M, N]; s: [M, R] fp32 from the forward. Each adapter's dA/dB sums only its own rows, in a fixed
     order (deterministic); slots no row uses get zeros, and so does everything past each adapter's rank.
-    dW and db are left to the caller.
+    dW and db are left to the caller. ``segments``: as in :func:`multi_lora_forward`.
     """
     ext = cuda_extension()
     code = _path_code(path)
@@ -155,7 +173,7 @@ def multi_lora_backward(
             dx.data_ptr() if dx is not None else 0, _strides(dx) if dx is not None else (0, 0),
             grad_a.data_ptr(), grad_b.data_ptr(),
             workspace.data_ptr(), workspace_bytes,
-            M, N, K, L, R, code, device, stream,
+            M, N, K, L, R, code, device, stream, *_table(ext, segments),
         )
     return dx, grad_a, grad_b
 
@@ -177,3 +195,76 @@ def build_segments(adapter_ids: torch.Tensor, num_adapters: int) -> tuple[torch.
         ext.multi_lora_segments(ids.data_ptr(), ids_int64, M, L, workspace.data_ptr(), workspace_bytes,
                                 perm.data_ptr(), bounds.data_ptr(), tiles.data_ptr(), device_index, stream)
     return perm, bounds, tiles
+
+
+# ---- the serving pieces (csrc/include/peftkern/lora_serving.cuh) -------------------------------------------
+
+MAX_SLICES = 8  # peftkern::kMaxLoraSlices: longer lists run in groups of this many
+
+
+def _slice_groups(slices: list[torch.Tensor]) -> list[tuple[int, list[torch.Tensor]]]:
+    return [(start, slices[start:start + MAX_SLICES]) for start in range(0, len(slices), MAX_SLICES)]
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    slices: list[torch.Tensor],
+    adapter_ids: torch.Tensor,
+    ranks: torch.Tensor,
+    segments: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """s [n, M, R] fp32: s[j] = the shrink of slice j (A_j [L, R, K], any strides). ``segments``: (perm, tiles)
+    of the ids' 64-row segment table (the prefill kernels), or None (the decode kernel). Inputs checked."""
+    ext = cuda_extension()
+    M, K = x.shape
+    L, R = slices[0].shape[:2]
+    s = torch.empty((len(slices), M, R), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return s
+    dtype, adapter = _dtype_code(ext, x.dtype, "x"), _adapter_code(ext, x, slices[0], slices[0])
+    ids, ids_int64 = _ids(adapter_ids, M)
+    ranks = ranks.to(torch.int32).contiguous()
+    perm, tiles = segments if segments is not None else (None, None)
+    n_tiles = tiles.shape[1] if tiles is not None else 0
+    with torch.cuda.device(x.device):
+        device, stream = _launch_context(x)
+        for start, group in _slice_groups(slices):
+            ext.lora_shrink(
+                dtype, adapter, x.data_ptr(), _strides(x), [(t.data_ptr(), _strides3(t)) for t in group],
+                ids.data_ptr(), ids_int64, perm.data_ptr() if perm is not None else 0,
+                tiles.data_ptr() if tiles is not None else 0, n_tiles, ranks.data_ptr(), s[start].data_ptr(),
+                M, K, L, R, device, stream,
+            )
+    return s
+
+
+def lora_expand_add(
+    y: torch.Tensor,
+    s: torch.Tensor,
+    slices: list[torch.Tensor],
+    adapter_ids: torch.Tensor,
+    scalings: torch.Tensor,
+    ranks: torch.Tensor,
+    offset: int,
+) -> None:
+    """y[:, o_j : o_j + N_j] += the expand of slice j (B_j [L, N_j, R]) from s[j], in place; s [n, M, R]
+    (made fp32 contiguous here). Inputs checked."""
+    ext = cuda_extension()
+    M = y.shape[0]
+    L, _, R = slices[0].shape
+    if M == 0:
+        return
+    dtype, adapter = _dtype_code(ext, y.dtype, "y"), _adapter_code(ext, y, slices[0], slices[0])
+    ids, ids_int64 = _ids(adapter_ids, M)
+    s = s.to(torch.float32).contiguous()
+    scalings, ranks = _adapter_meta(scalings, ranks, L)
+    with torch.cuda.device(y.device):
+        device, stream = _launch_context(y)
+        column = offset
+        for start, group in _slice_groups(slices):
+            ext.lora_expand_add(
+                dtype, adapter, y.data_ptr(), _strides(y), s[start].data_ptr(),
+                [(t.data_ptr(), _strides3(t)) for t in group], [t.shape[1] for t in group], ids.data_ptr(),
+                ids_int64, ranks.data_ptr(), scalings.data_ptr(), column, M, L, R, device, stream,
+            )
+            column += sum(t.shape[1] for t in group)

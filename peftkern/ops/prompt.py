@@ -14,7 +14,14 @@ import torch
 
 from .. import reference
 from ..backends import resolve_backend
-from ._checks import INDEX_DTYPES, check_backend_dtypes, check_same_device, check_shape, check_tensor
+from ._checks import (
+    INDEX_DTYPES,
+    check_backend_dtypes,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    host_check_default,
+)
 
 __all__ = ["prompt_concat", "prefix_kv"]
 
@@ -287,7 +294,7 @@ def _check_prompt_inputs(input_ids, embed_weight, prompts, prompt_ids, attention
             f"prompts: expected the dtype of embed_weight ({embed_weight.dtype}) or float32 (fp32 prompts "
             f"beside a 16-bit model), got {prompts.dtype}"
         )
-    if check_ids:
+    if host_check_default(check_ids, embed_weight.device):
         _check_ids_in_range("input_ids", input_ids, vocab, "rows of embed_weight")
         _check_ids_in_range("prompt_ids", prompt_ids, num_prompts, "tasks in prompts")
 
@@ -304,7 +311,7 @@ def prompt_concat(
     labels: torch.Tensor | None = None,
     *,
     backend: str | None = None,
-    check_ids: bool = True,
+    check_ids: bool | None = None,
 ) -> reference.PromptConcatOutput:
     """Prompt tuning's model input in one pass: each row's soft prompt, then its token embeddings.
 
@@ -315,9 +322,10 @@ def prompt_concat(
         prompt_ids: [B] int32/int64, each row's task in [0, P) (or one int for every row).
         attention_mask: [B, T] or None; labels: [B, T] int or None.
         backend: "torch" | "triton" | "cuda"; see :mod:`peftkern.backends`.
-        check_ids: reject out-of-range ids with a ValueError (one host sync). False skips the sync (CUDA
-            graphs, serving); the Triton and CUDA kernels then still read nothing out of bounds (such rows
-            come out zero), while the torch backend raises torch's own indexing error.
+        check_ids: reject out-of-range ids with a ValueError (one host sync). Default (None): on CPU tensors
+            yes, on CUDA tensors no (no host sync: CUDA graphs, serving). Unchecked, the Triton and CUDA
+            kernels still read nothing out of bounds (such rows come out zero), while the torch backend
+            raises torch's own indexing error (a device-side assert on CUDA).
     Returns:
         ``PromptConcatOutput(inputs_embeds [B, n+T, D] in embed_weight's dtype, attention_mask [B, n+T]
         (ones over the prompt; int64 ones if none was given), labels [B, n+T] with -100 over the prompt or
@@ -342,7 +350,7 @@ def prefix_kv(
     *,
     batch_size: int | None = None,
     backend: str | None = None,
-    check_ids: bool = True,
+    check_ids: bool | None = None,
 ) -> torch.Tensor:
     """Each row's prefix keys and values for every layer, gathered in one launch.
 
@@ -352,8 +360,8 @@ def prefix_kv(
         prompt_ids: [B] int32/int64 tasks in [0, P), or one int for every row (then ``batch_size`` rows).
         num_layers, num_kv_heads: the model's layer count and key/value head count (GQA: fewer than the
             query heads).
-        check_ids: as in :func:`prompt_concat` (False: no host sync; bad ids give zero rows on Triton and
-            CUDA).
+        check_ids: as in :func:`prompt_concat` (default: a host check on CPU tensors only; unchecked, bad ids
+            give zero rows on Triton and CUDA).
     Returns:
         [num_layers, 2, B, num_kv_heads, n, head_dim], contiguous: ``out[l, 0]`` / ``out[l, 1]`` are layer
         l's key / value prefix [B, H_kv, n, head_dim]. Gradients flow to ``prefix``, summed per task.
@@ -381,7 +389,7 @@ def prefix_kv(
         prompt_ids = torch.full((batch_size,), prompt_ids, dtype=torch.int64, device=prefix.device)
     check_tensor("prompt_ids", prompt_ids, ndim=1, dtypes=INDEX_DTYPES)
     check_same_device("prefix", prefix, prompt_ids=prompt_ids)
-    if check_ids:
+    if host_check_default(check_ids, prefix.device):
         _check_ids_in_range("prompt_ids", prompt_ids, num_prompts, "tasks in prefix")
     name = resolve_backend(prefix.device, "prefix_kv", backend)
     check_backend_dtypes("prefix_kv", name, prefix=prefix)

@@ -125,13 +125,13 @@ void check_segments(const std::vector<int64_t>& ids, int64_t L, bool as_int64, c
 // ---- forward and backward against float64 ----------------------------------------------------------------
 
 template <typename T, typename TA>
-void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const std::string& name) {
+void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const std::string& name, bool prebuilt) {
   ++cases;
   const int64_t M = p.M, K = p.K, N = p.N, L = p.L, R = p.R;
   const std::string label = std::string(peftkern::DType<T>::name) + "/" + peftkern::DType<TA>::name + " " + name +
                             " M=" + std::to_string(M) + " K=" + std::to_string(K) + " N=" + std::to_string(N) +
                             " L=" + std::to_string(L) + " R=" + std::to_string(R) + " path=" + std::to_string(path) +
-                            " layout=" + std::to_string(p.layout);
+                            " layout=" + std::to_string(p.layout) + (prebuilt ? " prebuilt table" : "");
   auto x = matrix<T>(M, K, p.layout, 1.0f);
   auto w = matrix<T>(N, K, p.layout, 0.3f);
   auto dy = matrix<T>(M, N, p.layout, 1.0f);
@@ -158,7 +158,16 @@ void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const st
   std::unique_ptr<float[]> s(new float[std::max<int64_t>(M * R, 1)]);
   const void* ids = ids_int64 ? static_cast<const void*>(ids64.get()) : static_cast<const void*>(ids32.get());
 
+  // A segment table built once (as for every layer of a step) and handed to both launchers, or none.
+  peftkern::MultiLoraSegments table{};
+  Workspace table_ws = workspace_of(peftkern::multi_lora_segments_workspace_bytes(M, L));
+  if (prebuilt && peftkern::launch_multi_lora_segments(ids, ids_int64, M, L, table_ws.get(), &table, nullptr) !=
+                      cudaSuccess) {
+    fail(label + ": segments launch error");
+    return;
+  }
   peftkern::MultiLoraForwardArgs<T, TA> fwd{};
+  fwd.segments = prebuilt ? &table : nullptr;
   fwd.x = x.view();
   fwd.weight = w.view();
   fwd.bias = p.bias ? bias.data.get() : nullptr;
@@ -181,6 +190,7 @@ void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const st
     return;
   }
   peftkern::MultiLoraBackwardArgs<T, TA> bwd{};
+  bwd.segments = prebuilt ? &table : nullptr;
   bwd.grad_y = dy.view();
   bwd.x = x.view();
   bwd.weight = w.view();
@@ -286,10 +296,11 @@ template <typename T, typename TA>
 void run_problem(const Problem& p, const std::string& name, bool both_paths = true) {
   const bool ids64 = p.M % 2 == 1;  // int64 ids on odd M, int32 on even
   if (both_paths) {
-    run_case<T, TA>(p, peftkern::kMultiLoraDecode, ids64, p.layout != 2, name);
-    run_case<T, TA>(p, peftkern::kMultiLoraPrefill, !ids64, true, name);
+    // Transposed layouts take a prebuilt segment table (LoRABatch's case); the others build their own.
+    run_case<T, TA>(p, peftkern::kMultiLoraDecode, ids64, p.layout != 2, name, p.layout == 1);
+    run_case<T, TA>(p, peftkern::kMultiLoraPrefill, !ids64, true, name, p.layout == 1);
   } else {
-    run_case<T, TA>(p, peftkern::kMultiLoraAuto, ids64, true, name);
+    run_case<T, TA>(p, peftkern::kMultiLoraAuto, ids64, true, name, false);
   }
 }
 

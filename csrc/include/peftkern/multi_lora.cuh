@@ -947,6 +947,9 @@ struct MultiLoraForwardArgs {
   Strided2D<T> y;         // out: [M, N]
   int64_t M, N, K, L, R;
   int path;  // MultiLoraPath
+  // The ids' segment table when the caller built it once for every layer (launch_multi_lora_segments, or the
+  // same layout: 64-row tiles); nullptr: the prefill path builds it in the workspace.
+  const MultiLoraSegments* segments = nullptr;
 };
 
 struct MultiLoraForwardPlan {
@@ -972,9 +975,9 @@ cudaError_t launch_multi_lora_forward(const MultiLoraForwardArgs<T, TA>& a, void
     return cudaErrorInvalidValue;
   if (a.M == 0) return cudaSuccess;
   const MultiLoraForwardPlan plan = multi_lora_forward_plan(a.M, a.N, a.K, a.L, a.path);
-  MultiLoraSegments segments{};
+  MultiLoraSegments segments = a.segments != nullptr ? *a.segments : MultiLoraSegments{};
   cudaError_t err;
-  if (!plan.decode) {
+  if (!plan.decode && a.segments == nullptr) {
     if ((err = launch_multi_lora_segments(a.adapter_ids, a.ids_int64, a.M, a.L, workspace, &segments, stream)) !=
         cudaSuccess)
       return err;
@@ -1030,6 +1033,7 @@ struct MultiLoraBackwardArgs {
   TA* grad_b;             // out: [L, N, R] contiguous
   int64_t M, N, K, L, R;
   int path;  // MultiLoraPath: the row kernels (dS, dX); dA / dB always use the segment table
+  const MultiLoraSegments* segments = nullptr;  // a prebuilt table (as in MultiLoraForwardArgs), or nullptr
 };
 
 struct MultiLoraBackwardPlan {
@@ -1076,9 +1080,10 @@ cudaError_t launch_multi_lora_backward(const MultiLoraBackwardArgs<T, TA>& a, vo
   }
   const MultiLoraBackwardPlan plan = multi_lora_backward_plan(M, N, K, L, R, a.path);
   auto* base = static_cast<unsigned char*>(workspace);
-  MultiLoraSegments segments{};
-  if ((err = launch_multi_lora_segments(a.adapter_ids, a.ids_int64, M, L, workspace, &segments, stream)) !=
-      cudaSuccess)
+  MultiLoraSegments segments = a.segments != nullptr ? *a.segments : MultiLoraSegments{};
+  if (a.segments == nullptr &&
+      (err = launch_multi_lora_segments(a.adapter_ids, a.ids_int64, M, L, workspace, &segments, stream)) !=
+          cudaSuccess)
     return err;
   const MultiLoraSegments* seg = plan.decode ? nullptr : &segments;
   float* ds = reinterpret_cast<float*>(base + plan.ds_offset);
