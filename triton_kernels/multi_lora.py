@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    autotune,
     dot_in_fp32,
     fp32_precision,
     gemm_k_loop,
@@ -228,7 +229,7 @@ def _multi_lora_shrink_segment_kernel(
     tl.store(T + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & (ranks < R)[None, :])
 
 
-@triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "C", "J", "R"])
+@autotune(_decode_configs(), ["M_BUCKET", "C", "J", "R", "HAS_BIAS", "HAS_SCALE", "BASE_FP32", "PRECISION"])
 @triton.jit
 def _multi_lora_fused_decode_kernel(
     IN, W, BIAS, T, E, IDS, RANKS, SCALES, OUT,
@@ -277,7 +278,9 @@ def _multi_lora_fused_decode_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_segment_configs(), key=["M_BUCKET", "C", "J", "R"])
+@autotune(
+    _segment_configs(), ["M_BUCKET", "C", "J", "R", "HAS_BIAS", "HAS_SCALE", "BASE_FP32", "PRECISION", "EXPAND_FP32"]
+)
 @triton.jit
 def _multi_lora_fused_segment_kernel(
     IN, W, BIAS, T, E, PERM, TILES, RANKS, SCALES, OUT,
