@@ -35,6 +35,7 @@ from .model import (
 from .nn import (
     BottleneckAdapter,
     LoRALinear,
+    LoRALinear4bit,
     MultiLoRALinear,
     PrefixEncoder,
     PrefixTuningForCausalLM,
@@ -42,7 +43,15 @@ from .nn import (
     PromptTuningForCausalLM,
     use_bottleneck_adapter_ids,
 )
-from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_kv, prompt_concat
+from .ops import (
+    Weight4bit,
+    bottleneck_adapter,
+    lora_linear,
+    lora_linear_4bit,
+    multi_lora_linear,
+    prefix_kv,
+    prompt_concat,
+)
 from .pool import AdapterPool
 
 __version__ = "0.1.0"
@@ -52,11 +61,13 @@ __all__ = [
     "AdapterPool",
     "BottleneckAdapter",
     "LoRALinear",
+    "LoRALinear4bit",
     "MultiLoRALinear",
     "PrefixEncoder",
     "PrefixTuningForCausalLM",
     "PromptTuningEmbedding",
     "PromptTuningForCausalLM",
+    "Weight4bit",
     "bottleneck_adapter",
     "cuda_backend_status",
     "from_peft",
@@ -67,6 +78,7 @@ __all__ = [
     "load_bottleneck_adapters",
     "load_soft_prompt",
     "lora_linear",
+    "lora_linear_4bit",
     "mark_trainable",
     "merge",
     "merge_and_unload",

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .backends import BACKENDS
 from .nn.lora import LoRALinear
+from .nn.lora4bit import LoRALinear4bit, is_linear_4bit
 
 __all__ = [
     "ALL_LINEAR",
@@ -223,7 +224,7 @@ def plan_lora(
         if not name or _inside_lora(name, lora_names) or name in heads:
             continue
         if spec == ALL_LINEAR:
-            chosen = type(module) is nn.Linear
+            chosen = type(module) is nn.Linear or is_linear_4bit(module)
         else:
             chosen = _matches(spec, name)
         if not chosen or (exclude is not None and _matches(exclude, name)):
@@ -271,7 +272,8 @@ def apply_lora(
     root = unwrap_model(model)
     for site in sites:
         base = root.get_submodule(site.name)
-        layer = LoRALinear(base, site.r, site.alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+        layer_class = LoRALinear4bit if is_linear_4bit(base) else LoRALinear
+        layer = layer_class(base, site.r, site.alpha, dropout=dropout, use_rslora=use_rslora, init=init,
                            backend=backend)
         _set_submodule(root, site.name, layer)
 
@@ -402,7 +404,7 @@ def fused_layers(model: nn.Module) -> list[str]:
         if isinstance(module, LoRALinear):
             ours = not module.merged
         else:
-            ours = compat is not None and isinstance(module, compat.FusedLoraLinear)
+            ours = compat is not None and isinstance(module, compat.FUSED_CLASSES)
             ours = ours and compat.fusion_blocker(module) is None
         if ours:
             names.append(name)

@@ -2,7 +2,16 @@
 
 from .bottleneck import bottleneck_adapter
 from .lora import lora_linear
+from .lora4bit import Weight4bit, lora_linear_4bit
 from .multi_lora import multi_lora_linear
 from .prompt import prefix_kv, prompt_concat
 
-__all__ = ["bottleneck_adapter", "lora_linear", "multi_lora_linear", "prefix_kv", "prompt_concat"]
+__all__ = [
+    "Weight4bit",
+    "bottleneck_adapter",
+    "lora_linear",
+    "lora_linear_4bit",
+    "multi_lora_linear",
+    "prefix_kv",
+    "prompt_concat",
+]
