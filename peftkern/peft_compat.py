@@ -17,6 +17,9 @@ aLoRA, ...), no ``lora_bias``, no ``fan_in_fan_out``, dropout an ``nn.Dropout`` 
 the op takes (adapters in x's dtype, or fp32 beside 16-bit x, as peft casts x to ``lora_A``'s dtype).
 ``adapter_names=`` mixed batches run ``peftkern.multi_lora_linear`` (the adapters' A/B stacked, ranks may
 differ, ``"__base__"`` rows base only) when every named adapter is plain LoRA without active dropout.
+peft's QLoRA layer ``lora.bnb.Linear4bit`` becomes :class:`FusedLoraLinear4bit` the same way and runs
+``peftkern.lora_linear_4bit`` under the same rules, its base a quantized ``bnb.nn.Linear4bit`` in the standard
+layout (not yet repacked by bitsandbytes' CPU inference path); ``adapter_names=`` batches run peft's forward there.
 In any other state the layer calls peft's own ``forward``. peft is imported here, so only ``from_peft``
 imports this module: peft stays an optional dependency of peftkern.
 """
