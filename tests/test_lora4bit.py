@@ -361,3 +361,46 @@ def test_layer_repacked_by_bitsandbytes_runs_peft_s_forward(llama_dir):
     assert "packing_format_for_cpu" in peft_compat.fusion_blocker(layer)
     with torch.no_grad():
         assert torch.equal(theirs(input_ids=ids).logits, expected)
+
+
+# ---- registration: opcheck, gradcheck --------------------------------------------------------------------------
+
+
+def _op_args(x, weight, bias, lora_a, lora_b, seed, base_dtype):
+    return (x.reshape(-1, x.shape[-1]), weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
+            weight.offset, bias, lora_a, lora_b, 0.5, 0.2, seed, weight.quant_type, weight.blocksize,
+            weight.nested_blocksize, weight.shape[0], weight.dtype, base_dtype, "torch")
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double_quant"])
+def test_opcheck(nested):
+    x, weight, bias, lora_a, lora_b = _op_inputs(torch.float32, torch.float32, nested=nested, M=4, K=64, N=24)
+    seed = torch.tensor([3], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.peftkern.lora_linear_4bit.default,
+                          _op_args(x, weight, bias, lora_a, lora_b, seed, torch.float32))
+
+
+def test_gradcheck_float64():
+    x, weight, bias, lora_a, lora_b = _op_inputs(torch.float64, torch.float64, "fp4", M=4, K=64, N=6,
+                                                 weight_dtype=torch.float32)
+    bias.requires_grad_(True)
+
+    def fn(x, bias, lora_a, lora_b):
+        return lora_linear_4bit(x, weight, bias, lora_a, lora_b, 0.8, 0.25, seed=11)
+
+    assert torch.autograd.gradcheck(fn, (x, bias, lora_a, lora_b))
+
+
+def test_save_and_load_adapter_of_an_injected_4bit_model(tmp_path):
+    model = nn.Sequential(_linear4bit(), nn.ReLU(), _linear4bit(K=96, N=64))
+    peftkern.inject_lora(model, "all-linear", r=2, alpha=4, init="gaussian")
+    with torch.no_grad():
+        for layer in model[::2]:
+            layer.lora_B.normal_()
+    x = torch.randn(3, 64)
+    expected = model(x)
+    peftkern.save_adapter(model, tmp_path, base_model_name_or_path="tiny", task_type=None)
+    fresh = nn.Sequential(_linear4bit(), nn.ReLU(), _linear4bit(K=96, N=64))
+    loaded = peftkern.load_adapter(fresh, tmp_path)
+    assert type(loaded[0]) is peftkern.LoRALinear4bit
+    assert torch.equal(loaded(x), expected)
