@@ -30,6 +30,8 @@ __all__ = [
     "NF4_CODE",
     "FP4_CODE",
     "four_bit_code",
+    "scale_blocks",
+    "dequantize_4bit_absmax",
     "dequantize_4bit",
 ]
 
@@ -320,11 +322,24 @@ def four_bit_code(quant_type: str, device=None) -> torch.Tensor:
     raise ValueError(f"quant_type: expected 'nf4' or 'fp4', got {quant_type!r}")
 
 
-def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+def scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
     """values [n] (float32) times the scale of their block of ``blocksize`` consecutive elements."""
     numel = values.numel()
     padded = torch.nn.functional.pad(values, (0, -numel % blocksize))
     return (padded.view(-1, blocksize) * scales.reshape(-1, 1)).reshape(-1)[:numel]
+
+
+def dequantize_4bit_absmax(
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_code: torch.Tensor,
+    nested_blocksize: int,
+    offset: torch.Tensor | float,
+) -> torch.Tensor:
+    """Double-quantized absmax (uint8 codes) as float32: ``nested_code[absmax[b]] * nested_absmax[b //
+    nested_blocksize] + offset``, bitsandbytes' 8-bit blockwise dequantization plus the offset, in float32."""
+    scales = nested_code.float()[absmax.reshape(-1).long()]
+    return scale_blocks(scales, nested_absmax.float(), nested_blocksize) + offset
 
 
 def dequantize_4bit(
@@ -358,6 +373,5 @@ def dequantize_4bit(
     codes = torch.stack((data >> 4, data & 0xF), dim=-1).reshape(-1)[:numel]
     values = four_bit_code(quant_type, packed.device)[codes.long()]
     if nested_absmax is not None:
-        scales = nested_code.float()[absmax.reshape(-1).long()]
-        absmax = _scale_blocks(scales, nested_absmax.float(), nested_blocksize) + offset
-    return _scale_blocks(values, absmax.float(), blocksize).reshape(shape).to(dtype)
+        absmax = dequantize_4bit_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+    return scale_blocks(values, absmax.float(), blocksize).reshape(shape).to(dtype)

@@ -381,7 +381,7 @@ def test_opcheck(nested):
 
 
 def test_gradcheck_float64():
-    x, weight, bias, lora_a, lora_b = _op_inputs(torch.float64, torch.float64, "fp4", M=4, K=64, N=6,
+    x, weight, bias, lora_a, lora_b = _op_inputs(torch.float64, torch.float64, "fp4", M=2, K=32, N=6,
                                                  weight_dtype=torch.float32)
     bias.requires_grad_(True)
 
@@ -404,3 +404,18 @@ def test_save_and_load_adapter_of_an_injected_4bit_model(tmp_path):
     loaded = peftkern.load_adapter(fresh, tmp_path)
     assert type(loaded[0]) is peftkern.LoRALinear4bit
     assert torch.equal(loaded(x), expected)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_torch_backend_dequantizes_bit_exactly_as_the_reference(quant_type):
+    from peftkern.ops.lora4bit import _dequantize
+
+    generator = torch.Generator().manual_seed(9)
+    for blocksize, shape, nested, dtype in itertools.product((32, 64, 256, 4096), [(48, 80), (33, 17), (5, 3)],
+                                                             (False, True), DTYPES):
+        weight = _weight4bit(*_quantize(torch.randn(shape, generator=generator).to(dtype), quant_type, blocksize,
+                                        nested))
+        meta = (quant_type, blocksize, weight.nested_blocksize, shape[0], dtype, torch.float32)
+        fast = _dequantize(shape[1], weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
+                           weight.offset, meta)
+        assert torch.equal(fast, _reference_dense(weight, torch.float32)), (blocksize, shape, nested, dtype)
