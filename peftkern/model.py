@@ -431,9 +431,18 @@ def merge(model: nn.Module, *, safe_merge: bool = False) -> nn.Module:
     peft_merge = _peft_method(model, "merge_adapter")
     if peft_merge is not None:
         peft_merge(safe_merge=safe_merge)
-    for _, layer in lora_layers(model):
+    for _, layer in _mergeable_layers(model):
         layer.merge()
     return model
+
+
+def _mergeable_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """:func:`lora_layers`, after refusing (before any change) a model holding a ``LoRALinear4bit``."""
+    layers = list(lora_layers(model))
+    for _, layer in layers:
+        if isinstance(layer, LoRALinear4bit):
+            layer.merge()  # raises, saying why
+    return layers
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -452,7 +461,7 @@ def merge_and_unload(model: nn.Module, *, safe_merge: bool = False) -> nn.Module
     model. For a ``peft`` model, peft's ``merge_and_unload(safe_merge=...)``, which returns its base model."""
     peft_merge_and_unload = _peft_method(model, "merge_and_unload")
     root = unwrap_model(model) if peft_merge_and_unload is None else peft_merge_and_unload(safe_merge=safe_merge)
-    for name, layer in list(lora_layers(root)):
+    for name, layer in _mergeable_layers(root):
         layer.merge()
         _set_submodule(root, name, layer.base_layer)
     return model if peft_merge_and_unload is None else root

@@ -419,3 +419,30 @@ def test_torch_backend_dequantizes_bit_exactly_as_the_reference(quant_type):
         fast = _dequantize(shape[1], weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
                            weight.offset, meta)
         assert torch.equal(fast, _reference_dense(weight, torch.float32)), (blocksize, shape, nested, dtype)
+
+
+def test_autocast_and_mixed_merge_refusal():
+    layer = peftkern.LoRALinear4bit.from_linear(_linear4bit(compute_dtype=torch.float32), r=2, alpha=2,
+                                                init="gaussian")
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    assert_close(y, layer(x), "autocast output", dtype=torch.bfloat16, scale=2)
+    # A model with a plain LoRALinear before the 4-bit one: refused before anything is merged.
+    model = nn.Sequential(peftkern.LoRALinear.from_linear(nn.Linear(64, 64), r=2, alpha=2), layer)
+    with torch.no_grad():
+        model[0].lora_B.fill_(1.0)
+    before = model[0].base_layer.weight.clone()
+    with pytest.raises(ValueError, match="4-bit weight"):
+        peftkern.merge(model)
+    assert torch.equal(model[0].base_layer.weight, before) and not model[0].merged
+
+
+def test_peft_merge_and_unload_of_a_converted_4bit_model_is_peft_s(llama_dir):
+    theirs = _qlora(llama_dir, "nf4", False, torch.float32)
+    ours = peftkern.from_peft(copy.deepcopy(theirs))
+    ids = token_batch()
+    merged_ours, merged_theirs = peftkern.merge_and_unload(ours), theirs.merge_and_unload()
+    with torch.no_grad():
+        assert torch.equal(merged_ours.train()(input_ids=ids).logits, merged_theirs.train()(input_ids=ids).logits)

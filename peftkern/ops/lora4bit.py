@@ -346,6 +346,7 @@ def lora_linear_4bit(
         bias: [N] in ``compute_dtype``, or None.
         compute_dtype: the dtype of the base GEMM (bitsandbytes' ``compute_dtype``): x is cast to it for
             ``x @ W.T + b`` and the product cast back to x's dtype, as ``Linear4bit`` computes; None: x's dtype.
+            Under ``torch.autocast`` x, the bias and the base GEMM take the autocast dtype.
             The low-rank part reads x itself, exactly as :func:`peftkern.lora_linear` (adapters in x's dtype or
             fp32; the same dropout stream: equal seeds drop equal elements).
         backend: only "torch" exists for this op so far (the others raise ``ValueError``).
@@ -357,6 +358,8 @@ def lora_linear_4bit(
     check_tensor("x", x, min_ndim=1)
     weight = _check_weight(weight, x)
     base_dtype = x.dtype if compute_dtype is None else compute_dtype
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+        base_dtype = x.dtype  # the autocast dtype, which F.linear inside Linear4bit would compute in too
     if base_dtype not in WEIGHT_DTYPES and base_dtype != x.dtype:
         raise TypeError(f"compute_dtype: expected one of {WEIGHT_DTYPES} or None, got {compute_dtype!r}")
     out_features, in_features = weight.shape
