@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from .backends import describe_backend
 from .nn.lora4bit import is_linear_4bit, linear_4bit_forward
 from .nn.multi_lora import broadcast_adapter_ids
 from .ops.lora import lora_linear
@@ -77,6 +78,8 @@ def _base_blocker(layer: PeftLoraLinear) -> str | None:
         if getattr(state, "packing_format_for_cpu", False):
             # Linear4bit's first eval-mode CPU forward without grad repacks the weight for its own kernel.
             return "4-bit weight in bitsandbytes' CPU inference layout (packing_format_for_cpu)"
+        if getattr(layer, "peftkern_backend", None) not in (None, "torch"):
+            return f"no {layer.peftkern_backend} kernel for 4-bit layers yet"
     elif type(base) is not nn.Linear:
         return f"base layer {type(base).__name__}"
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
@@ -214,6 +217,8 @@ if PeftLoraLinear4bit is not None:
                 return None
             if lora_a.dtype not in (x.dtype, torch.float32) or torch.is_autocast_enabled(x.device.type):
                 return None  # peft casts x to the adapters' dtype: exact for these two only
+            if describe_backend(x.device, "lora_linear_4bit", self.peftkern_backend) != "torch":
+                return None  # use_backend / PEFTKERN_BACKEND chose a backend with no 4-bit kernel yet
             dropout = self.lora_dropout[adapter]
             p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
             return linear_4bit_forward(self.get_base_layer(), x, lora_a, lora_b, float(self.scaling[adapter]), p,

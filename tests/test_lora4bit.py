@@ -446,3 +446,26 @@ def test_peft_merge_and_unload_of_a_converted_4bit_model_is_peft_s(llama_dir):
     merged_ours, merged_theirs = peftkern.merge_and_unload(ours), theirs.merge_and_unload()
     with torch.no_grad():
         assert torch.equal(merged_ours.train()(input_ids=ids).logits, merged_theirs.train()(input_ids=ids).logits)
+
+
+def test_kernel_backends_leave_4bit_layers_to_peft(llama_dir, monkeypatch):
+    """No Triton/CUDA kernel for 4-bit yet: a converted layer asked for one runs peft's forward, saying why."""
+    theirs = _qlora(llama_dir, "nf4", True, torch.float32)
+    ids = token_batch()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+    ours = peftkern.from_peft(copy.deepcopy(theirs), backend="cuda")
+    assert peftkern.fused_layers(ours) == []
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    from peftkern import peft_compat
+
+    assert peft_compat.fusion_blocker(layer) == "no cuda kernel for 4-bit layers yet"
+    ours = peftkern.from_peft(ours)  # back to the default backend
+    assert len(peftkern.fused_layers(ours)) == LINEAR_LAYERS
+    calls = count_fused_calls(monkeypatch, "linear_4bit_forward")
+    with torch.no_grad(), peftkern.use_backend("triton"):
+        assert torch.equal(ours(input_ids=ids).logits, expected)
+    assert calls[0] == 0
+    with torch.no_grad():
+        ours(input_ids=ids)
+    assert calls[0] == LINEAR_LAYERS
