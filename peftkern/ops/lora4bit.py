@@ -26,7 +26,7 @@ from ._checks import (
     check_tensor,
     intermediate_dtype,
 )
-from .lora import _check_adapters, _torch_backward, _torch_forward, dropout_seed
+from .lora import _check_adapters, _plain_eager, _torch_backward, _torch_forward, dropout_seed
 
 __all__ = ["Weight4bit", "lora_linear_4bit"]
 
@@ -262,7 +262,8 @@ _lora_linear_4bit_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerLoRALinear4bit(torch.autograd.Function):
-    """The custom ops' forward and backward without their per-call dispatch (outside torch.compile)."""
+    """The custom ops' forward and backward without their per-call dispatch, for plain eager calls only (as
+    ``lora_linear``'s ``_EagerLoRALinear``); no double backward."""
 
     @staticmethod
     def forward(ctx, x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_a, lora_b, scaling,
@@ -273,6 +274,7 @@ class _EagerLoRALinear4bit(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         return *_gradients(ctx, grad_y, traced=False), None, None, None, None, None
 
@@ -385,8 +387,8 @@ def lora_linear_4bit(
     quant = (weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
     meta = (weight.quant_type, weight.blocksize, weight.nested_blocksize, out_features, weight.dtype, base_dtype)
     head = (x2, *quant, bias, lora_a, lora_b, scaling, dropout_p, seed_tensor)
-    if torch.compiler.is_compiling():
-        y, _ = torch.ops.peftkern.lora_linear_4bit(*head, *meta, name)
-    else:
+    if _plain_eager(x2, *quant, bias, lora_a, lora_b, seed_tensor):
         y = _EagerLoRALinear4bit.apply(*head, meta, name)
+    else:
+        y, _ = torch.ops.peftkern.lora_linear_4bit(*head, *meta, name)
     return y.reshape(*lead, out_features)
