@@ -24,6 +24,8 @@ DEFAULT_CUDA_BACKEND = "triton"
 DEFAULT_CUDA_BACKEND_PER_OP: dict[str, str] = {
     # The CUDA C++ bottleneck kernels have not been timed on a GPU yet: Triton until a benchmark says otherwise.
     "bottleneck_adapter": "triton",
+    # No fused 4-bit kernel yet: the torch backend (dequantize + matmul) is the only one.
+    "lora_linear_4bit": "torch",
 }
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftkern_backend", default=None)

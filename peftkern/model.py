@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .backends import BACKENDS
 from .nn.lora import LoRALinear
+from .nn.lora4bit import LoRALinear4bit, is_linear_4bit
 
 __all__ = [
     "ALL_LINEAR",
@@ -223,7 +224,7 @@ def plan_lora(
         if not name or _inside_lora(name, lora_names) or name in heads:
             continue
         if spec == ALL_LINEAR:
-            chosen = type(module) is nn.Linear
+            chosen = type(module) is nn.Linear or is_linear_4bit(module)
         else:
             chosen = _matches(spec, name)
         if not chosen or (exclude is not None and _matches(exclude, name)):
@@ -271,7 +272,8 @@ def apply_lora(
     root = unwrap_model(model)
     for site in sites:
         base = root.get_submodule(site.name)
-        layer = LoRALinear(base, site.r, site.alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+        layer_class = LoRALinear4bit if is_linear_4bit(base) else LoRALinear
+        layer = layer_class(base, site.r, site.alpha, dropout=dropout, use_rslora=use_rslora, init=init,
                            backend=backend)
         _set_submodule(root, site.name, layer)
 
@@ -371,9 +373,10 @@ def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module
     ``disable_adapter()``, merging, ``add_adapter`` / ``set_adapter`` / ``delete_adapter``,
     ``modules_to_save`` and gradient checkpointing are peft's code and give peft's results; the Parameters
     are the same objects (optimizers keep working). Outputs and gradients are peft's (dropout draws differ:
-    ours come from a counter-based stream). Layers peft runs that our ops do not cover (embeddings, convs,
-    bitsandbytes, DoRA, lora_bias, other tuners) keep peft's forward; one ``logging`` line (logger
-    ``"peftkern"``, INFO) says how many run fused and why the others do not, and :func:`fused_layers` lists
+    ours come from a counter-based stream). QLoRA layers (peft's ``lora.bnb.Linear4bit``) run
+    ``peftkern.lora_linear_4bit`` over the base's 4-bit storage. Layers peft runs that our ops do not cover
+    (embeddings, convs, bitsandbytes 8-bit, DoRA, lora_bias, other tuners) keep peft's forward; one ``logging``
+    line (logger ``"peftkern"``, INFO) says how many run fused and why the others do not, and :func:`fused_layers` lists
     them. Call it again after ``add_adapter`` targets new modules; converted layers stay converted.
 
     Raises ``ValueError`` only for a model without any peft layer, ``ImportError`` without peft.
@@ -402,7 +405,7 @@ def fused_layers(model: nn.Module) -> list[str]:
         if isinstance(module, LoRALinear):
             ours = not module.merged
         else:
-            ours = compat is not None and isinstance(module, compat.FusedLoraLinear)
+            ours = compat is not None and isinstance(module, compat.FUSED_CLASSES)
             ours = ours and compat.fusion_blocker(module) is None
         if ours:
             names.append(name)
@@ -428,9 +431,18 @@ def merge(model: nn.Module, *, safe_merge: bool = False) -> nn.Module:
     peft_merge = _peft_method(model, "merge_adapter")
     if peft_merge is not None:
         peft_merge(safe_merge=safe_merge)
-    for _, layer in lora_layers(model):
+    for _, layer in _mergeable_layers(model):
         layer.merge()
     return model
+
+
+def _mergeable_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """:func:`lora_layers`, after refusing (before any change) a model holding a ``LoRALinear4bit``."""
+    layers = list(lora_layers(model))
+    for _, layer in layers:
+        if isinstance(layer, LoRALinear4bit):
+            layer.merge()  # raises, saying why
+    return layers
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -449,7 +461,7 @@ def merge_and_unload(model: nn.Module, *, safe_merge: bool = False) -> nn.Module
     model. For a ``peft`` model, peft's ``merge_and_unload(safe_merge=...)``, which returns its base model."""
     peft_merge_and_unload = _peft_method(model, "merge_and_unload")
     root = unwrap_model(model) if peft_merge_and_unload is None else peft_merge_and_unload(safe_merge=safe_merge)
-    for name, layer in list(lora_layers(root)):
+    for name, layer in _mergeable_layers(root):
         layer.merge()
         _set_submodule(root, name, layer.base_layer)
     return model if peft_merge_and_unload is None else root

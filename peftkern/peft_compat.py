@@ -17,6 +17,9 @@ aLoRA, ...), no ``lora_bias``, no ``fan_in_fan_out``, dropout an ``nn.Dropout`` 
 the op takes (adapters in x's dtype, or fp32 beside 16-bit x, as peft casts x to ``lora_A``'s dtype).
 ``adapter_names=`` mixed batches run ``peftkern.multi_lora_linear`` (the adapters' A/B stacked, ranks may
 differ, ``"__base__"`` rows base only) when every named adapter is plain LoRA without active dropout.
+peft's QLoRA layer ``lora.bnb.Linear4bit`` becomes :class:`FusedLoraLinear4bit` the same way and runs
+``peftkern.lora_linear_4bit`` under the same rules, its base a quantized ``bnb.nn.Linear4bit`` in the standard
+layout (not yet repacked by bitsandbytes' CPU inference path); ``adapter_names=`` batches run peft's forward there.
 In any other state the layer calls peft's own ``forward``. peft is imported here, so only ``from_peft``
 imports this module: peft stays an optional dependency of peftkern.
 """
@@ -31,11 +34,18 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from .backends import describe_backend
+from .nn.lora4bit import is_linear_4bit, linear_4bit_forward
 from .nn.multi_lora import broadcast_adapter_ids
 from .ops.lora import lora_linear
 from .ops.multi_lora import multi_lora_linear
 
-__all__ = ["FusedLoraLinear", "convert", "fusion_blocker"]
+try:  # peft defines its 4-bit LoRA layer only when bitsandbytes is installed
+    from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
+except ImportError:
+    PeftLoraLinear4bit = None
+
+__all__ = ["FUSED_CLASSES", "FusedLoraLinear", "FusedLoraLinear4bit", "convert", "fusion_blocker"]
 
 logger = logging.getLogger("peftkern")
 
@@ -59,11 +69,22 @@ def _adapter_blocker(layer: PeftLoraLinear, adapter: str) -> str | None:
 def _base_blocker(layer: PeftLoraLinear) -> str | None:
     """Why the layer's base cannot run in our ops (whatever the adapters), or None."""
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear:
+    if PeftLoraLinear4bit is not None and isinstance(layer, PeftLoraLinear4bit):
+        if not is_linear_4bit(base):
+            return f"base layer {type(base).__name__}"
+        state = getattr(base.weight, "quant_state", None)
+        if state is None:
+            return "4-bit weight not quantized yet"
+        if getattr(state, "packing_format_for_cpu", False):
+            # Linear4bit's first eval-mode CPU forward without grad repacks the weight for its own kernel.
+            return "4-bit weight in bitsandbytes' CPU inference layout (packing_format_for_cpu)"
+        if getattr(layer, "peftkern_backend", None) not in (None, "torch"):
+            return f"no {layer.peftkern_backend} kernel for 4-bit layers yet"
+    elif type(base) is not nn.Linear:
         return f"base layer {type(base).__name__}"
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
         return "hooks on the base layer"  # e.g. accelerate's offloading: calling the base runs them
-    if layer.fan_in_fan_out:
+    if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out"
     if not getattr(layer, "cast_input_dtype_enabled", True):
         return "input dtype casting disabled"
@@ -73,8 +94,8 @@ def _base_blocker(layer: PeftLoraLinear) -> str | None:
 def fusion_blocker(layer: nn.Module) -> str | None:
     """Why a plain forward (no ``adapter_names``) of ``layer`` runs peft's code rather than ours, or None
     when it runs fused. Looks at the layer's state only (the input's dtype is checked at each call)."""
-    if not isinstance(layer, FusedLoraLinear):
-        return type(layer).__name__ if type(layer) is not PeftLoraLinear else "not converted"
+    if not isinstance(layer, FUSED_CLASSES):
+        return "not converted" if type(layer) in _PEFT_CLASSES else type(layer).__name__
     if layer.disable_adapters:
         return "adapters disabled"
     if layer.merged:
@@ -171,6 +192,48 @@ class FusedLoraLinear(PeftLoraLinear):
                                  check_ids=False, backend=self.peftkern_backend)
 
 
+if PeftLoraLinear4bit is not None:
+
+    class FusedLoraLinear4bit(PeftLoraLinear4bit):
+        """peft's ``lora.bnb.Linear4bit`` (QLoRA) with a forward that runs ``peftkern.lora_linear_4bit`` over the
+        base's 4-bit storage when it can (one active plain-LoRA adapter; see :func:`fusion_blocker`), and peft's
+        forward otherwise (``adapter_names=`` batches included). Made by :func:`convert`, like
+        :class:`FusedLoraLinear`."""
+
+        peftkern_backend: str | None = None
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            plain = not args and not any(value is not None for value in kwargs.values())
+            if plain and isinstance(x, torch.Tensor) and x.is_floating_point() and fusion_blocker(self) is None:
+                y = self._fused_single(x)
+                if y is not None:
+                    return y
+            return super().forward(x, *args, **kwargs)
+
+        def _fused_single(self, x: torch.Tensor) -> torch.Tensor | None:
+            (adapter,) = [name for name in self.active_adapters if name in self.lora_A]
+            lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+            if lora_a.device != x.device or x.device != self.get_base_layer().weight.device:
+                return None
+            if lora_a.dtype not in (x.dtype, torch.float32) or torch.is_autocast_enabled(x.device.type):
+                return None  # peft casts x to the adapters' dtype: exact for these two only
+            if describe_backend(x.device, "lora_linear_4bit", self.peftkern_backend) != "torch":
+                return None  # use_backend / PEFTKERN_BACKEND chose a backend with no 4-bit kernel yet
+            dropout = self.lora_dropout[adapter]
+            p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
+            return linear_4bit_forward(self.get_base_layer(), x, lora_a, lora_b, float(self.scaling[adapter]), p,
+                                       dropout.training, self.peftkern_backend)
+
+    _PEFT_CLASSES = (PeftLoraLinear, PeftLoraLinear4bit)
+    FUSED_CLASSES = (FusedLoraLinear, FusedLoraLinear4bit)
+    _SWAPS = {PeftLoraLinear: FusedLoraLinear, PeftLoraLinear4bit: FusedLoraLinear4bit}
+else:
+    FusedLoraLinear4bit = None
+    _PEFT_CLASSES = (PeftLoraLinear,)
+    FUSED_CLASSES = (FusedLoraLinear,)
+    _SWAPS = {PeftLoraLinear: FusedLoraLinear}
+
+
 def convert(root: nn.Module, backend: str | None) -> tuple[list[str], dict[str, str]]:
     """Swap every peft ``lora.Linear`` in ``root`` to :class:`FusedLoraLinear` (in place; converted layers are
     kept, with ``backend`` set). Returns (names running fused now, {name: why not} for the other peft tuner
@@ -179,9 +242,9 @@ def convert(root: nn.Module, backend: str | None) -> tuple[list[str], dict[str, 
     for name, module in root.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
-        if type(module) is PeftLoraLinear:
-            module.__class__ = FusedLoraLinear
-        if isinstance(module, FusedLoraLinear):
+        if type(module) in _SWAPS:
+            module.__class__ = _SWAPS[type(module)]
+        if isinstance(module, FUSED_CLASSES):
             module.peftkern_backend = backend
         reason = fusion_blocker(module)
         if reason is None:

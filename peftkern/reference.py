@@ -11,6 +11,7 @@ the backward pass from the seed alone, and all backends agree element for elemen
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -28,6 +29,12 @@ __all__ = [
     "multi_lora_linear",
     "lora_shrink",
     "lora_expand_add",
+    "NF4_CODE",
+    "FP4_CODE",
+    "four_bit_code",
+    "scale_blocks",
+    "dequantize_4bit_absmax",
+    "dequantize_4bit",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -347,3 +354,81 @@ def lora_expand_add(
             y[t, column : column + width] = (y[t, column : column + width].double() + update).to(y.dtype)
             column += width
     return y
+
+
+# ---- bitsandbytes' 4-bit storage (QLoRA) -------------------------------------------------------------------
+
+# The 16 levels of NormalFloat4 (quantiles of N(0, 1) scaled to [-1, 1]), indexed by the 4-bit code.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# FP4 (1 sign, 2 exponent, 1 mantissa bit, exponent bias 2) in code order, before dividing by its maximum 12;
+# the float32 table is these divided by 12 in float32, as bitsandbytes builds it.
+FP4_CODE = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+
+
+def four_bit_code(quant_type: str, device=None) -> torch.Tensor:
+    """The float32 value of each 4-bit code [16] for ``quant_type`` "nf4" or "fp4"."""
+    if quant_type == "nf4":
+        return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    if quant_type == "fp4":
+        return torch.tensor(FP4_CODE, dtype=torch.float32, device=device) / 12.0
+    raise ValueError(f"quant_type: expected 'nf4' or 'fp4', got {quant_type!r}")
+
+
+def scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values [n] (float32) times the scale of their block of ``blocksize`` consecutive elements."""
+    numel = values.numel()
+    padded = torch.nn.functional.pad(values, (0, -numel % blocksize))
+    return (padded.view(-1, blocksize) * scales.reshape(-1, 1)).reshape(-1)[:numel]
+
+
+def dequantize_4bit_absmax(
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_code: torch.Tensor,
+    nested_blocksize: int,
+    offset: torch.Tensor | float,
+) -> torch.Tensor:
+    """Double-quantized absmax (uint8 codes) as float32: ``nested_code[absmax[b]] * nested_absmax[b //
+    nested_blocksize] + offset``, bitsandbytes' 8-bit blockwise dequantization plus the offset, in float32."""
+    scales = nested_code.float()[absmax.reshape(-1).long()]
+    return scale_blocks(scales, nested_absmax.float(), nested_blocksize) + offset
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_type: str,
+    blocksize: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+    offset: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """bitsandbytes' 4-bit weight (``quantize_4bit``'s storage) as a dense tensor of ``shape`` in ``dtype``.
+
+    packed: the weight's ``ceil(numel / 2)`` bytes (any shape; a ``quant_storage`` dtype other than uint8 is
+    read as its bytes): element 2i is the high nibble of byte i, element 2i + 1 its low nibble, row-major over
+    ``shape``. The elements form blocks of ``blocksize`` consecutive values (across rows when a row is not a
+    multiple of it); element j is ``code[nibble_j] * absmax[j // blocksize]`` in float32, then rounded once
+    to ``dtype``. ``code`` is :func:`four_bit_code` of ``quant_type``.
+
+    absmax: float32 [blocks], or, double-quantized (``compress_statistics``), uint8 [blocks] codes into
+    ``nested_code`` [256] (float32) scaled per block of ``nested_blocksize`` by ``nested_absmax`` (float32)
+    plus ``offset``: ``absmax[b] = nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + offset``.
+    """
+    data = packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)
+    data = data.reshape(-1)
+    numel = math.prod(shape)
+    codes = torch.stack((data >> 4, data & 0xF), dim=-1).reshape(-1)[:numel]
+    values = four_bit_code(quant_type, packed.device)[codes.long()]
+    if nested_absmax is not None:
+        absmax = dequantize_4bit_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+    return scale_blocks(values, absmax.float(), blocksize).reshape(shape).to(dtype)

@@ -43,14 +43,19 @@ def _keep_mask(seed: torch.Tensor | None, x: torch.Tensor, dropout_p: float) -> 
 # exact in any dtype (and NaN stays NaN where dropped, as with torch's dropout).
 
 
-def _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+def _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, base_dtype=None):
+    """(y, s). ``base_dtype``: the base GEMM's dtype when it is not x's (``lora_linear_4bit``, as bitsandbytes
+    computes: x cast to it, the product cast back); weight and bias are in it."""
     compute = intermediate_dtype(x.dtype, lora_a.dtype)
     keep = _keep_mask(seed, x, dropout_p)
     dropped = x if keep is None else x * keep
     s = dropped.to(compute) @ lora_a.to(compute).T
     if keep is not None:
         s = s.div_(1.0 - dropout_p)
-    y = F.linear(x, weight, bias)
+    if base_dtype is None or base_dtype == x.dtype:
+        y = F.linear(x, weight, bias)
+    else:
+        y = F.linear(x.to(base_dtype), weight, bias).to(x.dtype)
     if scaling == 0.0:  # addmm drops the product when alpha is 0; the spec keeps 0 * inf = NaN
         lora = (s @ lora_b.to(compute).T).mul_(scaling)
         return (y.to(compute) + lora).to(x.dtype), s
@@ -59,7 +64,7 @@ def _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
     return torch.addmm(y.to(compute), s, lora_b.to(compute).T, alpha=scaling).to(x.dtype), s
 
 
-def _torch_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx):
+def _torch_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, base_dtype=None):
     compute = s.dtype
     dy = grad_y.to(compute)
     grad_s = (dy @ lora_b.to(compute)).mul_(scaling)
@@ -73,7 +78,10 @@ def _torch_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, se
     grad_a = grad_a.to(lora_a.dtype)
     if not need_dx:
         return None, grad_a, grad_b
-    grad_x = grad_y @ weight
+    if base_dtype is None or base_dtype == x.dtype:
+        grad_x = grad_y @ weight
+    else:
+        grad_x = (grad_y.to(base_dtype) @ weight).to(x.dtype)
     if grad_x.dtype == compute and keep is None:
         return grad_x.addmm_(grad_s, lora_a.to(compute)), grad_a, grad_b
     lora = grad_s @ lora_a.to(compute)
@@ -240,26 +248,32 @@ def new_dropout_seed(device: torch.device | str) -> torch.Tensor:
 def _check_inputs(x, weight, bias, lora_a, lora_b):
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
-    check_tensor("lora_a", lora_a, ndim=2)
-    check_tensor("lora_b", lora_b, ndim=2)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1)
     out_features, in_features = weight.shape
-    rank = lora_a.shape[0]
     if x.shape[-1] != in_features:
         raise ValueError(
             f"x: expected last dimension {in_features} (weight is [N={out_features}, K={in_features}]), "
             f"got shape {tuple(x.shape)}"
         )
+    check_same_device("x", x, weight=weight)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
+    _check_adapters(x, out_features, in_features, bias, lora_a, lora_b)
+
+
+def _check_adapters(x, out_features, in_features, bias, lora_a, lora_b):
+    """bias [N] and the adapters A [r, K], B [N, r] beside x [..., K] (also ``lora_linear_4bit``'s checks)."""
+    check_tensor("lora_a", lora_a, ndim=2)
+    check_tensor("lora_b", lora_b, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    rank = lora_a.shape[0]
     check_shape("lora_a", lora_a, (None, in_features), "[r, K] with K = weight.shape[1]")
     if rank == 0:
         raise ValueError("lora_a: expected rank r >= 1, got shape with r = 0")
     check_shape("lora_b", lora_b, (out_features, rank), "[N, r] with N = weight.shape[0], r = lora_a.shape[0]")
     if bias is not None:
         check_shape("bias", bias, (out_features,), "[N]")
-    check_same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
+    check_same_device("x", x, bias=bias, lora_a=lora_a, lora_b=lora_b)
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"bias: expected the dtype of x ({x.dtype}), got {bias.dtype}")
     if lora_b.dtype != lora_a.dtype:
@@ -268,6 +282,24 @@ def _check_inputs(x, weight, bias, lora_a, lora_b):
         raise TypeError(
             f"lora_a: expected the dtype of x ({x.dtype}) or float32 (fp32 adapters), got {lora_a.dtype}"
         )
+
+
+def dropout_seed(
+    x: torch.Tensor, dropout_p: float, training: bool, seed: int | torch.Tensor | None
+) -> tuple[float, torch.Tensor | None]:
+    """(dropout_p, seed tensor) as the ops take them: (0.0, None) when no dropout runs, else the checked
+    ``seed`` as a 1-element int64 tensor on x's device (a fresh one drawn when None)."""
+    if not training or dropout_p == 0.0:
+        return 0.0, None
+    if seed is None:
+        return dropout_p, new_dropout_seed(x.device)
+    if isinstance(seed, torch.Tensor):
+        check_tensor("seed", seed, dtypes=(torch.int64,))
+        if seed.numel() != 1:
+            raise ValueError(f"seed: expected a single int64 value, got shape {tuple(seed.shape)}")
+        check_same_device("x", x, seed=seed)
+        return dropout_p, seed.reshape(1)
+    return dropout_p, torch.tensor([int(seed)], dtype=torch.int64, device=x.device)
 
 
 def lora_linear(
@@ -304,18 +336,7 @@ def lora_linear(
     name = resolve_backend(x.device, OP, backend)
     check_backend_dtypes(OP, name, x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
 
-    if not training or dropout_p == 0.0:
-        dropout_p, seed_tensor = 0.0, None
-    elif seed is None:
-        seed_tensor = new_dropout_seed(x.device)
-    elif isinstance(seed, torch.Tensor):
-        check_tensor("seed", seed, dtypes=(torch.int64,))
-        if seed.numel() != 1:
-            raise ValueError(f"seed: expected a single int64 value, got shape {tuple(seed.shape)}")
-        check_same_device("x", x, seed=seed)
-        seed_tensor = seed.reshape(1)
-    else:
-        seed_tensor = torch.tensor([int(seed)], dtype=torch.int64, device=x.device)
+    dropout_p, seed_tensor = dropout_seed(x, dropout_p, training, seed)
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
