@@ -3,9 +3,12 @@
 One page per use, in the repository's ``docs/``:
 
 - ``docs/training.md``: train with peft + ``transformers.Trainer`` and :func:`from_peft` (or
-  :func:`inject_lora` without peft); :func:`save_adapter` / :func:`load_adapter`.
+  :func:`inject_lora` without peft); :func:`save_adapter` / :func:`load_adapter`; QLoRA
+  (:class:`LoRALinear4bit`, :func:`lora_linear_4bit`).
 - ``docs/serving.md``: a mixed batch (one adapter per row) with :class:`AdapterPool` and
   :func:`multi_lora_linear`.
+- ``docs/serving-api.md``: a serving stack's own base GEMM with :class:`LoRABatch`, :func:`lora_shrink` and
+  :func:`lora_expand_add` around it (vLLM's ``PunicaWrapper`` calls mapped onto them).
 - ``docs/soft-prompts.md``: :class:`PromptTuningForCausalLM`, :class:`PrefixTuningForCausalLM`.
 - ``docs/bottleneck-adapters.md``: :class:`BottleneckConfig`, :func:`inject_bottleneck_adapters`.
 - ``docs/vendoring.md``: using ``triton_kernels/`` or the ``csrc/include/peftkern/`` headers alone.
