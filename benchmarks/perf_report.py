@@ -365,10 +365,17 @@ def counting(counter: Count, arch: int = 90, first_config: bool = True,
 
 class Call:
     """One op call of ops.json: ``run()`` returns (outputs, the forward's tensor inputs); with ``train``
-    the outputs get a backward."""
+    the outputs get a backward. ``params``: the weights (left out of the saved bytes)."""
 
     def __init__(self, op: str, shape: dict, provider: str, run: Callable, train: bool) -> None:
         self.op, self.shape, self.provider, self.run, self.train = op, shape, provider, run, train
+        self.params: list[torch.Tensor] = []
+
+
+def _with_params(calls: list[Call], params) -> list[Call]:
+    for call in calls:
+        call.params = list(params)
+    return calls
 
 
 def _leaf(*shape, dtype, grad=False):
@@ -387,13 +394,16 @@ def lora_calls(act, ad, decode: bool, dropout_p: float, providers: bool) -> list
     alpha = bench_lora.ALPHA_OVER_RANK * rank
     calls = [Call("lora_linear", shape, "ours", lambda: (peftkern.lora_linear(
         x, weight, None, lora_a, lora_b, alpha / rank, dropout_p), [x, weight, lora_a, lora_b]), True)]
+    params = [weight, lora_a, lora_b]
     if providers:
-        unfused, _ = bench_lora._unfused(weight, lora_a.detach(), lora_b.detach(), alpha / rank, dropout_p)
+        unfused, unfused_params = bench_lora._unfused(weight, lora_a.detach(), lora_b.detach(), alpha / rank,
+                                                      dropout_p)
         layer, _ = bench_lora._peft_layer(weight, lora_a.detach(), lora_b.detach(), alpha, dropout_p)
         calls += [Call("lora_linear", shape, "torch_unfused", lambda: (unfused(x), [x, weight, lora_a, lora_b]),
                        True),
                   Call("lora_linear", shape, "peft", lambda: (layer(x), [x, weight, lora_a, lora_b]), True)]
-    return calls
+        params += [*unfused_params, *layer.parameters()]
+    return _with_params(calls, params)
 
 
 def multi_lora_calls(act, ad, key: str, providers: bool) -> list[Call]:
@@ -414,9 +424,11 @@ def multi_lora_calls(act, ad, key: str, providers: bool) -> list[Call]:
     shape = {"path": path, "tokens": tokens, "hidden": hidden, "adapters": adapters, "rank": rank}
     calls = [Call("multi_lora_linear", shape, "ours", lambda: (peftkern.multi_lora_linear(
         x, pool.weight, None, lora_a, lora_b, ids, pool.scalings, pool.ranks), inputs), train)]
+    params = [pool.weight, lora_a, lora_b]
     if providers:
         if not train:
             model = bench._peft_model(pool)
+            params += list(model.parameters())
             names = [f"a{int(i)}" for i in ids[::length]]
             batched = x.view(requests, length, hidden)
             calls.append(Call("multi_lora_linear", shape, "peft_mixed_batch", lambda: (
@@ -426,7 +438,7 @@ def multi_lora_calls(act, ad, key: str, providers: bool) -> list[Call]:
         scalings = pool.scalings.tolist()
         calls.append(Call("multi_lora_linear", shape, "loop_per_adapter", lambda: (bench._loop_per_adapter(
             x, pool.weight, lora_a, lora_b, ids, pool.slot_ranks, scalings), inputs), train))
-    return calls
+    return _with_params(calls, params)
 
 
 def prompt_calls(act, ad, short: bool, providers: bool) -> list[Call]:
@@ -443,17 +455,18 @@ def prompt_calls(act, ad, short: bool, providers: bool) -> list[Call]:
     if providers:
         calls.append(Call("prompt_concat", shapes, "peft_style", lambda: (bench._peft_style(
             input_ids, embed_weight, prompts, prompt_ids, mask, labels), inputs), True))
+    _with_params(calls, [embed_weight, prompts])
     # prefix tuning: a Llama-7B-sized model's prefix (32 layers, 32 KV heads of 128) of n virtual tokens
     layers, heads, head_dim = 32, 32, 128
     prefix = _leaf(bench.TASKS, shapes["virtual_tokens"], layers * 2 * heads * head_dim, dtype=ad, grad=True)
     prefix_shape = {"batch": shapes["batch"], "virtual_tokens": shapes["virtual_tokens"], "layers": layers,
                     "kv_heads": heads, "head_dim": head_dim, "tasks": bench.TASKS}
-    calls.append(Call("prefix_kv", prefix_shape, "ours", lambda: (peftkern.prefix_kv(
-        prefix, prompt_ids, layers, heads), [prefix, prompt_ids]), True))
+    prefix_calls = [Call("prefix_kv", prefix_shape, "ours", lambda: (peftkern.prefix_kv(
+        prefix, prompt_ids, layers, heads), [prefix, prompt_ids]), True)]
     if providers:
-        calls.append(Call("prefix_kv", prefix_shape, "peft_style", lambda: (_peft_prefix(
+        prefix_calls.append(Call("prefix_kv", prefix_shape, "peft_style", lambda: (_peft_prefix(
             prefix, prompt_ids, layers, heads), [prefix, prompt_ids]), True))
-    return calls
+    return calls + _with_params(prefix_calls, [prefix])
 
 
 def _peft_prefix(prefix, prompt_ids, layers, heads):
@@ -480,21 +493,25 @@ def bottleneck_calls(act, ad, decode: bool, providers: bool) -> list[Call]:
     if providers:
         calls.append(Call("bottleneck_adapter", shape, "torch_unfused", lambda: (bench.unfused(
             x, *weights, activation, scaling), [x, *weights]), True))
-    return calls
+    return _with_params(calls, weights)
 
 
-def all_calls(act, ad, providers: bool) -> list[Call]:
+# The ops' calls, in groups (the units the compile phase spreads over processes).
+GROUPS: dict[str, Callable[..., list[Call]]] = {
+    "lora": lambda act, ad, providers: [c for decode, p in [(False, 0.0), (False, 0.1), (True, 0.0)]
+                                        for c in lora_calls(act, ad, decode, p, providers)],
+    "multi_lora": lambda act, ad, providers: [c for key in ("decode", "decode64", "prefill")
+                                              for c in multi_lora_calls(act, ad, key, providers)],
+    "prompt": lambda act, ad, providers: [c for short in (False, True)
+                                          for c in prompt_calls(act, ad, short, providers)],
+    "bottleneck": lambda act, ad, providers: [c for decode in (False, True)
+                                              for c in bottleneck_calls(act, ad, decode, providers)],
+}
+
+
+def all_calls(act, ad, providers: bool, groups: list[str] | None = None) -> list[Call]:
     """Every op at the benches' headline shapes and at a decode (or short) shape."""
-    calls = []
-    for decode, dropout_p in [(False, 0.0), (False, 0.1), (True, 0.0)]:
-        calls += lora_calls(act, ad, decode, dropout_p, providers)
-    for key in ("decode", "decode64", "prefill"):
-        calls += multi_lora_calls(act, ad, key, providers)
-    for short in (False, True):
-        calls += prompt_calls(act, ad, short, providers)
-    for decode in (False, True):
-        calls += bottleneck_calls(act, ad, decode, providers)
-    return calls
+    return [call for group in groups or GROUPS for call in GROUPS[group](act, ad, providers)]
 
 
 def _measure(counter: Count) -> dict:
@@ -561,7 +578,7 @@ def saved_bytes(exclude: list[torch.Tensor]) -> Iterator[list[int]]:
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
+        if storage.data_ptr() not in excluded and not isinstance(t, torch.nn.Parameter):
             storages[storage.data_ptr()] = storage.nbytes()
             total[0] = sum(storages.values())
         return t
@@ -584,8 +601,7 @@ def saved_rows() -> list[dict]:
 
 
 def _saved_call(call: Call) -> dict:
-    params = []
-    with Count(), saved_bytes(params) as total:  # products skipped: shapes only, as on any device
+    with Count(), saved_bytes(call.params) as total:  # products skipped: shapes only, as on any device
         call.run()
     return {"op": call.op, "shape": call.shape, "provider": call.provider, "saved_bytes": total[0]}
 
@@ -617,8 +633,9 @@ def _saved_llama() -> list[dict]:
 # ---- the report ------------------------------------------------------------------------------------------
 
 
-def compile_case(arch: int, case: str, first_config: bool) -> tuple[list[dict], list[str]]:
-    """(kernels.json rows, problems) of one dtype case: ours' calls of ops.json run, every launch compiled."""
+def compile_case(arch: int, case: str, group: str, first_config: bool) -> tuple[list[dict], list[str]]:
+    """(kernels.json rows, problems) of one dtype case and op group: ours' calls of ops.json run, every
+    launch compiled (every autotune config, or each kernel's first)."""
     _, act, ad, tf32 = next(c for c in CASES if c[0] == case)
     compiled, problems = [], []
 
@@ -627,7 +644,7 @@ def compile_case(arch: int, case: str, first_config: bool) -> tuple[list[dict], 
             name, case, config, kernel.metadata.shared, seconds, kernel.asm["ptx"]), kernel))
 
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    for call in all_calls(act, ad, providers=False):
+    for call in all_calls(act, ad, providers=False, groups=[group]):
         try:
             measure_call(call, record, first_config, arch)
         except Exception as error:  # report and go on: one message per failing call
@@ -635,19 +652,30 @@ def compile_case(arch: int, case: str, first_config: bool) -> tuple[list[dict], 
     return _kernel_rows(compiled), problems
 
 
-def run(arches: list[int], first_config: bool, out: Path, workers: int) -> None:
+# The cases whose every autotune config is compiled by default (the others: each kernel's first config,
+# which keeps `make perf-report` within 25 minutes on 2 cores; --full compiles every config of every case).
+ALL_CONFIG_CASES = ("x=bf16,adapters=bf16", "x=bf16,adapters=fp32")
+
+
+def run(arches: list[int], full: bool, first_only: bool, out: Path, workers: int) -> None:
     source = source_sha256()
     problems: list[str] = []
     start = time.perf_counter()
-    jobs = [(arch, case, first_config) for arch in arches for case, *_ in CASES]
+    configs = {case: "first" if first_only or not (full or case in ALL_CONFIG_CASES) else "all"
+               for case, *_ in CASES}
+    jobs = [(arch, case, group, configs[case] == "first") for arch in arches for case, *_ in CASES
+            for group in GROUPS]
+    jobs.sort(key=lambda job: job[3])  # the long jobs (every config) first
     kernel_rows: list[dict] = []
-    # Cases compile in parallel processes (each its own stand-in driver); Triton's disk cache is shared.
+    # Compiles run in parallel processes (each its own stand-in driver); Triton's disk cache is shared.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for (arch, case, _), (rows, case_problems) in zip(jobs, pool.map(compile_case, *zip(*jobs))):
+        for (arch, case, group, _), (rows, job_problems) in zip(jobs, pool.map(compile_case, *zip(*jobs))):
             kernel_rows += rows
-            problems += case_problems
-            print(f"sm_{arch} {case}: {len(rows)} distinct compiles, {time.perf_counter() - start:.0f} s so far",
-                  flush=True)
+            problems += job_problems
+            print(f"sm_{arch} {case} {group}: {len(rows)} distinct compiles, "
+                  f"{time.perf_counter() - start:.0f} s so far", flush=True)
+    order = {case: i for i, (case, *_) in enumerate(CASES)}
+    kernel_rows.sort(key=lambda r: (r["arch"] != "sm_90a", r["kernel"], order[r["case"]]))
     op_rows = []
     for call in all_calls(BF16, BF16, providers=True):
         try:
@@ -658,8 +686,7 @@ def run(arches: list[int], first_config: bool, out: Path, workers: int) -> None:
     saved = saved_rows()
     out.mkdir(parents=True, exist_ok=True)
     versions = {"triton": triton.__version__, "torch": torch.__version__}
-    _write(out / "kernels.json", {"source_sha256": source, **versions, "configs": "first" if first_config else "all",
-                                  "rows": kernel_rows})
+    _write(out / "kernels.json", {"source_sha256": source, **versions, "configs": configs, "rows": kernel_rows})
     _write(out / "ops.json", {"source_sha256": source, **versions, "case": OPS_CASE, "rows": op_rows})
     _write(out / "saved_bytes.json", {"source_sha256": source, "torch": torch.__version__, "rows": saved})
     if out == OUT:
@@ -714,7 +741,8 @@ def markdown_tables(out: Path = OUT) -> str:
     ops = json.loads((out / "ops.json").read_text())
     saved = json.loads((out / "saved_bytes.json").read_text())
     lines = [f"source_sha256 `{kernels['source_sha256']}`; triton {kernels['triton']}, "
-             f"{kernels['configs']} autotune configs.", "",
+             "autotune configs compiled: " + ", ".join(f"{case}: {which}" for case, which in
+                                                       kernels["configs"].items()) + ".", "",
              "| kernel | case | arch | gemm | compiles | registers | spill B (fits) | spilling configs | "
              "shared B | tensor-core | FMA | vector ld | scalar ld |", "|" + "---|" * 13]
     groups: dict[tuple, list[dict]] = {}
@@ -760,15 +788,15 @@ def _write(path: Path, data: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help="also compile for sm_80")
+    parser.add_argument("--full", action="store_true", help="every config of every case, also for sm_80")
     parser.add_argument("--first-config", action="store_true",
-                        help="only each autotuned kernel's first config (a quick partial report)")
+                        help="only each autotuned kernel's first config in every case (a quick partial report)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--check", action="store_true", help="exit 1 when the committed report is stale")
     parser.add_argument("--workers", type=int, default=2, help="processes compiling dtype cases in parallel")
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}, torch {torch.__version__}", flush=True)
-    run([90, 80] if args.full else [90], args.first_config, args.out, args.workers)
+    run([90, 80] if args.full else [90], args.full, args.first_config, args.out, args.workers)
     return 0
 
 
