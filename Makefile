@@ -77,7 +77,7 @@ gpu-test-memcheck:
 # benchmarks/results/static/ and the tables of benchmarks/RESULTS.md. At most 25 minutes on 2 cores.
 perf-report:
 	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) \
-		benchmarks/perf_report.py
+		benchmarks/perf_report.py $(PERF_REPORT_ARGS)
 
 # Seconds: whether the committed report was made from the current kernel and op sources (exit 1 if not).
 perf-report-check:
