@@ -346,7 +346,11 @@ def counting(counter: Count, arch: int = 90, first_config: bool = True,
     def launched(fn, bound):
         reads, writes, _ = kernel_access(fn.fn.__name__)
         tensor = lambda names: [bound[n] for n in names if isinstance(bound.get(n), torch.Tensor)]
-        counter.launch(f"triton {fn.fn.__name__}", tensor(reads), tensor(writes))
+        written = tensor(writes)
+        # A launcher passes an output as the placeholder of a disabled optional input (HAS_BIAS=False):
+        # a tensor written through one parameter and "read" through another counts as written only.
+        read = [t for t in tensor(reads - writes) if not any(t is w for w in written)] + tensor(reads & writes)
+        counter.launch(f"triton {fn.fn.__name__}", read, written)
 
     methods = {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu", "numpy")}
     with compile_check.compile_only(arch, first_config, record, launched):
