@@ -6,7 +6,9 @@ Writes three files under ``benchmarks/results/static/`` (RESULTS.md explains eve
 kernels.json  one row per Triton kernel x dtype case x autotune config (x the compile's constexpr switches),
               compiled for sm_90a (``--full``: and sm_80) by Triton's compiler and its bundled ptxas, as
               ``tests/_triton_compile.py`` does (its stand-in driver; nothing runs). The kernels are those
-              the ops launch at the rows of ops.json, in each case of ``CASES``.
+              the ops launch at the rows of ops.json, in each case of ``CASES``: every autotune config for
+              bf16 activations with bf16 and with fp32 adapters, each kernel's first config in the other
+              cases (``--full``: every config of every case).
 ops.json      one row per op x mode x shape x provider: every launch (Triton kernels and torch kernels),
               every host read of a device value, the bytes of each launch's tensor arguments, the floor.
               The op's own code runs as on CUDA tensors: the default CUDA backend (triton) with default
@@ -20,7 +22,7 @@ Each file carries ``source_sha256``: ``hashlib.sha256`` over the kernel and op s
 :func:`source_sha256`); ``--check`` compares the committed files' with the current sources' in seconds.
 
     python benchmarks/perf_report.py            # regenerate (TRITON_INTERPRET unset; at most 25 min on 2 cores)
-    python benchmarks/perf_report.py --full     # also sm_80
+    python benchmarks/perf_report.py --full     # every config of every case, and sm_80 (longer)
     python benchmarks/perf_report.py --check    # exit 1 when the committed report is stale
 """
 

@@ -174,6 +174,8 @@ FMA_PRODUCTS: dict[tuple, str] = {
 # (arch, kernel, case) with a config that fits in shared memory (so autotuning may pick it) and spills.
 SPILLS: dict[tuple, str] = {
     **{('sm_90a', '_bottleneck_bwd_dh_kernel', case): ISSUE_18_SPILLS for case in (
+        'x=bf16,adapters=bf16',
+        'x=bf16,adapters=fp32',
         'x=fp32,adapters=fp32',
     )},
     **{('sm_90a', '_bottleneck_bwd_dw_kernel', case): ISSUE_18_SPILLS for case in (
@@ -187,11 +189,13 @@ SPILLS: dict[tuple, str] = {
         'x=fp32,adapters=fp32',
     )},
     **{('sm_90a', '_bottleneck_down_kernel', case): ISSUE_18_SPILLS for case in (
+        'x=bf16,adapters=bf16',
         'x=bf16,adapters=fp32',
         'x=fp16,adapters=fp32',
         'x=fp32,adapters=fp32',
     )},
     **{('sm_90a', '_bottleneck_up_kernel', case): ISSUE_18_SPILLS for case in (
+        'x=bf16,adapters=bf16',
         'x=bf16,adapters=fp32',
         'x=fp16,adapters=fp32',
         'x=fp32,adapters=fp32',
@@ -214,6 +218,7 @@ SPILLS: dict[tuple, str] = {
         'x=fp32,adapters=fp32',
     )},
     **{('sm_90a', '_lora_fwd_kernel', case): ISSUE_18_SPILLS for case in (
+        'x=bf16,adapters=fp32',
         'x=fp32,adapters=fp32',
     )},
     **{('sm_90a', '_multi_lora_fused_segment_kernel', case): ISSUE_18_SPILLS for case in (
