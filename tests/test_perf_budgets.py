@@ -35,239 +35,61 @@ ISSUE_19_METADATA = "issue 19: batch metadata (id checks, segment table) rebuilt
 ISSUE_19_PROMPT = "issue 19: prompt_concat / prefix_kv check ids with .tolist() by default"
 
 # ---- expected failures: begin (today's misses; each names the issue that fixes it)
-# (kernel, case) with a config that has no tensor-core instruction.
-NO_TENSOR_CORES: dict[tuple, str] = {
-    **{('_bottleneck_bwd_dh_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_bottleneck_bwd_dw_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_bottleneck_bwd_dx_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_bottleneck_down_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_bottleneck_up_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_lora_bwd_da_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_lora_bwd_dx_kernel', case): ISSUE_18_FP32 for case in (
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_lora_bwd_dy_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_lora_fwd_kernel', case): ISSUE_18_FP32 for case in (
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_lora_shrink_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_multi_lora_fused_decode_kernel', case): ISSUE_18_FP32 for case in (
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_multi_lora_fused_segment_kernel', case): ISSUE_18_FP32 for case in (
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_multi_lora_grad_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_multi_lora_shrink_segment_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-}
-# (kernel, case) with a config whose tile products run on FMA.
-FMA_PRODUCTS: dict[tuple, str] = {
-    **{('_bottleneck_bwd_dh_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_bottleneck_bwd_dw_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_bottleneck_bwd_dx_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_bottleneck_down_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_bottleneck_up_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_lora_bwd_da_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_lora_bwd_dx_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_lora_bwd_dy_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_lora_fwd_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_lora_shrink_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_multi_lora_fused_decode_kernel', case): ISSUE_18_FP32 for case in (
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_multi_lora_fused_segment_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_multi_lora_grad_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('_multi_lora_shrink_segment_kernel', case): ISSUE_18_FP32 for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
+BF16, FP16 = "x=bf16,adapters=bf16", "x=fp16,adapters=fp16"
+FP32_ADAPTERS = ("x=bf16,adapters=fp32", "x=fp16,adapters=fp32")
+FP32 = "x=fp32,adapters=fp32"  # TF32 off
+WITH_FP32 = (*FP32_ADAPTERS, FP32)
+BOTTLENECK = tuple(f"_bottleneck_{name}_kernel" for name in ("down", "up", "bwd_dh", "bwd_dx", "bwd_dw"))
+
+
+def _cases(cases_per_kernel: dict[str, tuple[str, ...]], reason: str, arch: str | None = None) -> dict[tuple, str]:
+    prefix = (arch,) if arch else ()
+    return {(*prefix, kernel, case): reason for kernel, cases in cases_per_kernel.items() for case in cases}
+
+
+# (kernel, case) with a config that has no tensor-core instruction: every fp32 product runs on FMA, so
+# kernels whose every product involves an fp32 operand.
+NO_TENSOR_CORES = _cases({
+    **dict.fromkeys((*BOTTLENECK, "_lora_shrink_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_da_kernel",
+                     "_multi_lora_shrink_segment_kernel", "_multi_lora_grad_kernel"), WITH_FP32),
+    **dict.fromkeys(("_lora_fwd_kernel", "_lora_bwd_dx_kernel", "_multi_lora_fused_decode_kernel",
+                     "_multi_lora_fused_segment_kernel"), (FP32,)),
+}, ISSUE_18_FP32)
+# (kernel, case) with a config whose tile products run on FMA: also the fused kernels whose base GEMM is
+# on tensor cores but whose rank-r product with fp32 adapters is not.
+FMA_PRODUCTS = {
+    **_cases(dict.fromkeys({kernel for kernel, _ in NO_TENSOR_CORES} - {"_multi_lora_fused_decode_kernel"},
+                           WITH_FP32), ISSUE_18_FP32),
+    ("_multi_lora_fused_decode_kernel", FP32): ISSUE_18_FP32,
 }
 # (arch, kernel, case) with a config that fits in shared memory (so autotuning may pick it) and spills.
-SPILLS: dict[tuple, str] = {
-    **{('sm_90a', '_bottleneck_bwd_dh_kernel', case): ISSUE_18_SPILLS for case in (
-        'x=bf16,adapters=bf16',
-        'x=bf16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('sm_90a', '_bottleneck_bwd_dw_kernel', case): ISSUE_18_SPILLS for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('sm_90a', '_bottleneck_bwd_dx_kernel', case): ISSUE_18_SPILLS for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('sm_90a', '_bottleneck_down_kernel', case): ISSUE_18_SPILLS for case in (
-        'x=bf16,adapters=bf16',
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('sm_90a', '_bottleneck_up_kernel', case): ISSUE_18_SPILLS for case in (
-        'x=bf16,adapters=bf16',
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('sm_90a', '_lora_bwd_da_kernel', case): ISSUE_18_SPILLS for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('sm_90a', '_lora_bwd_dx_kernel', case): ISSUE_18_SPILLS for case in (
-        'x=bf16,adapters=bf16',
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp16',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('sm_90a', '_lora_bwd_dy_kernel', case): ISSUE_18_SPILLS for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('sm_90a', '_lora_fwd_kernel', case): ISSUE_18_SPILLS for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('sm_90a', '_multi_lora_fused_segment_kernel', case): ISSUE_18_SPILLS for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-        'x=fp32,adapters=fp32',
-    )},
-    **{('sm_90a', '_multi_lora_grad_kernel', case): ISSUE_18_SPILLS for case in (
-        'x=bf16,adapters=fp32',
-        'x=fp16,adapters=fp32',
-    )},
-}
+SPILLS = _cases({
+    "_bottleneck_down_kernel": (BF16, *WITH_FP32), "_bottleneck_up_kernel": (BF16, *WITH_FP32),
+    "_bottleneck_bwd_dh_kernel": (BF16, FP32_ADAPTERS[0], FP32), "_bottleneck_bwd_dx_kernel": WITH_FP32,
+    "_bottleneck_bwd_dw_kernel": WITH_FP32, "_lora_fwd_kernel": (FP32_ADAPTERS[0], FP32),
+    "_lora_bwd_dx_kernel": (BF16, FP16, *WITH_FP32), "_lora_bwd_dy_kernel": WITH_FP32,
+    "_lora_bwd_da_kernel": WITH_FP32, "_multi_lora_fused_segment_kernel": WITH_FP32,
+    "_multi_lora_grad_kernel": FP32_ADAPTERS,
+}, ISSUE_18_SPILLS, arch="sm_90a")
+# ops.json shape ids
+MULTI_LORA_FORWARD = [("multi_lora_linear", "forward",
+                       f"path={path},tokens={tokens},hidden=4096,adapters={adapters},rank=16")
+                      for path, tokens, adapters in (("decode", 64, 8), ("decode", 64, 64), ("prefill", 8192, 8))]
+PROMPT_SIZES = ("batch=64,tokens=1024", "batch=1,tokens=128")
+PROMPT_FORWARD = [("prompt_concat", "forward", f"{size},virtual_tokens=32,hidden=4096,vocab=32000,tasks=8")
+                  for size in PROMPT_SIZES]
+PREFIX_FORWARD = [("prefix_kv", "forward", f"{size.split(',')[0]},virtual_tokens=32,layers=32,kv_heads=32,"
+                   "head_dim=128,tasks=8") for size in PROMPT_SIZES]
+LORA_BACKWARD = [("lora_linear", "backward", f"tokens={tokens},hidden=4096,rank=16,dropout_p=0.0")
+                 for tokens in (8192, 64)]
 # (op, mode, shape id) of ours that read device values on the host.
-SYNCS: dict[tuple[str, str, str], str] = {
-    ('multi_lora_linear', 'forward', 'path=decode,tokens=64,hidden=4096,adapters=8,rank=16'):
-        ISSUE_19_SYNC,
-    ('multi_lora_linear', 'forward', 'path=decode,tokens=64,hidden=4096,adapters=64,rank=16'):
-        ISSUE_19_SYNC,
-    ('multi_lora_linear', 'forward', 'path=prefill,tokens=8192,hidden=4096,adapters=8,rank=16'):
-        ISSUE_19_SYNC,
-    ('prompt_concat', 'forward', 'batch=64,tokens=1024,virtual_tokens=32,hidden=4096,vocab=32000,tasks=8'):
-        ISSUE_19_PROMPT,
-    ('prefix_kv', 'forward', 'batch=64,virtual_tokens=32,layers=32,kv_heads=32,head_dim=128,tasks=8'):
-        ISSUE_19_PROMPT,
-    ('prompt_concat', 'forward', 'batch=1,tokens=128,virtual_tokens=32,hidden=4096,vocab=32000,tasks=8'):
-        ISSUE_19_PROMPT,
-    ('prefix_kv', 'forward', 'batch=1,virtual_tokens=32,layers=32,kv_heads=32,head_dim=128,tasks=8'):
-        ISSUE_19_PROMPT,
-}
+SYNCS = {**dict.fromkeys(MULTI_LORA_FORWARD, ISSUE_19_SYNC),
+         **dict.fromkeys(PROMPT_FORWARD + PREFIX_FORWARD, ISSUE_19_PROMPT)}
 # (op, mode, shape id) of ours over its launch budget.
-LAUNCHES_OVER: dict[tuple[str, str, str], str] = {
-    ('lora_linear', 'backward', 'tokens=8192,hidden=4096,rank=16,dropout_p=0.0'):
-        ISSUE_18_GLUE,
-    ('lora_linear', 'backward', 'tokens=64,hidden=4096,rank=16,dropout_p=0.0'):
-        ISSUE_18_GLUE,
-    ('multi_lora_linear', 'forward', 'path=decode,tokens=64,hidden=4096,adapters=8,rank=16'):
-        ISSUE_19_METADATA,
-    ('multi_lora_linear', 'forward', 'path=decode,tokens=64,hidden=4096,adapters=64,rank=16'):
-        ISSUE_19_METADATA,
-    ('multi_lora_linear', 'forward', 'path=prefill,tokens=8192,hidden=4096,adapters=8,rank=16'):
-        ISSUE_19_METADATA,
-    ('prompt_concat', 'forward', 'batch=64,tokens=1024,virtual_tokens=32,hidden=4096,vocab=32000,tasks=8'):
-        ISSUE_19_PROMPT,
-    ('prompt_concat', 'forward', 'batch=1,tokens=128,virtual_tokens=32,hidden=4096,vocab=32000,tasks=8'):
-        ISSUE_19_PROMPT,
-}
+LAUNCHES_OVER = {**dict.fromkeys(LORA_BACKWARD, ISSUE_18_GLUE), **dict.fromkeys(MULTI_LORA_FORWARD, ISSUE_19_METADATA),
+                 **dict.fromkeys(PROMPT_FORWARD, ISSUE_19_PROMPT)}
 # (op, mode, shape id) of ours over its bytes budget.
-BYTES_OVER: dict[tuple[str, str, str], str] = {
-}
+BYTES_OVER: dict[tuple[str, str, str], str] = {}
 # ---- expected failures: end
 
 
