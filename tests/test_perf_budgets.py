@@ -4,7 +4,7 @@ No GPU and no compiler here: these tests read the JSON files, so they run in CI 
 report after changing a kernel or an op (`make perf-report`; `make perf-report-check` says whether the
 committed one is current). A budget today's code misses is an expected failure (strict) naming the issue
 that fixes it: when the fix lands and the report is regenerated, the test passes, strictness fails it,
-and the mark must go.
+and its key must leave the tables below (a new miss must be fixed, or entered there with its issue).
 """
 
 from __future__ import annotations
