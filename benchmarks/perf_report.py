@@ -6,9 +6,7 @@ Writes three files under ``benchmarks/results/static/`` (RESULTS.md explains eve
 kernels.json  one row per Triton kernel x dtype case x autotune config (x the compile's constexpr switches),
               compiled for sm_90a (``--full``: and sm_80) by Triton's compiler and its bundled ptxas, as
               ``tests/_triton_compile.py`` does (its stand-in driver; nothing runs). The kernels are those
-              the ops launch at the rows of ops.json, in each case of ``CASES``: every autotune config for
-              bf16 activations with bf16 and with fp32 adapters, each kernel's first config in the other
-              cases (``--full``: every config of every case).
+              the ops launch at the rows of ops.json, in each case of ``CASES``, every autotune config.
 ops.json      one row per op x mode x shape x provider: every launch (Triton kernels and torch kernels),
               every host read of a device value, the bytes of each launch's tensor arguments, the floor.
               The op's own code runs as on CUDA tensors: the default CUDA backend (triton) with default
@@ -22,7 +20,7 @@ Each file carries ``source_sha256``: ``hashlib.sha256`` over the kernel and op s
 :func:`source_sha256`); ``--check`` compares the committed files' with the current sources' in seconds.
 
     python benchmarks/perf_report.py            # regenerate (TRITON_INTERPRET unset; at most 25 min on 2 cores)
-    python benchmarks/perf_report.py --full     # every config of every case, and sm_80 (longer)
+    python benchmarks/perf_report.py --full     # also sm_80 (twice as long)
     python benchmarks/perf_report.py --check    # exit 1 when the committed report is stale
 """
 
@@ -658,17 +656,11 @@ def compile_case(arch: int, case: str, group: str, first_config: bool) -> tuple[
     return _kernel_rows(compiled), problems
 
 
-# The cases whose every autotune config is compiled by default (the others: each kernel's first config,
-# which keeps `make perf-report` within 25 minutes on 2 cores; --full compiles every config of every case).
-ALL_CONFIG_CASES = ("x=bf16,adapters=bf16", "x=bf16,adapters=fp32")
-
-
-def run(arches: list[int], full: bool, first_only: bool, out: Path, workers: int) -> None:
+def run(arches: list[int], first_only: bool, out: Path, workers: int) -> None:
     source = source_sha256()
     problems: list[str] = []
     start = time.perf_counter()
-    configs = {case: "first" if first_only or not (full or case in ALL_CONFIG_CASES) else "all"
-               for case, *_ in CASES}
+    configs = {case: "first" if first_only else "all" for case, *_ in CASES}
     jobs = [(arch, case, group, configs[case] == "first") for arch in arches for case, *_ in CASES
             for group in GROUPS]
     jobs.sort(key=lambda job: job[3])  # the long jobs (every config) first
@@ -794,7 +786,7 @@ def _write(path: Path, data: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help="every config of every case, also for sm_80")
+    parser.add_argument("--full", action="store_true", help="also compile for sm_80")
     parser.add_argument("--first-config", action="store_true",
                         help="only each autotuned kernel's first config in every case (a quick partial report)")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -802,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes compiling dtype cases in parallel")
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}, torch {torch.__version__}", flush=True)
-    run([90, 80] if args.full else [90], args.full, args.first_config, args.out, args.workers)
+    run([90, 80] if args.full else [90], args.first_config, args.out, args.workers)
     return 0
 
 
