@@ -9,7 +9,7 @@ else
 TEST_ENV := TRITON_INTERPRET=1
 endif
 
-.PHONY: install test gpu-test demo bench lint fuzz triton-compile-check
+.PHONY: install test gpu-test demo bench lint fuzz triton-compile-check perf-report perf-report-check
 
 # The triton that torch 2.11 pins (what the project's GPU machines run), beside the installed one, for the
 # compile-only test: tests/test_triton_compile.py compiles every kernel with both.
@@ -71,3 +71,14 @@ cuda-example:
 gpu-test-memcheck:
 	PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
 		$(PYTHON) -m pytest -q -m "gpu and not slow" tests/test_cuda_*.py
+
+# The static performance report (no GPU): every Triton kernel compiled for sm_90a with triton 3.6 (the GPU
+# machines'), every op call's launches, host syncs and bytes, the bytes autograd saves; into
+# benchmarks/results/static/ and the tables of benchmarks/RESULTS.md. At most 25 minutes on 2 cores.
+perf-report:
+	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) \
+		benchmarks/perf_report.py $(PERF_REPORT_ARGS)
+
+# Seconds: whether the committed report was made from the current kernel and op sources (exit 1 if not).
+perf-report-check:
+	$(PYTHON) benchmarks/perf_report.py --check

@@ -85,6 +85,14 @@ def _inputs(device: torch.device, tokens: int, hidden: int, bottleneck: int, dty
 
 
 
+def unfused(x, down_weight, down_bias, up_weight, up_bias, activation: str, scaling: float) -> torch.Tensor:
+    """The adapter written out in torch ops (provider torch_unfused): two linears, the activation between."""
+    from peftkern import reference
+
+    h = F.linear(x, down_weight, down_bias)
+    return x + scaling * F.linear(reference.apply_activation(activation, h), up_weight, up_bias)
+
+
 def run(bench: harness.Bench) -> None:
     torch.manual_seed(0)
     activation = getattr(bench.options, "activation", ACTIVATION)
@@ -113,11 +121,7 @@ def _run_case(bench: harness.Bench, tokens: int, hidden: int, reduction: int, ac
         return (lambda: F.linear(F.linear(x, down_weight), up_weight)), [x, down_weight, up_weight]
 
     def build_unfused():
-        def forward():
-            h = F.linear(x, down_weight, down_bias)
-            return x + SCALING * F.linear(reference.apply_activation(activation, h), up_weight, up_bias)
-
-        return forward, list(tensors)
+        return (lambda: unfused(x, down_weight, down_bias, up_weight, up_bias, activation, SCALING)), list(tensors)
 
     def build_compile():
         if bench.smoke and device.type != "cuda" and not getattr(bench.options, "smoke_compile", False):

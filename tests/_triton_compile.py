@@ -82,26 +82,31 @@ class _FakeDriver:
 
 
 @contextlib.contextmanager
-def compile_only(arch: int, first_config: bool, record: Callable[[str, object, str, float], None]) -> Iterator[None]:
+def compile_only(arch: int, first_config: bool, record: Callable[[str, object, str, float], None],
+                 launched: Callable[[JITFunction, dict], None] | None = None) -> Iterator[None]:
     """Inside: Triton compiles for sm_<arch> and launches nothing; autotuned kernels compile every config
-    (or only their first); ``record(kernel name, compiled kernel, config, seconds)`` sees each compile."""
+    (or only their first); ``record(kernel name, compiled kernel, config, seconds)`` sees each compile, and
+    ``launched(jit function, {parameter name: argument})`` each launch it stands for (benchmarks/perf_report.py
+    counts them)."""
     jit_run, tuner_run = JITFunction.run, Autotuner.run
     interpreting, programs = peftkern.backends.triton_interpreting, triton_multi_lora._device_programs
-    config_text = [""]
+    config_text, later_config = [""], [False]
 
     def run(self, *args, grid, warmup, **kwargs):
         start = time.perf_counter()
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         record(self.fn.__name__, kernel, config_text[0], time.perf_counter() - start)
+        if launched is not None and not later_config[0]:  # an autotuned launch is one launch
+            launched(self, {**dict(zip(self.arg_names, args)), **kwargs})
         return kernel
 
     def tuned_run(self, *args, **kwargs):
-        for config in self.configs[:1] if first_config else self.configs:
-            config_text[0] = str(config)
+        for index, config in enumerate(self.configs[:1] if first_config else self.configs):
+            config_text[0], later_config[0] = str(config), index > 0
             try:
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
             finally:
-                config_text[0] = ""
+                config_text[0], later_config[0] = "", False
 
     active = driver._active  # reset_active() would look for a real driver, and there is none
     driver.set_active(_FakeDriver(arch))
@@ -206,8 +211,9 @@ WORKLOADS = {"lora": _lora, "multi_lora": _multi_lora, "prompt": _prompts, "bott
              "lora_serving": _lora_serving}
 
 
-def ptxas_usage(ptx: str, arch: int) -> str:
-    """'N registers, S B spill stores, L B spill loads' from triton's own ptxas on this PTX."""
+def ptxas_counts(ptx: str, arch: int) -> tuple[int, int, int] | str:
+    """(registers, spill store bytes, spill load bytes) from triton's own ``ptxas -v`` on this PTX, or
+    what ptxas said when it gave no such figures."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
@@ -221,7 +227,15 @@ def ptxas_usage(ptx: str, arch: int) -> str:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if registers is None or spills is None:
         return f"ptxas -v said: {text.strip()[:200]}"
-    return f"{registers.group(1)} registers, {spills.group(1)} B spill stores, {spills.group(2)} B spill loads"
+    return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def ptxas_usage(ptx: str, arch: int) -> str:
+    """'N registers, S B spill stores, L B spill loads' from triton's own ptxas on this PTX."""
+    counts = ptxas_counts(ptx, arch)
+    if isinstance(counts, str):
+        return counts
+    return f"{counts[0]} registers, {counts[1]} B spill stores, {counts[2]} B spill loads"
 
 
 def check(arch: int, quick: bool, ops: list[str]) -> tuple[list[Compiled], list[str]]:
