@@ -92,6 +92,7 @@ from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 import peftkern  # noqa: E402
 from peftkern.backends import resolve_backend, use_backend  # noqa: E402
+from peftkern.ops.multi_lora import batch_segments  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (name, activation dtype, adapter dtype, TF32 allowed): torch's default is TF32 off, so "fp32" is IEEE fp32.
@@ -428,6 +429,12 @@ def multi_lora_calls(act, ad, key: str, providers: bool) -> list[Call]:
     shape = {"path": path, "tokens": tokens, "hidden": hidden, "adapters": adapters, "rank": rank}
     calls = [Call("multi_lora_linear", shape, "ours", lambda: (peftkern.multi_lora_linear(
         x, pool.weight, None, lora_a, lora_b, ids, pool.scalings, pool.ranks), inputs), train)]
+    # One layer's call with the step's LoRABatch built beforehand (once per step for every layer, as a
+    # serving stack or AdapterPool.batch does): what a layer costs.
+    batch = peftkern.LoRABatch(ids, adapters)
+    batch_segments(batch, path, backward=train)
+    calls.append(Call("multi_lora_linear", shape, "ours_prebuilt_batch", lambda: (peftkern.multi_lora_linear(
+        x, pool.weight, None, lora_a, lora_b, batch, pool.scalings, pool.ranks), inputs), train))
     params = [pool.weight, lora_a, lora_b]
     if providers:
         if not train:
@@ -534,7 +541,7 @@ def _tally(names: list[str]) -> dict[str, int]:
 def measure_call(call: Call, record: Callable, first_config: bool, arch: int = 90) -> list[dict]:
     """The call's forward (and backward) rows; the FLOPs of ours from the torch backend running the same call
     (Triton kernels' FLOPs are not counted)."""
-    backend = resolve_backend(torch.device("cuda"), call.op) if call.provider == "ours" else None
+    backend = resolve_backend(torch.device("cuda"), call.op) if call.provider.startswith("ours") else None
     context = lambda: use_backend(backend) if backend else contextlib.nullcontext()
     torch.manual_seed(0)
     saved: list[torch.Tensor] = []

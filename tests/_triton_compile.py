@@ -151,6 +151,11 @@ def _lora(act, ad):
         y = peftkern.lora_linear(x, weight, b, _param(16, k, dtype=ad), _param(n, 16, dtype=ad), 0.5, dropout,
                                  backend="triton")
         _backward(y)
+    # The torch backend's keep-mask on CUDA tensors (the fused kernels above draw theirs inline).
+    from peftkern.triton_kernels.dropout import dropout_keep_mask
+
+    for mask_dtype in (torch.bool, act):
+        dropout_keep_mask(torch.tensor([3]), (99, 96), 0.1, mask_dtype)
 
 
 def _multi_lora(act, ad):
