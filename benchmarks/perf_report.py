@@ -92,7 +92,11 @@ from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 import peftkern  # noqa: E402
 from peftkern.backends import resolve_backend, use_backend  # noqa: E402
+from peftkern.ops import _checks, lora_batch, lora_serving, multi_lora, prompt  # noqa: E402
 from peftkern.ops.multi_lora import batch_segments  # noqa: E402
+
+# The op modules that pick check_ids' default by device (see counting()).
+_CHECK_DEFAULT_USERS = (lora_batch, lora_serving, multi_lora, prompt)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (name, activation dtype, adapter dtype, TF32 allowed): torch's default is TF32 off, so "fp32" is IEEE fp32.
@@ -354,15 +358,23 @@ def counting(counter: Count, arch: int = 90, first_config: bool = True,
         counter.launch(f"triton {fn.fn.__name__}", read, written)
 
     methods = {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu", "numpy")}
+    # Defaults that depend on the device (check_ids: a host check on CPU tensors, none on CUDA ones) take
+    # their CUDA value: the calls run on CPU tensors standing in for CUDA ones.
+    check_users = [module for module in _CHECK_DEFAULT_USERS if hasattr(module, "host_check_default")]
+    cuda_default = lambda check_ids, device: _checks.host_check_default(check_ids, torch.device("cuda"))
     with compile_check.compile_only(arch, first_config, record, launched):
         for name, original in methods.items():
             setattr(torch.Tensor, name, _host_read(name, original, counter))
+        for module in check_users:
+            module.host_check_default = cuda_default
         try:
             with counter:
                 yield counter
         finally:
             for name, original in methods.items():
                 setattr(torch.Tensor, name, original)
+            for module in check_users:
+                module.host_check_default = _checks.host_check_default
 
 
 # ---- the op calls measured -------------------------------------------------------------------------------
