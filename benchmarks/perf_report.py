@@ -159,17 +159,37 @@ def kernel_access(name: str) -> tuple[frozenset[str], frozenset[str], bool]:
                 todo += derives.get(var, ())
         return seen & set(params)
 
+    # An address is a base pointer plus offsets (``X + rows * stride + cols``): its base is the leftmost
+    # operand of the sum, followed through the local assignments that build it. Offsets (row indices, ranks
+    # returned by a helper that also read tensors) are not the tensor addressed.
+    values: dict[str, list[ast.AST]] = {}
+    for stmt in ast.walk(node):
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            values.setdefault(stmt.targets[0].id, []).append(stmt.value)
+
+    def base_roots(expr: ast.AST, seen: frozenset = frozenset()) -> set[str]:
+        while isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Add, ast.Sub)):
+            expr = expr.left
+        while isinstance(expr, ast.Subscript):
+            expr = expr.value
+        if isinstance(expr, ast.Name):
+            if expr.id in params:
+                return {expr.id}
+            if expr.id in values and expr.id not in seen:
+                return set().union(*(base_roots(v, seen | {expr.id}) for v in values[expr.id]))
+        return roots(expr)  # a form this does not follow: every parameter it derives from
+
     reads, writes, dot = set(), set(), False
     for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
         called = _call_name(call)
         if called == "tl.dot":
             dot = True
         elif called == "tl.load" and call.args:
-            reads |= roots(call.args[0])
+            reads |= base_roots(call.args[0])
         elif (called == "tl.store" or called.startswith("tl.atomic")) and call.args:
-            writes |= roots(call.args[0])
+            writes |= base_roots(call.args[0])
             if called.startswith("tl.atomic"):
-                reads |= roots(call.args[0])
+                reads |= base_roots(call.args[0])
         elif called in functions and called != name:
             inner_reads, inner_writes, inner_dot = kernel_access(called)
             dot |= inner_dot
