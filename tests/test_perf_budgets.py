@@ -30,9 +30,6 @@ ISSUE_18_FP32 = ("issue 18: fp32 operands (fp32 adapters, or fp32 without TF32) 
 ISSUE_18_SPILLS = ("issue 18: configs that spill (fp32 products on FMA, a Philox call per dropout element) "
                    "are passed over only by timing")
 ISSUE_18_GLUE = "issue 18: backward glue (memset, sums, mul_) around the three backward kernels"
-ISSUE_19_SYNC = "issue 19: the id check (check_ids=True by default) reads device values on the host"
-ISSUE_19_METADATA = "issue 19: batch metadata (id checks, segment table) rebuilt in every layer call"
-ISSUE_19_PROMPT = "issue 19: prompt_concat / prefix_kv check ids with .tolist() by default"
 
 # ---- expected failures: begin (today's misses; each names the issue that fixes it)
 BF16, FP16 = "x=bf16,adapters=bf16", "x=fp16,adapters=fp16"
@@ -72,22 +69,13 @@ SPILLS = _cases({
     "_multi_lora_grad_kernel": FP32_ADAPTERS,
 }, ISSUE_18_SPILLS, arch="sm_90a")
 # ops.json shape ids
-MULTI_LORA_FORWARD = [("multi_lora_linear", "forward",
-                       f"path={path},tokens={tokens},hidden=4096,adapters={adapters},rank=16")
-                      for path, tokens, adapters in (("decode", 64, 8), ("decode", 64, 64), ("prefill", 8192, 8))]
-PROMPT_SIZES = ("batch=64,tokens=1024", "batch=1,tokens=128")
-PROMPT_FORWARD = [("prompt_concat", "forward", f"{size},virtual_tokens=32,hidden=4096,vocab=32000,tasks=8")
-                  for size in PROMPT_SIZES]
-PREFIX_FORWARD = [("prefix_kv", "forward", f"{size.split(',')[0]},virtual_tokens=32,layers=32,kv_heads=32,"
-                   "head_dim=128,tasks=8") for size in PROMPT_SIZES]
 LORA_BACKWARD = [("lora_linear", "backward", f"tokens={tokens},hidden=4096,rank=16,dropout_p=0.0")
                  for tokens in (8192, 64)]
-# (op, mode, shape id) of ours that read device values on the host.
-SYNCS = {**dict.fromkeys(MULTI_LORA_FORWARD, ISSUE_19_SYNC),
-         **dict.fromkeys(PROMPT_FORWARD + PREFIX_FORWARD, ISSUE_19_PROMPT)}
+# (op, mode, shape id) of ours that read device values on the host (issue 19 removed the last: check_ids is
+# off by default on CUDA tensors).
+SYNCS: dict[tuple[str, str, str], str] = {}
 # (op, mode, shape id) of ours over its launch budget.
-LAUNCHES_OVER = {**dict.fromkeys(LORA_BACKWARD, ISSUE_18_GLUE), **dict.fromkeys(MULTI_LORA_FORWARD, ISSUE_19_METADATA),
-                 **dict.fromkeys(PROMPT_FORWARD, ISSUE_19_PROMPT)}
+LAUNCHES_OVER = dict.fromkeys(LORA_BACKWARD, ISSUE_18_GLUE)
 # (op, mode, shape id) of ours over its bytes budget.
 BYTES_OVER: dict[tuple[str, str, str], str] = {}
 # ---- expected failures: end
