@@ -61,7 +61,7 @@ def _from_peft():
     return convert
 
 
-def build_peft_model(config: dict, device: torch.device, dtype: torch.dtype):
+def build_peft_model(config: dict, device: torch.device, dtype: torch.dtype, dropout_p: float = DROPOUT_P):
     """A randomly initialised LlamaForCausalLM wrapped by peft's get_peft_model (LoRA on all linears).
     Initialised on ``device`` under a fixed seed, so two calls give identical weights."""
     try:
@@ -82,7 +82,7 @@ def build_peft_model(config: dict, device: torch.device, dtype: torch.dtype):
     with torch.device(device):
         model = LlamaForCausalLM(llama).to(dtype)
         lora = LoraConfig(
-            r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT_P, target_modules="all-linear",
+            r=RANK, lora_alpha=ALPHA, lora_dropout=dropout_p, target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, lora)
@@ -208,32 +208,10 @@ def cpu_slug() -> str:
     return f"{slug}-{os.cpu_count()}-cores"
 
 
-def saved_bytes(model, input_ids: torch.Tensor) -> int:
-    """Bytes autograd holds for backward after one forward (unique storages, parameters excluded): the
-    activation memory a training step keeps, the same on any device."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params and storage.nbytes():
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-    del loss
-    return sum(storages.values())
-
-
 def _build_cpu_pair(config: dict, dropout_p: float):
-    global DROPOUT_P
-    DROPOUT_P, saved = dropout_p, DROPOUT_P
-    try:
-        theirs = build_peft_model(config, torch.device("cpu"), torch.float32)
-        ours = _from_peft()(build_peft_model(config, torch.device("cpu"), torch.float32))
-    finally:
-        DROPOUT_P = saved
+    cpu = torch.device("cpu")
+    theirs = build_peft_model(config, cpu, torch.float32, dropout_p)
+    ours = _from_peft()(build_peft_model(config, cpu, torch.float32, dropout_p))
     return theirs, ours
 
 
@@ -253,7 +231,11 @@ def cpu_compare(steps: int, warmup: int, out: Path) -> Path:
     rows, ratios = [], {}
     for dropout_p in CPU_DROPOUTS:
         models = dict(zip(("peft", "peftkern"), _build_cpu_pair(config, dropout_p)))
-        saved = {name: saved_bytes(model, batches[0]) for name, model in models.items()}
+        saved = {}
+        for name, model in models.items():  # one forward each: what autograd holds for its backward
+            with harness.saved_bytes(model.parameters()) as total:
+                model(input_ids=batches[0], labels=batches[0])
+            saved[name] = total[0]
         optimizers = {
             name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
             for name, model in models.items()

@@ -59,6 +59,7 @@ relate rows of the same run only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -68,7 +69,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -663,6 +664,25 @@ def measure_copy(bench: Bench, nbytes: int | None = None) -> dict:
 
 
 # ---- command line ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def saved_bytes(exclude: Iterable[torch.Tensor]) -> Iterator[list[int]]:
+    """Yields [bytes]: the storages autograd saves for backward inside, each counted once, those of
+    ``exclude`` (the parameters) left out: the activation memory a step holds, the same on any device."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+    total = [0]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded and not isinstance(t, torch.nn.Parameter):
+            storages[storage.data_ptr()] = storage.nbytes()
+            total[0] = sum(storages.values())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
 
 
 def default_device() -> torch.device:

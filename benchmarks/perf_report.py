@@ -80,7 +80,7 @@ if __name__ == "__main__" and "--check" in sys.argv:  # seconds: no torch, no tr
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 
 import _triton_compile as compile_check  # noqa: E402  (the stand-in driver; refuses TRITON_INTERPRET=1)
-import harness  # noqa: E402, F401  (the benches' baselines import it; it sets TRITON_INTERPRET=1 without a GPU)
+import harness  # noqa: E402  (the benches' baselines import it; it sets TRITON_INTERPRET=1 without a GPU)
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret (the kernels read it when launched)
 import torch  # noqa: E402
@@ -611,25 +611,6 @@ def measure_call(call: Call, record: Callable, first_config: bool, arch: int = 9
 # ---- saved for backward ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def saved_bytes(exclude: list[torch.Tensor]) -> Iterator[list[int]]:
-    """Yields [bytes]: the storages autograd saves for backward inside, each counted once, those of
-    ``exclude`` (the parameters) left out."""
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-    total = [0]
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded and not isinstance(t, torch.nn.Parameter):
-            storages[storage.data_ptr()] = storage.nbytes()
-            total[0] = sum(storages.values())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield total
-
-
 def saved_rows() -> list[dict]:
     rows = []
     for call in [c for decode, p in [(False, 0.0), (False, 0.1)] for c in lora_calls(BF16, BF16, decode, p, True)]:
@@ -644,7 +625,7 @@ def saved_rows() -> list[dict]:
 
 
 def _saved_call(call: Call) -> dict:
-    with Count(), saved_bytes(call.params) as total:  # products skipped: shapes only, as on any device
+    with Count(), harness.saved_bytes(call.params) as total:  # products skipped: shapes only, as on any device
         call.run()
     return {"op": call.op, "shape": call.shape, "provider": call.provider, "saved_bytes": total[0]}
 
@@ -658,14 +639,13 @@ def _saved_llama() -> list[dict]:
 
     rows = []
     for dropout_p in (0.0, 0.1):
-        bench_train.DROPOUT_P = dropout_p  # build_peft_model reads it
         for provider in ("peft", "ours"):
-            model = bench_train.build_peft_model(SMALL_LLAMA, torch.device("cpu"), BF16)
+            model = bench_train.build_peft_model(SMALL_LLAMA, torch.device("cpu"), BF16, dropout_p)
             if provider == "ours":
                 model = peftkern.from_peft(model)
             model.train()
             tokens = torch.randint(0, SMALL_LLAMA["vocab"], (SMALL_LLAMA["batch"], SMALL_LLAMA["seq"]))
-            with saved_bytes(list(model.parameters())) as total:
+            with harness.saved_bytes(list(model.parameters())) as total:
                 model(input_ids=tokens, labels=tokens)
             rows.append({"op": "llama", "shape": {**SMALL_LLAMA, "dropout_p": dropout_p,
                                                   "rank": bench_train.RANK}, "provider": provider,
