@@ -8,6 +8,7 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -112,3 +113,14 @@ def host_check_default(check_ids: bool | None, device: torch.device) -> bool:
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids: expected a bool or None, got {type(check_ids).__name__}")
     return check_ids
+
+
+def plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """Whether this call runs plain eager on real tensors: not traced by dynamo, no dispatch mode (make_fx,
+    FakeTensorMode, FlopCounter, ...), no functorch transform (vmap, grad) and no tensor subclass. Ops take
+    their custom op (and draw masks with torch ops) otherwise, so what is traced is what runs."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)

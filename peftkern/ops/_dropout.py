@@ -14,6 +14,7 @@ import importlib.util
 import torch
 
 from .. import reference
+from ._checks import plain_eager
 
 __all__ = ["cpu_kernels_available", "keep_mask"]
 
@@ -45,18 +46,6 @@ def _mask_threads(numel: int) -> int:
     return max(1, min(torch.get_num_threads(), numel // _ELEMENTS_PER_THREAD))
 
 
-def _real_tensor(t: torch.Tensor) -> bool:
-    """A plain tensor with real storage: not fake, meta, functional or functorch-wrapped, and no dispatch
-    mode is recording (the C++ kernel writes through its address, which nothing traced would see)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return (
-        type(t) is torch.Tensor
-        and t.device.type != "meta"
-        and _get_current_dispatch_mode() is None
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-    )
-
 # The bits of 1 in each mask dtype the CPU kernel writes (the mask holds them where kept, 0 where dropped).
 _ONE_BITS = {
     torch.bool: 1,
@@ -74,7 +63,9 @@ def keep_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, dtype: torch
     ``seed``: a 1-element int64 tensor. On CPU its value is read (free there); on CUDA it stays on the device.
     """
     device = seed.device
-    if not _real_tensor(seed):  # traced (make_fx, fake tensors): the reference's torch ops record faithfully
+    # The C++ kernel writes through the mask's address, which nothing traced would see: traced or fake calls
+    # (make_fx, FakeTensorMode, functorch) and meta tensors draw with the reference's torch ops.
+    if not plain_eager(seed) or device.type == "meta":
         return reference.dropout_mask(seed, shape, p, device=device).to(dtype)
     if device.type == "cpu" and dtype in _ONE_BITS and _cpu_kernels() is not None:
         keep = torch.empty(shape, dtype=dtype)

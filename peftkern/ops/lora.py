@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..backends import resolve_backend
 from ._checks import (
@@ -22,6 +21,7 @@ from ._checks import (
     check_shape,
     check_tensor,
     intermediate_dtype,
+    plain_eager,
 )
 from ._dropout import keep_mask
 
@@ -210,7 +210,7 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerLoRALinear(torch.autograd.Function):
     """The same forward and backward as the custom ops, without their per-call dispatch (tens of
     microseconds a call in eager mode, as much as a small layer's whole work on the CPU). Used only for plain
-    eager calls (see :func:`_plain_eager`); torch.compile, export, make_fx, fake tensors and functorch
+    eager calls (see :func:`._checks.plain_eager`); torch.compile, export, make_fx, fake tensors and functorch
     transforms get the custom ops. Like them, no double backward."""
 
     @staticmethod
@@ -224,16 +224,6 @@ class _EagerLoRALinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         return _gradients(ctx, grad_y, _backward_impl)
-
-
-def _plain_eager(*tensors: torch.Tensor | None) -> bool:
-    """Whether this call runs plain eager on real tensors: not traced by dynamo, no dispatch mode (make_fx,
-    FakeTensorMode, FlopCounter, ...), no functorch transform (vmap, grad) and no tensor subclass."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return False
-    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
 # ---- the public function ----------------------------------------------------------------------------------
@@ -341,7 +331,7 @@ def lora_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     args = (x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed_tensor, name)
-    if _plain_eager(x, weight, bias, lora_a, lora_b, seed_tensor):
+    if plain_eager(x, weight, bias, lora_a, lora_b, seed_tensor):
         y = _EagerLoRALinear.apply(*args)
     else:
         y, _ = torch.ops.peftkern.lora_linear(*args)

@@ -25,8 +25,9 @@ from ._checks import (
     check_shape,
     check_tensor,
     intermediate_dtype,
+    plain_eager,
 )
-from .lora import _check_adapters, _plain_eager, _torch_backward, _torch_forward, dropout_seed
+from .lora import _check_adapters, _torch_backward, _torch_forward, dropout_seed
 
 __all__ = ["Weight4bit", "lora_linear_4bit"]
 
@@ -387,7 +388,7 @@ def lora_linear_4bit(
     quant = (weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
     meta = (weight.quant_type, weight.blocksize, weight.nested_blocksize, out_features, weight.dtype, base_dtype)
     head = (x2, *quant, bias, lora_a, lora_b, scaling, dropout_p, seed_tensor)
-    if _plain_eager(x2, *quant, bias, lora_a, lora_b, seed_tensor):
+    if plain_eager(x2, *quant, bias, lora_a, lora_b, seed_tensor):
         y = _EagerLoRALinear4bit.apply(*head, meta, name)
     else:
         y, _ = torch.ops.peftkern.lora_linear_4bit(*head, *meta, name)
