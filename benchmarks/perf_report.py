@@ -300,6 +300,7 @@ class Count(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.launches: list[str] = []
+        self.grids: dict[str, list[int]] = {}  # Triton kernel: programs in each launch's grid
         self.syncs: list[str] = []
         self.bytes = 0
         self.flops = 0
@@ -368,8 +369,9 @@ def counting(counter: Count, arch: int = 90, first_config: bool = True,
     (compiled for sm_<arch>, not run; an autotuned launch counts once, whichever configs compile), host
     reads that skip the dispatcher (``tolist``, ``cpu``, ``numpy``) through wrappers."""
 
-    def launched(fn, bound):
+    def launched(fn, bound, programs):
         reads, writes, _ = kernel_access(fn.fn.__name__)
+        counter.grids.setdefault(f"triton {fn.fn.__name__}", []).append(programs)
         tensor = lambda names: [bound[n] for n in names if isinstance(bound.get(n), torch.Tensor)]
         written = tensor(writes)
         # A launcher passes an output as the placeholder of a disabled optional input (HAS_BIAS=False):
@@ -539,12 +541,45 @@ def bottleneck_calls(act, ad, decode: bool, providers: bool) -> list[Call]:
     return _with_params(calls, weights)
 
 
+def serving_calls(act, ad, key: str) -> list[Call]:
+    """One attention layer's LoRA around a serving stack's own GEMM: the shrink of x by merged q/k/v slices
+    and the expand-add into the fused QKV output (GQA widths hidden, hidden/4, hidden/4), with the step's
+    LoRABatch built beforehand (bench_multi_lora's pool sizes and batches)."""
+    import bench_multi_lora as bench
+
+    tokens, adapters, rank = {"decode1": (1, 8, 16), **bench.HEADLINE}[key]
+    hidden = bench.HIDDEN
+    widths = [hidden, hidden // 4, hidden // 4]
+    torch.manual_seed(0)
+    x = _leaf(tokens, hidden, dtype=act)
+    lora_a = [_leaf(adapters, rank, hidden, dtype=ad) for _ in widths]
+    lora_b = [_leaf(adapters, width, rank, dtype=ad) for width in widths]
+    y = _leaf(tokens, sum(widths), dtype=act)
+    ids, _, _ = bench.batch_ids(tokens, adapters)
+    ranks = torch.full((adapters,), rank, dtype=torch.int32)
+    scalings = torch.full((adapters,), bench.ALPHA_OVER_RANK, dtype=torch.float32)
+    path = "decode" if tokens <= bench.DECODE_TOKENS else "prefill"
+    batch = peftkern.LoRABatch(ids, adapters)
+    batch_segments(batch, path)
+    shape = {"path": path, "tokens": tokens, "hidden": hidden, "adapters": adapters, "rank": rank, "slices": 3}
+    s = peftkern.lora_shrink(x, lora_a, batch, ranks, backend="torch")
+    calls = [
+        Call("lora_shrink", shape, "ours", lambda: (peftkern.lora_shrink(x, lora_a, batch, ranks),
+                                                     [x, *lora_a, ids, ranks]), False),
+        Call("lora_expand_add", shape, "ours", lambda: (peftkern.lora_expand_add(
+            y, s, lora_b, batch, scalings, 0, ranks), [y, s, *lora_b, ids, ranks, scalings]), False),
+    ]
+    return _with_params(calls, [*lora_a, *lora_b])
+
+
 # The ops' calls, in groups (the units the compile phase spreads over processes).
 GROUPS: dict[str, Callable[..., list[Call]]] = {
     "lora": lambda act, ad, providers: [c for decode, p in [(False, 0.0), (False, 0.1), (True, 0.0)]
                                         for c in lora_calls(act, ad, decode, p, providers)],
     "multi_lora": lambda act, ad, providers: [c for key in ("decode", "decode64", "prefill")
                                               for c in multi_lora_calls(act, ad, key, providers)],
+    "serving": lambda act, ad, providers: [c for key in ("decode1", "decode64", "prefill")
+                                           for c in serving_calls(act, ad, key)],
     "prompt": lambda act, ad, providers: [c for short in (False, True)
                                           for c in prompt_calls(act, ad, short, providers)],
     "bottleneck": lambda act, ad, providers: [c for decode in (False, True)
@@ -560,7 +595,7 @@ def all_calls(act, ad, providers: bool, groups: list[str] | None = None) -> list
 def _measure(counter: Count) -> dict:
     return {"launches": len(counter.launches), "host_syncs": len(counter.syncs),
             "bytes_per_launch_sum": counter.bytes, "flops": counter.flops,
-            "launched": _tally(counter.launches), "synced": _tally(counter.syncs)}
+            "launched": _tally(counter.launches), "synced": _tally(counter.syncs), "programs": counter.grids}
 
 
 def _tally(names: list[str]) -> dict[str, int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import subprocess
@@ -83,11 +84,11 @@ class _FakeDriver:
 
 @contextlib.contextmanager
 def compile_only(arch: int, first_config: bool, record: Callable[[str, object, str, float], None],
-                 launched: Callable[[JITFunction, dict], None] | None = None) -> Iterator[None]:
+                 launched: Callable[[JITFunction, dict, int], None] | None = None) -> Iterator[None]:
     """Inside: Triton compiles for sm_<arch> and launches nothing; autotuned kernels compile every config
     (or only their first); ``record(kernel name, compiled kernel, config, seconds)`` sees each compile, and
-    ``launched(jit function, {parameter name: argument})`` each launch it stands for (benchmarks/perf_report.py
-    counts them)."""
+    ``launched(jit function, {parameter name: argument}, programs in its grid)`` each launch it stands for
+    (benchmarks/perf_report.py counts them)."""
     jit_run, tuner_run = JITFunction.run, Autotuner.run
     interpreting, programs = peftkern.backends.triton_interpreting, triton_multi_lora._device_programs
     config_text, later_config = [""], [False]
@@ -97,7 +98,8 @@ def compile_only(arch: int, first_config: bool, record: Callable[[str, object, s
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         record(self.fn.__name__, kernel, config_text[0], time.perf_counter() - start)
         if launched is not None and not later_config[0]:  # an autotuned launch is one launch
-            launched(self, {**dict(zip(self.arg_names, args)), **kwargs})
+            bound = {**dict(zip(self.arg_names, args)), **kwargs}
+            launched(self, bound, math.prod(grid(bound) if callable(grid) else grid))
         return kernel
 
     def tuned_run(self, *args, **kwargs):

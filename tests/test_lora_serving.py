@@ -129,6 +129,28 @@ def test_fp32_adapters_with_bf16_activations(backend, path):
     assert_close(y, expected_y, "y", dtype=torch.bfloat16)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's device size (16 programs) on CPU")
+def test_decode_shrink_splits_k_deterministically(monkeypatch):
+    """A few decode rows leave the device idle, so the shrink splits K into parts (here 4 parts of 32, the
+    last ragged) whose fp32 partials are summed in a fixed order: equal to the reference, and bit-identical
+    run to run."""
+    from peftkern.triton_kernels import lora_serving as kernels
+
+    seen = []
+    k_parts = kernels._k_parts
+    monkeypatch.setattr(kernels, "_k_parts", lambda *args: seen.append(k_parts(*args)) or seen[-1])
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 100, generator=g, dtype=torch.float64)
+    lora_a = torch.randn(3, 8, 100, generator=g, dtype=torch.float64)
+    ids, ranks = torch.tensor([2, 0]), torch.tensor([8, 8, 5], dtype=torch.int32)
+    batch = peftkern.LoRABatch(ids, 3)
+    s = peftkern.lora_shrink(x.float(), lora_a.float(), batch, ranks, backend="triton", path="decode")
+    assert seen == [(4, 32)]
+    assert_close(s, reference.lora_shrink(x.float().double(), lora_a.float().double(), ids, ranks), "s")
+    again = peftkern.lora_shrink(x.float(), lora_a.float(), batch, ranks, backend="triton", path="decode")
+    assert torch.equal(s, again)
+
+
 def test_float64_on_the_torch_backend():
     x, lora_a, lora_b, ids, ranks, scalings = _problem(7, 3, 8, [6], [0, 2, -1, 1, 1, 0, 2], [8, 5, 2])
     s = peftkern.lora_shrink(x, lora_a[0], ids, ranks, backend="torch")

@@ -76,6 +76,8 @@ LORA_BACKWARD = [("lora_linear", "backward", f"tokens={tokens},hidden=4096,rank=
 SYNCS: dict[tuple[str, str, str], str] = {}
 # (op, mode, shape id) of ours over its launch budget.
 LAUNCHES_OVER = dict.fromkeys(LORA_BACKWARD, ISSUE_18_GLUE)
+# (op, mode, shape id) of ours whose decode grids leave SMs idle.
+GRIDS_UNDER: dict[tuple[str, str, str], str] = {}
 # (op, mode, shape id) of ours over its bytes budget.
 BYTES_OVER: dict[tuple[str, str, str], str] = {}
 # ---- expected failures: end
@@ -151,7 +153,8 @@ def test_ours_never_syncs_the_host(op, mode, shape):
 
 # op, mode -> launches per call at most (multi_lora_linear: per layer)
 LAUNCH_BUDGETS = {("lora_linear", "forward"): 2, ("lora_linear", "backward"): 4,
-                  ("multi_lora_linear", "forward"): 3, ("prompt_concat", "forward"): 2}
+                  ("multi_lora_linear", "forward"): 3, ("prompt_concat", "forward"): 2,
+                  ("lora_shrink", "forward"): 2, ("lora_expand_add", "forward"): 1}
 # multi_lora_linear's budget is per layer: one layer's call with the step's LoRABatch built beforehand (once
 # per step for all layers); the "ours" rows with plain ids build it in the call.
 LAUNCH_PROVIDER = {("multi_lora_linear", "forward"): "ours_prebuilt_batch"}
@@ -172,7 +175,8 @@ def test_launches_per_call(op, mode, shape):
     assert row["launches"] <= budget, f"{op} {mode} {shape}: {row['launches']} launches > {budget}: {row['launched']}"
 
 
-BYTES_BUDGETS = {("multi_lora_linear", "forward", "decode"): 1.10, ("prompt_concat", "forward", None): 1.05}
+BYTES_BUDGETS = {("multi_lora_linear", "forward", "decode"): 1.10, ("prompt_concat", "forward", None): 1.05,
+                 ("lora_shrink", "forward", "decode"): 1.10, ("lora_expand_add", "forward", "decode"): 1.10}
 
 
 def _bytes_cases():
@@ -190,3 +194,21 @@ def test_bytes_moved_near_the_floor(op, mode, shape):
     budget = BYTES_BUDGETS[op, mode, row["shape"].get("path")]
     ratio = row["bytes_per_launch_sum"] / row["floor_bytes"]
     assert ratio <= budget, f"{op} {mode} {shape}: bytes / floor = {ratio:.3f} > {budget}: {row['launched']}"
+
+
+# Decode (a few rows) must still fill an H100 / H200: every Triton launch's grid has at least one program per SM.
+SMS = 132
+GRID_PROVIDER = {"multi_lora_linear": "ours_prebuilt_batch", "lora_shrink": "ours", "lora_expand_add": "ours"}
+
+
+def _grid_cases():
+    rows = [r for r in OPS if r["mode"] == "forward" and r["shape"].get("path") == "decode"
+            and r["provider"] == GRID_PROVIDER.get(r["op"])]
+    return [_param(_key(r), GRIDS_UNDER) for r in rows]
+
+
+@pytest.mark.parametrize("op, mode, shape", _grid_cases())
+def test_decode_grids_fill_the_device(op, mode, shape):
+    row = _row(op, mode, shape, GRID_PROVIDER[op])
+    small = {kernel: programs for kernel, programs in row["programs"].items() if min(programs) < SMS}
+    assert not small, f"{op} {mode} {shape}: grids of fewer than {SMS} programs: {small}"

@@ -12,7 +12,9 @@ is the grid's last axis and each program picks its slice's pointer and strides b
 pointers is built on the device (nothing to copy from the host, nothing to cache across CUDA-graph replays).
 
 Two paths per piece, chosen by the caller from M alone (as ``multi_lora``'s):
-  decode  one program per (row, rank chunk | column tile, slice): rows gather their adapter by id.
+  decode  one program per (row, rank chunk | column tile, slice): rows gather their adapter by id. A few
+          rows leave most SMs idle, so the shrink also splits K (fp32 partials summed in a fixed order:
+          deterministic) and the expand narrows its column tiles until the grid fills the device.
   segment one program per (segment tile, rank chunk | column tile, slice) over the segment table of
           ``multi_lora.build_segments`` (tiles of rows that share one adapter): dense tensor-core tiles.
 Work past an adapter's rank is skipped (no padded compute); ids outside [-1, L) act as -1; offsets int64.
@@ -24,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import multi_lora as _multi_lora
 from ._common import dot_in_fp32, fp32_precision, interpreting, lowrank_dot
 from .multi_lora import (
     _EXPAND_CHUNK,
@@ -54,22 +57,26 @@ def _pick(index, v0, v1, v2, v3):
 @triton.jit
 def _lora_shrink_decode_kernel(
     X, A0, A1, A2, A3, IDS, RANKS, S,
-    M, K, R, L,
-    stride_xm, stride_xk, stride_sj, stride_sm, stride_sr,
+    M, K, R, L, k_split,
+    stride_xm, stride_xk, stride_sp, stride_sj, stride_sm, stride_sr,
     sl0, sr0, sk0, sl1, sr1, sk1, sl2, sr2, sk2, sl3, sr3, sk3,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    N_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """S[j, m, r] = sum_k X[m, k] A_j[i, r, k] with i = ids[m]: one program per (row, rank chunk, slice)."""
+    """S[p, j, m, r] = sum_{k in part p} X[m, k] A_j[i, r, k] with i = ids[m]: one program per (row,
+    (K part, rank chunk), slice); part p covers k in [p * k_split, (p + 1) * k_split)."""
     row = tl.program_id(0).to(tl.int64)
+    part, chunk = tl.program_id(1) // N_CHUNKS, tl.program_id(1) % N_CHUNKS
     piece = tl.program_id(2)
+    k0 = part.to(tl.int64) * k_split
+    stride_ak = _pick(piece, sk0, sk1, sk2, sk3)
     adapter, rank = adapter_rank(RANKS, tl.load(IDS + row).to(tl.int64), L, R)
     acc, ranks, _ = gemv_rank_chunk(
-        X, _pick(piece, A0, A1, A2, A3), row, adapter, rank, tl.program_id(1), K, stride_xm, stride_xk,
-        _pick(piece, sl0, sl1, sl2, sl3), _pick(piece, sr0, sr1, sr2, sr3), _pick(piece, sk0, sk1, sk2, sk3),
-        BLOCK_K, BLOCK_R,
+        X + k0 * stride_xk, _pick(piece, A0, A1, A2, A3) + k0 * stride_ak, row, adapter, rank, chunk,
+        tl.minimum(K - k0, k_split), stride_xm, stride_xk,
+        _pick(piece, sl0, sl1, sl2, sl3), _pick(piece, sr0, sr1, sr2, sr3), stride_ak, BLOCK_K, BLOCK_R,
     )
-    tl.store(S + piece.to(tl.int64) * stride_sj + row * stride_sm + ranks * stride_sr,
-             acc.to(S.dtype.element_ty), mask=ranks < R)
+    tl.store(S + part.to(tl.int64) * stride_sp + piece.to(tl.int64) * stride_sj + row * stride_sm
+             + ranks * stride_sr, acc.to(S.dtype.element_ty), mask=ranks < R)
 
 
 @triton.jit
@@ -193,6 +200,22 @@ def _slice_strides(group: list[torch.Tensor], order: tuple[int, int, int]) -> li
     return [v for triple in _padded(strides, strides[0]) for v in triple]
 
 
+def _programs_wanted(t: torch.Tensor) -> int:
+    """Programs that fill ``t``'s device (through the module: tests/_triton_compile.py's compile-only driver
+    stands in for the device there)."""
+    return _multi_lora._device_programs(t.device.index if t.device.type == "cuda" else 0)
+
+
+def _k_parts(x: torch.Tensor, K: int, programs: int, block_k: int) -> tuple[int, int]:
+    """(K parts, K per part, a multiple of block_k) of the decode shrink: split K until the grid has the
+    programs that fill the device, each part at least one block long."""
+    parts = max(1, min(triton.cdiv(_programs_wanted(x), programs), K // block_k))
+    if parts == 1:
+        return 1, K
+    k_split = triton.cdiv(triton.cdiv(K, parts), block_k) * block_k
+    return triton.cdiv(K, k_split), k_split
+
+
 def lora_shrink(
     x: torch.Tensor,
     slices: list[torch.Tensor],
@@ -207,20 +230,31 @@ def lora_shrink(
     if M == 0:
         return s
     block_r = _rank_chunk(R)
+    n_chunks = triton.cdiv(R, block_r)
     for start, group in _groups(slices):
         out = s[start:]
         common = (M, K, R, L)
-        strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1), out.stride(2),
-                   *_slice_strides(group, (0, 1, 2)))
         pointers = _padded(group, group[0])
         if segments is None:
-            _lora_shrink_decode_kernel[(M, triton.cdiv(R, block_r), len(group))](
-                x, *pointers, adapter_ids, ranks, out, *common, *strides,
-                BLOCK_K=16 if interpreting() else 128, BLOCK_R=block_r,
+            block_k = 16 if interpreting() else 64
+            parts, k_split = _k_parts(x, K, M * n_chunks * len(group), block_k)
+            # Several K parts: fp32 partials [parts, n, M, R], then one sum over the parts (fixed order).
+            partial = out if parts == 1 else torch.empty((parts, len(group), M, R), device=x.device,
+                                                         dtype=torch.float32)
+            stride_sp = partial.stride(0) if parts > 1 else 0
+            strides = (x.stride(0), x.stride(1), stride_sp, *partial.stride()[-3:],
+                       *_slice_strides(group, (0, 1, 2)))
+            _lora_shrink_decode_kernel[(M, parts * n_chunks, len(group))](
+                x, *pointers, adapter_ids, ranks, partial, *common, k_split, *strides,
+                N_CHUNKS=n_chunks, BLOCK_K=block_k, BLOCK_R=block_r,
             )
+            if parts > 1:
+                torch.sum(partial, dim=0, out=out[:len(group)])
         else:
             n_tiles = segments.tiles.shape[1]
-            _lora_shrink_segment_kernel[(n_tiles, triton.cdiv(R, block_r), len(group))](
+            strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1), out.stride(2),
+                       *_slice_strides(group, (0, 1, 2)))
+            _lora_shrink_segment_kernel[(n_tiles, n_chunks, len(group))](
                 x, *pointers, segments.perm, segments.tiles, ranks, out, *common, n_tiles, *strides,
                 DOT_FP32=dot_in_fp32(x.dtype, group[0].dtype), PRECISION=fp32_precision(),
                 BLOCK_M=segments.block_m, BLOCK_K=16 if interpreting() else 64, BLOCK_R=block_r,
@@ -250,6 +284,10 @@ def lora_expand_add(
     widths = [t.shape[1] for t in slices]
     starts = [offset + sum(widths[:j]) for j in range(len(slices))]
     block_n = 16 if interpreting() else 64
+    if segments is None:  # decode: narrower column tiles while a few rows leave the device idle
+        while block_n > 16 and M * triton.cdiv(max(widths), block_n) * min(len(slices), MAX_SLICES) \
+                < _programs_wanted(y):
+            block_n //= 2
     for start, group in _groups(slices):
         part = s[start:]
         n_cols = _padded(widths[start:start + len(group)], 0)
