@@ -134,11 +134,11 @@ def test_decode_shrink_splits_k_deterministically(monkeypatch):
     """A few decode rows leave the device idle, so the shrink splits K into parts (here 4 parts of 32, the
     last ragged) whose fp32 partials are summed in a fixed order: equal to the reference, and bit-identical
     run to run."""
-    from peftkern.triton_kernels import lora_serving as kernels
+    from peftkern.triton_kernels import multi_lora as kernels
 
     seen = []
-    k_parts = kernels._k_parts
-    monkeypatch.setattr(kernels, "_k_parts", lambda *args: seen.append(k_parts(*args)) or seen[-1])
+    decode_parts = kernels.decode_parts
+    monkeypatch.setattr(kernels, "decode_parts", lambda *args: seen.append(decode_parts(*args)) or seen[-1])
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 100, generator=g, dtype=torch.float64)
     lora_a = torch.randn(3, 8, 100, generator=g, dtype=torch.float64)

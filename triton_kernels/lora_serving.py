@@ -206,16 +206,6 @@ def _programs_wanted(t: torch.Tensor) -> int:
     return _multi_lora._device_programs(t.device.index if t.device.type == "cuda" else 0)
 
 
-def _k_parts(x: torch.Tensor, K: int, programs: int, block_k: int) -> tuple[int, int]:
-    """(K parts, K per part, a multiple of block_k) of the decode shrink: split K until the grid has the
-    programs that fill the device, each part at least one block long."""
-    parts = max(1, min(triton.cdiv(_programs_wanted(x), programs), K // block_k))
-    if parts == 1:
-        return 1, K
-    k_split = triton.cdiv(triton.cdiv(K, parts), block_k) * block_k
-    return triton.cdiv(K, k_split), k_split
-
-
 def lora_shrink(
     x: torch.Tensor,
     slices: list[torch.Tensor],
@@ -237,7 +227,7 @@ def lora_shrink(
         pointers = _padded(group, group[0])
         if segments is None:
             block_k = 16 if interpreting() else 64
-            parts, k_split = _k_parts(x, K, M * n_chunks * len(group), block_k)
+            parts, k_split = _multi_lora.decode_parts(x, K, M * n_chunks * len(group), block_k)
             # Several K parts: fp32 partials [parts, n, M, R], then one sum over the parts (fixed order).
             partial = out if parts == 1 else torch.empty((parts, len(group), M, R), device=x.device,
                                                          dtype=torch.float32)

@@ -193,21 +193,25 @@ def tile_shrink(IN, F, rows, row_ok, adapter, rank, chunk, J, stride_im, stride_
 @triton.jit
 def _multi_lora_shrink_decode_kernel(
     IN, F, IDS, RANKS, SCALES, T,
-    M, J, R, L,
+    M, J, R, L, j_split,
     stride_im, stride_ij, stride_fl, stride_fr, stride_fj,
-    HAS_SCALE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_SCALE: tl.constexpr, N_CHUNKS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """T[m, r] = scale_i * sum_j IN[m, j] F[i, r, j] with i = ids[m], zero for r >= rank_i or i = -1.
+    """T[p, m, r] = scale_i * sum_{j in part p} IN[m, j] F[i, r, j] with i = ids[m], zero for r >= rank_i or
+    i = -1; part p covers j in [p * j_split, (p + 1) * j_split) (the caller sums the parts).
 
-    One program per (row, rank chunk): a gathered GEMV (:func:`gemv_rank_chunk`).
+    One program per (row, (part, rank chunk)): a gathered GEMV (:func:`gemv_rank_chunk`).
     """
     row = tl.program_id(0).to(tl.int64)
+    part, chunk = tl.program_id(1) // N_CHUNKS, tl.program_id(1) % N_CHUNKS
+    j0 = part.to(tl.int64) * j_split
     adapter, rank = adapter_rank(RANKS, tl.load(IDS + row).to(tl.int64), L, R)
-    acc, ranks, rank_ok = gemv_rank_chunk(IN, F, row, adapter, rank, tl.program_id(1), J, stride_im, stride_ij,
+    acc, ranks, rank_ok = gemv_rank_chunk(IN + j0 * stride_ij, F + j0 * stride_fj, row, adapter, rank, chunk,
+                                          tl.minimum(J - j0, j_split), stride_im, stride_ij,
                                           stride_fl, stride_fr, stride_fj, BLOCK_J, BLOCK_R)
     if HAS_SCALE:
         acc = tl.where(rank_ok, acc * tl.load(SCALES + adapter), 0.0)
-    tl.store(T + row * R + ranks, acc, mask=ranks < R)
+    tl.store(T + (part.to(tl.int64) * M + row) * R + ranks, acc, mask=ranks < R)
 
 
 @triton.jit
@@ -387,11 +391,17 @@ def _shrink(inp, f, f_strides, ids, segments, ranks, scales, R, L, decode):
     has_scale = scales is not None
     scales = scales if has_scale else t
     if decode:
-        _multi_lora_shrink_decode_kernel[(M, triton.cdiv(R, block_r))](
-            inp, f, ids, ranks, scales, t, M, J, R, L,
+        n_chunks, block_j = triton.cdiv(R, block_r), 16 if interpreting() else 64
+        parts, j_split = decode_parts(inp, J, M * n_chunks, block_j)
+        # Several parts: fp32 partials [parts, M, R], then one sum over the parts (a fixed order).
+        partial = t if parts == 1 else torch.empty((parts, M, R), device=inp.device, dtype=torch.float32)
+        _multi_lora_shrink_decode_kernel[(M, parts * n_chunks)](
+            inp, f, ids, ranks, scales, partial, M, J, R, L, j_split,
             inp.stride(0), inp.stride(1), *f_strides,
-            HAS_SCALE=has_scale, BLOCK_J=16 if interpreting() else 128, BLOCK_R=block_r,
+            HAS_SCALE=has_scale, N_CHUNKS=n_chunks, BLOCK_J=block_j, BLOCK_R=block_r,
         )
+        if parts > 1:
+            torch.sum(partial, dim=0, out=t)
     else:
         n_tiles = segments.tiles.shape[1]
         _multi_lora_shrink_segment_kernel[(n_tiles, triton.cdiv(R, block_r))](
@@ -436,6 +446,17 @@ def _device_programs(device_index: int) -> int:
     if interpreting():
         return 16
     return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_parts(t: torch.Tensor, J: int, programs: int, block_j: int) -> tuple[int, int]:
+    """(parts, length of a part: a multiple of block_j) that split the reduction over J of a decode GEMV
+    grid of ``programs`` programs until the grid fills ``t``'s device, each part at least one block long."""
+    device_programs = _device_programs(t.device.index if t.device.type == "cuda" else 0)
+    parts = max(1, min(triton.cdiv(device_programs, max(programs, 1)), J // block_j))
+    if parts == 1:
+        return 1, J
+    j_split = triton.cdiv(triton.cdiv(J, parts), block_j) * block_j
+    return triton.cdiv(J, j_split), j_split
 
 
 def _segment_grad(t, inp, segments, ranks, scales, shape, dtype, layout):
