@@ -58,7 +58,7 @@ from .ops import (
     prefix_kv,
     prompt_concat,
 )
-from .pool import AdapterPool
+from .pool import AdapterPool, warmup, warmup_row_counts
 
 __version__ = "0.1.0"
 
@@ -102,6 +102,8 @@ __all__ = [
     "unmerge",
     "use_bottleneck_adapter_ids",
     "use_backend",
+    "warmup",
+    "warmup_row_counts",
 ]
 
 __getattr__ = deprecated_aliases(globals(), {**adapters.RENAMED, **nn.bottleneck.RENAMED})

@@ -21,7 +21,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,7 @@ from .io import read_peft_adapter
 from .nn.multi_lora import MultiLoRALinear, SharedBatch
 from .ops.lora_batch import LoRABatch
 
-__all__ = ["AdapterPool"]
+__all__ = ["AdapterPool", "warmup", "warmup_row_counts"]
 
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _PREFIX = "base_model.model."
@@ -392,3 +392,32 @@ class AdapterPool:
 
     def __repr__(self) -> str:
         return f"AdapterPool({self.extra_repr()})"
+
+
+def warmup_row_counts(max_tokens: int) -> list[int]:
+    """Row counts that reach the compiled variants and autotuning results batches of 1..max_tokens rows ask
+    for: kernels are tuned per power-of-two bucket of the row count, and Triton specializes an integer
+    argument on being 1 or a multiple of 16, so each bucket gets its top count, the one below it and its
+    largest multiple of 16. (The prefill path's segment-tile count depends on the ids too: not covered.)"""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens: expected an int >= 1, got {max_tokens!r}")
+    counts, bucket = {1}, 2
+    while bucket // 2 < max_tokens:
+        top = min(bucket, max_tokens)
+        counts.update(c for c in (top, top - 1, top // 16 * 16) if c > bucket // 2)
+        bucket *= 2
+    return sorted(counts)
+
+
+def warmup(step: Callable[[int], object], max_tokens: int) -> list[int]:
+    """Run ``step(num_tokens)`` (one forward of the model, or of the layers, over that many rows) for every
+    count of :func:`warmup_row_counts`, under ``torch.no_grad``: every Triton kernel the batches up to
+    ``max_tokens`` rows will launch is compiled and autotuned before CUDA-graph capture, where neither may
+    happen. Returns the counts run. On CUDA, waits for the device at the end (once)."""
+    counts = warmup_row_counts(max_tokens)
+    with torch.no_grad():
+        for count in counts:
+            step(count)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return counts

@@ -781,3 +781,57 @@ def test_multi_lora_linear_with_a_batch_launches_at_most_three_kernels(rows):
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert 1 <= len(kernels) <= 3, [e.name for e in kernels]
+
+
+# ---- warmup before CUDA-graph capture -------------------------------------------------------------------
+
+
+def _variant(count: int) -> tuple[int, bool, bool]:
+    """What a row count changes in what Triton compiles and tunes: its power-of-two bucket and the
+    integer specializations (== 1, multiple of 16)."""
+    return max(1, 1 << (count - 1).bit_length()), count == 1, count % 16 == 0
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 17, 64, 100, 8192])
+def test_warmup_row_counts_reach_every_variant(max_tokens):
+    counts = peftkern.warmup_row_counts(max_tokens)
+    assert counts == sorted(set(counts)) and 1 <= counts[0] and counts[-1] == max_tokens
+    assert {_variant(c) for c in counts} == {_variant(c) for c in range(1, max_tokens + 1)}
+    assert len(counts) <= 3 * max_tokens.bit_length() + 1  # a few per bucket, not every count
+
+
+def test_warmup_runs_every_count_without_grad():
+    seen = []
+    counts = peftkern.warmup(lambda m: seen.append((m, torch.is_grad_enabled())), 40)
+    assert seen == [(m, False) for m in counts] and counts == peftkern.warmup_row_counts(40)
+    with pytest.raises(ValueError, match="max_tokens"):
+        peftkern.warmup(lambda m: None, 0)
+
+
+@pytest.mark.gpu
+def test_after_warmup_no_batch_size_compiles_or_tunes():
+    """After warmup(max_tokens), a multi-LoRA layer at any row count up to max_tokens compiles and tunes
+    nothing new (Triton's per-kernel caches do not grow): safe to capture in a CUDA graph."""
+    from peftkern.triton_kernels import multi_lora as kernels
+
+    layer = peftkern.MultiLoRALinear(torch.nn.Linear(256, 256, device="cuda", dtype=torch.bfloat16),
+                                     num_slots=4, r_max=16).eval()
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+        layer.ranks.fill_(16)
+        layer.scalings.fill_(2.0)
+
+    def step(m):
+        ids = torch.randint(-1, 4, (m,), device="cuda")
+        layer(torch.randn(m, 256, device="cuda", dtype=torch.bfloat16), adapter_ids=ids)
+
+    def cache_sizes():
+        tuned = [k for k in vars(kernels).values() if hasattr(k, "cache") and hasattr(k, "configs")]
+        return [len(k.cache) for k in tuned] + [sum(len(c) for c in k.fn.cache.values()) for k in tuned]
+
+    peftkern.warmup(step, 200)
+    before = cache_sizes()
+    for m in (5, 33, 64, 65, 130, 200):
+        step(m)
+    assert cache_sizes() == before
