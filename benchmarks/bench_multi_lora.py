@@ -24,8 +24,10 @@ Sweep: tokens {1, 16, 64, 256, 8192} x adapters {1, 8, 64, 512} x rank {8, 16, 6
 bf16 activations, weights and adapters; "mixed" gives the slots ranks 8, 16, 64 in turn (r_max 64, shapes
 ``rank`` = 64, params ``ranks`` = "mixed"). Modes: forward (serving, nothing requires grad) for every
 case; full (forward + backward, x and every adapter trainable: several adapters training in one batch) for
-batches of at least ``TRAIN_TOKENS`` tokens. Every provider's output is checked against
-peftkern.reference.multi_lora_linear (fp32) before it is timed.
+batches of at least ``TRAIN_TOKENS`` tokens. Prefill cases also run forward with requests of ragged
+lengths (params ``lengths`` = "ragged", :func:`ragged_ids`; peft's batch of [requests, length] cannot hold
+them): each adapter's rows then end mid-tile, which equal, aligned requests hide. Every provider's output
+is checked against peftkern.reference.multi_lora_linear (fp32) before it is timed.
 
 Decode is memory-bound: forward rows of decode batches carry ``bytes_moved`` = the bytes of W plus those
 of every distinct adapter in the batch at its own rank (A and B), and ``add_bandwidth_ratios`` turns them
@@ -65,10 +67,12 @@ ALPHA_OVER_RANK = 2.0  # lora_alpha = 2 * r: every slot's scaling is 2; the valu
 CHECK_TOLERANCE = (5e-2, 2e-2)
 
 # (tokens, adapters, rank) of each summary key's case; the smoke run has its own tiny ones.
-HEADLINE = {"decode": (64, 8, 16), "decode64": (64, 64, 16), "prefill": (8192, 8, 16)}
+HEADLINE = {"decode": (64, 8, 16), "decode64": (64, 64, 16), "prefill": (8192, 8, 16),
+            "prefill_ragged": (8192, 64, 16)}
 SMOKE_HIDDEN = 16  # one 16-wide tile under the interpreter: the smoke run stays short
 SMOKE_DECODE_TOKENS = 4
-SMOKE = {"decode": (4, 2, 4), "decode64": (4, 4, 4), "prefill": (80, 2, 4)}  # prefill: > DECODE_MAX_ROWS
+SMOKE = {"decode": (4, 2, 4), "decode64": (4, 4, 4), "prefill": (80, 2, 4),  # prefill: > DECODE_MAX_ROWS
+         "prefill_ragged": (80, 4, 4)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +148,18 @@ def batch_ids(tokens: int, adapters: int, decode_tokens: int = DECODE_TOKENS) ->
     slots = torch.randperm(adapters)[torch.arange(requests) % adapters]  # a random choice of slots
     per_request = slots[torch.randperm(requests)]  # unsorted
     return per_request.repeat_interleave(length), requests, length
+
+
+def ragged_ids(tokens: int, adapters: int) -> tuple[torch.Tensor, list[int]]:
+    """A prefill batch of min(tokens, adapters) requests of ragged lengths (each about 0.5x to 1.5x the mean,
+    seeded), each on a distinct adapter, in shuffled order: (adapter_ids [tokens] int64 on the CPU, lengths)."""
+    requests = min(tokens, adapters)
+    g = torch.Generator().manual_seed(tokens * 1009 + adapters)
+    weights = 0.5 + torch.rand(requests, generator=g, dtype=torch.float64)
+    lengths = (weights / weights.sum() * tokens).floor().clamp_min(1).long()
+    lengths[-1] += tokens - int(lengths.sum())
+    slots = torch.randperm(adapters, generator=g)[:requests]
+    return slots.repeat_interleave(lengths), lengths.tolist()
 
 
 def _peft_model(pool: _Pool):
@@ -265,6 +281,7 @@ def _run_case(bench, pool: _Pool, peft_model, adapters: int, rank, tokens: int, 
 
     device, dtype = bench.device, torch.bfloat16
     shapes, params = case_keys(hidden, adapters, pool.slot_ranks, rank, tokens)
+    params = {**params, "lengths": "equal"}
     ids_cpu, requests, length = batch_ids(tokens, adapters, decode_tokens)
     ids = ids_cpu.to(device)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
@@ -278,8 +295,9 @@ def _run_case(bench, pool: _Pool, peft_model, adapters: int, rank, tokens: int, 
         moved = {"forward": weight_bytes + sum(pool.adapter_bytes(a) for a in distinct)}
     scalings_list = pool.scalings.tolist()
 
-    def providers(x, lora_a, lora_b, trainable: bool):
-        """(name, build) per provider on these tensors; ``trainable``: x, lora_a, lora_b get gradients."""
+    def providers(x, lora_a, lora_b, trainable: bool, ids=ids, ragged: bool = False):
+        """(name, build) per provider on these tensors; ``trainable``: x, lora_a, lora_b get gradients;
+        ``ragged``: ``ids`` hold requests of unequal lengths (peft's batch of [requests, length] cannot)."""
         grads = [x, lora_a, lora_b] if trainable else []
 
         def gather():
@@ -317,13 +335,20 @@ def _run_case(bench, pool: _Pool, peft_model, adapters: int, rank, tokens: int, 
             return build
 
         listed = [("torch_gather_bmm", gather), ("loop_per_adapter", loop)]
-        if not trainable:  # peft refuses adapter_names in training mode
+        if not trainable and not ragged:  # peft refuses adapter_names in training mode
             listed.insert(0, ("peft_mixed_batch", peft))
         return listed + [("triton", ours("triton")), ("cuda", ours("cuda"))]
 
     for provider, build in providers(x, pool.lora_a, pool.lora_b, trainable=False):
         bench.time_provider(provider, build, shapes, dtype, params, modes=("forward",), bytes_moved=moved,
                             expected=expected, tolerance=CHECK_TOLERANCE)
+    if tokens > decode_tokens:  # prefill of ragged requests: every adapter's rows end mid-tile
+        ids_ragged = ragged_ids(tokens, adapters)[0].to(device)
+        expected_ragged = reference.multi_lora_linear(x.float(), fp32_weight, None, fp32_a, fp32_b, ids_ragged,
+                                                      pool.scalings, pool.ranks)
+        for provider, build in providers(x, pool.lora_a, pool.lora_b, False, ids_ragged, ragged=True):
+            bench.time_provider(provider, build, shapes, dtype, {**params, "lengths": "ragged"},
+                                modes=("forward",), expected=expected_ragged, tolerance=CHECK_TOLERANCE)
     if tokens >= _train_tokens(bench):
         leaves = [t.detach().requires_grad_(True) for t in (x, pool.lora_a, pool.lora_b)]
         for provider, build in providers(*leaves, trainable=True):
@@ -347,6 +372,7 @@ def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
     multi_lora_decode64_vs_floor       ours / (W + 64 distinct rank-16 adapters' bytes over copy bandwidth)
     multi_lora_decode_speedup_vs_peft  peft_mixed_batch / ours, forward, the same 64-adapter batch
     multi_lora_prefill_vs_base         ours / base, forward, 8192 tokens over 8 adapters of rank 16
+    multi_lora_prefill_ragged_vs_base  the same over 64 adapters, requests of ragged lengths
     multi_lora_train_speedup_vs_loop   loop_per_adapter / ours, full, the same prefill batch
     (the smoke run's tiny cases stand in for these shapes)."""
     keys = SMOKE if smoke else HEADLINE
@@ -354,12 +380,13 @@ def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
     rows = harness.find_rows(rows, op=OP, dtype="bfloat16")
     mine = ours(rows)
 
-    def sel(provider: str, key: str, mode: str = "forward") -> dict:
+    def sel(provider: str, key: str, mode: str = "forward", lengths: str = "equal") -> dict:
         tokens, adapters, rank = keys[key]
         if provider == "base":
             return {"provider": provider, "mode": mode, "shapes": {"tokens": tokens, "hidden": hidden}}
         shapes = {"tokens": tokens, "hidden": hidden, "adapters": adapters, "rank": rank}
-        return {"provider": provider, "mode": mode, "shapes": shapes, "params": {"ranks": "uniform"}}
+        params = {"ranks": "uniform", "lengths": lengths}
+        return {"provider": provider, "mode": mode, "shapes": shapes, "params": params}
 
     decode64 = harness.find_row(rows, **sel(mine, "decode64"))
     return harness.drop_missing({
@@ -369,6 +396,9 @@ def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
             rows, sel("peft_mixed_batch", "decode64"), sel(mine, "decode64")
         ),
         "multi_lora_prefill_vs_base": harness.ratio_of(rows, sel(mine, "prefill"), sel("base", "prefill")),
+        "multi_lora_prefill_ragged_vs_base": harness.ratio_of(
+            rows, sel(mine, "prefill_ragged", lengths="ragged"), sel("base", "prefill_ragged")
+        ),
         "multi_lora_train_speedup_vs_loop": harness.ratio_of(
             rows, sel("loop_per_adapter", "prefill", "full"), sel(mine, "prefill", "full")
         ),

@@ -201,16 +201,21 @@ def test_smoke_multi_lora_rows(smoke_run):
     providers = {"peft_mixed_batch", "torch_gather_bmm", "loop_per_adapter", "triton"}
     cases = {(r["shapes"]["tokens"], r["shapes"]["adapters"], r["shapes"]["rank"], r["params"]["ranks"])
              for r in rows if "adapters" in r["shapes"]}
-    assert cases == {(4, 2, 4, "uniform"), (4, 4, 4, "uniform"), (prefill_tokens, 2, 4, "uniform")}
+    assert cases == {(4, 2, 4, "uniform"), (4, 4, 4, "uniform"), (prefill_tokens, 2, 4, "uniform"),
+                     (prefill_tokens, 4, 4, "uniform")}
     hidden = bench_multi_lora.SMOKE_HIDDEN
     weight_bytes = hidden * hidden * 2
     for tokens, adapters, rank, ranks in cases:
         shapes = {"tokens": tokens, "adapters": adapters, "rank": rank}
-        case_rows = harness.find_rows(rows, shapes=shapes, params={"ranks": ranks})
+        case_rows = harness.find_rows(rows, shapes=shapes, params={"ranks": ranks, "lengths": "equal"})
         assert {r["provider"] for r in case_rows if r["mode"] == "forward"} == providers
         full = {r["provider"] for r in case_rows if r["mode"] == "full"}
         assert full == (providers - {"peft_mixed_batch"} if tokens == prefill_tokens else set())
-        for row in case_rows:
+        # prefill also with ragged request lengths, forward only, without peft (equal lengths only)
+        ragged = harness.find_rows(rows, shapes=shapes, params={"ranks": ranks, "lengths": "ragged"})
+        assert {(r["provider"], r["mode"]) for r in ragged} == (
+            {(p, "forward") for p in providers - {"peft_mixed_batch"}} if tokens == prefill_tokens else set())
+        for row in case_rows + ragged:
             assert row["ratios"]["vs_base"] > 0
             if tokens <= decode_tokens and row["mode"] == "forward":
                 # min(tokens, adapters) distinct adapters, A and B each [rank, hidden] in bf16
@@ -237,6 +242,12 @@ def test_multi_lora_batches_and_baselines():
     assert bool((ids.view(8, 1024) == ids[::1024, None]).all())  # each request's rows are contiguous
     ids, requests, length = bench_multi_lora.batch_ids(256, 512)
     assert (requests, length) == (256, 1) and len(set(ids.tolist())) == 256
+
+    ids, lengths = bench_multi_lora.ragged_ids(8192, 64)
+    assert len(lengths) == 64 and sum(lengths) == 8192 and len(set(lengths)) > 32  # ragged
+    assert min(lengths) >= 8192 // 64 // 3 and sorted(set(ids.tolist())) == list(range(64))
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+    assert bool((ids[starts].repeat_interleave(torch.tensor(lengths)) == ids).all())  # contiguous requests
 
     assert bench_multi_lora.slot_ranks(5, "mixed") == [8, 16, 64, 8, 16]
     assert bench_multi_lora.case_keys(64, 5, [8, 16, 64, 8, 16], "mixed", 16) == (
