@@ -9,10 +9,14 @@ Two forward paths, chosen from M alone (a shape, never the ids' values, so nothi
       fused    Y = X @ W.T + b + s_i S[t] @ B[i].T  base GEMM tiles; the expand is gathered per row in the
                                                     epilogue, looping only up to the tile's largest rank
   prefill (large M)  rows grouped by adapter: a stable sort of the ids and segment offsets, built on the
-                     device with torch ops (:func:`build_segments`), cut into BLOCK_M tiles that never
-                     straddle two adapters, so both products are dense tensor-core tiles:
-      shrink   S[rows] = X[rows] @ A[i, chunk].T   one program per (tile, rank chunk)
-      fused    as above, the epilogue a [BLOCK_M, r] x [r, BLOCK_N] product with the tile's one adapter
+                     device with torch ops (:func:`build_segments`), so both products are dense
+                     tensor-core tiles:
+      shrink   S[rows] = X[rows] @ A[i, chunk].T   one program per (tile of one adapter's rows, rank
+                                                    chunk), from the table of BLOCK_M tiles that never
+                                                    straddle two adapters
+      fused    Y[rows] as above over dense BLOCK_M tiles of the sorted rows (full base tiles however
+               ragged the requests); the epilogue runs a [BLOCK_M, r] x [r, BLOCK_N] product per adapter
+               present in the tile, the other rows masked
   The tile table has a fixed length cdiv(M, BLOCK_M) + min(L + 1, M) (an upper bound on the tiles of any
   grouping), so grids never depend on the ids and a step can be captured in a CUDA graph.
 Backward (the segment table always, the forward's path for the row-wise kernels):
@@ -72,25 +76,24 @@ def _decode_configs() -> list[triton.Config]:
     ]
 
 
-def _segment_configs() -> list[triton.Config]:
-    """Prefill: BLOCK_M is fixed by the segment table (:func:`segment_block`); tune the rest."""
+def _dense_configs() -> list[triton.Config]:
+    """Prefill fused kernel: dense tiles of the sorted rows, so BLOCK_M is tuned with the rest. (No 128 x 256
+    tile, and 128 x 128 only with 8 warps: with the per-adapter epilogue loop the others spill in fp32, TF32
+    included, on sm_90 with triton 3.6 and 3.9.)"""
     if interpreting():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
     return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [
-            (256, 64, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4),
-            (64, 64, 4, 4), (128, 32, 4, 4), (64, 128, 4, 3),
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 128, 4, 3),
         ]
     ]
 
 
 def segment_block(m: int) -> int:
-    """Rows per tile of the segment table (the prefill kernels' BLOCK_M), from M alone.
-
-    Large batches take the base GEMM's efficient 128-row tiles; the cost is at most one partial tile per
-    adapter present. The choice is part of the autotune key through M_BUCKET.
-    """
+    """Rows per tile of the segment table (the prefill shrink's BLOCK_M), from M alone: a tile holds one
+    adapter's rows, so each adapter present costs at most one partial tile there (cheap: the shrink's
+    output has only R columns). The fused base GEMM tiles the sorted rows densely instead."""
     if interpreting():
         return 16
     return 128 if m >= 2048 else 64
@@ -283,40 +286,48 @@ def _multi_lora_fused_decode_kernel(
 
 
 @autotune(
-    _segment_configs(), ["M_BUCKET", "C", "J", "R", "HAS_BIAS", "HAS_SCALE", "BASE_FP32", "PRECISION", "EXPAND_FP32"]
+    _dense_configs(), ["M_BUCKET", "C", "J", "R", "HAS_BIAS", "HAS_SCALE", "BASE_FP32", "PRECISION", "EXPAND_FP32"]
 )
 @triton.jit
 def _multi_lora_fused_segment_kernel(
-    IN, W, BIAS, T, E, PERM, TILES, RANKS, SCALES, OUT,
-    M, C, J, R, L, n_tiles, M_BUCKET,
+    IN, W, BIAS, T, E, PERM, IDS, RANKS, SCALES, OUT,
+    M, C, J, R, L, M_BUCKET,
     stride_im, stride_ij, stride_wj, stride_wc, stride_el, stride_er, stride_ec, stride_om, stride_oc,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BASE_FP32: tl.constexpr, PRECISION: tl.constexpr,
     EXPAND_FP32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """As the decode fused kernel over a tile of rows that share one adapter (rows gathered through the
-    sort permutation): the epilogue is a dense [BLOCK_M, rank] x [rank, BLOCK_N] product."""
-    tile_m, tile_n = grouped_tile(tl.program_id(0), n_tiles, tl.cdiv(C, BLOCK_N), GROUP)
-    adapter, rows, row_ok, has_rows = segment_tile_rows(PERM, TILES, tile_m.to(tl.int64), n_tiles, M, BLOCK_M)
-    adapter, rank = adapter_rank(RANKS, adapter, L, R)
+    """As the decode fused kernel over dense tiles of the rows sorted by adapter (PERM, so each adapter's
+    rows are contiguous): full base tiles whatever the request lengths, and an epilogue that runs one
+    dense [BLOCK_M, rank] x [rank, BLOCK_N] product per adapter present in the tile (rows of the others
+    masked), usually one or two."""
+    tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP)
+    sorted_rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = sorted_rows < M
+    rows = tl.load(PERM + sorted_rows, mask=row_ok, other=0)
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
-    # Padding tiles (no rows) skip the base loop too.
-    j_end = tl.where(has_rows, J, 0)
-    acc = _base_tile(IN, W, rows, row_ok, cols, col_ok, j_end, stride_im, stride_ij, stride_wj, stride_wc,
+    acc = _base_tile(IN, W, rows, row_ok, cols, col_ok, J, stride_im, stride_ij, stride_wj, stride_wc,
                      BASE_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    if HAS_SCALE:
-        scale = tl.load(SCALES + adapter)
-    # The tile's one adapter: scale the [BLOCK_M, r] intermediate and accumulate into the base tile.
-    for r0 in range(0, rank, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        r_ok = ranks < rank
-        t = tl.load(T + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    # Each row's adapter, or L for none (ids outside [0, L) act as -1); non-decreasing along the tile.
+    keys = tl.load(IDS + rows, mask=row_ok, other=-1).to(tl.int64)
+    keys = tl.where(row_ok & (keys >= 0) & (keys < L), keys, L)
+    adapter = tl.min(keys, axis=0)
+    while adapter < L:
+        mine = keys == adapter
+        _, rank = adapter_rank(RANKS, adapter, L, R)
         if HAS_SCALE:
-            t = t * scale
-        e = tl.load(E + adapter * stride_el + ranks[:, None] * stride_er + cols[None, :] * stride_ec,
-                    mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = lowrank_dot(t, e, acc, EXPAND_FP32, PRECISION)
+            scale = tl.load(SCALES + adapter)
+        for r0 in range(0, rank, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+            r_ok = ranks < rank
+            t = tl.load(T + rows[:, None] * R + ranks[None, :], mask=mine[:, None] & r_ok[None, :], other=0.0)
+            if HAS_SCALE:
+                t = t * scale
+            e = tl.load(E + adapter * stride_el + ranks[:, None] * stride_er + cols[None, :] * stride_ec,
+                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = lowrank_dot(t, e, acc, EXPAND_FP32, PRECISION)
+        adapter = tl.min(tl.where(keys > adapter, keys, L), axis=0)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_oc, acc.to(OUT.dtype.element_ty),
@@ -431,12 +442,10 @@ def _fused(inp, w, w_strides, bias, t, e, e_strides, ids, segments, ranks, scale
             inp, w, bias, t, e, ids, ranks, scales, out, M, C, J, R, L, m_bucket(M), *strides, **common,
         )
     else:
-        n_tiles = segments.tiles.shape[1]
-        grid = lambda meta: (n_tiles * triton.cdiv(C, meta["BLOCK_N"]),)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)
         _multi_lora_fused_segment_kernel[grid](
-            inp, w, bias, t, e, segments.perm, segments.tiles, ranks, scales, out,
-            M, C, J, R, L, n_tiles, m_bucket(M), *strides,
-            EXPAND_FP32=dot_in_fp32(inp.dtype, e.dtype), BLOCK_R=_EXPAND_CHUNK, BLOCK_M=segments.block_m, **common,
+            inp, w, bias, t, e, segments.perm, ids, ranks, scales, out, M, C, J, R, L, m_bucket(M), *strides,
+            EXPAND_FP32=dot_in_fp32(inp.dtype, e.dtype), BLOCK_R=_EXPAND_CHUNK, **common,
         )
 
 
