@@ -189,6 +189,163 @@ def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
     assert _emulator.run(binary).strip().endswith(expected)
 
 
+# ---- CPU: the default path's composition (cuBLAS base GEMM + serving shrink / expand-add) -----------------
+# The launchers of lora_serving.cuh are checked on the emulator (test_lora_serving.py); here they are replaced
+# by float64 row loops (peftkern.reference) that also assert the contract the real bindings impose, so that
+# _cuda.lora_forward / lora_backward (dropout mask, transposed views, path choice, the small GEMMs, rounding)
+# run on CPU tensors against the reference.
+
+
+class CpuServingKernels:
+    """Stand-ins for _cuda_multi_lora.lora_shrink / lora_expand_add on CPU tensors; records each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _check_batch(M, adapter_ids, ranks, L):
+        assert adapter_ids.dtype == torch.int32 and tuple(adapter_ids.shape) == (M,)
+        assert ranks.dtype == torch.int32 and tuple(ranks.shape) == (L,)
+
+    def shrink(self, x, slices, adapter_ids, ranks, segments):
+        M = x.shape[0]
+        assert x.dtype in DTYPES and slices[0].dtype in (x.dtype, torch.float32)
+        assert slices[0].ndim == 3 and slices[0].shape[2] == x.shape[1]
+        self._check_batch(M, adapter_ids, ranks, slices[0].shape[0])
+        if M <= 64:
+            assert segments is None, "up to 64 rows the shrink must run the row-parallel decode kernel"
+        else:  # the one-adapter table: tiles (0, start, end) whose 64-row windows cover every row once
+            perm, tiles = segments
+            assert perm.dtype == tiles.dtype == torch.int64 and torch.equal(perm, torch.arange(M))
+            covered = torch.zeros(M, dtype=torch.int64)
+            for adapter, start, end in tiles.t().tolist():
+                assert adapter == 0
+                covered[start:min(end, M, start + 64)] += 1
+            assert torch.equal(covered, torch.ones(M, dtype=torch.int64))
+        self.calls.append(("shrink", M, segments is not None))
+        return reference.lora_shrink(x, slices, adapter_ids, ranks).to(torch.float32)
+
+    def expand_add(self, y, s, slices, adapter_ids, scalings, ranks, offset):
+        M = y.shape[0]
+        assert y.dtype in DTYPES and slices[0].dtype in (y.dtype, torch.float32)
+        assert s.dtype == torch.float32 and tuple(s.shape) == (len(slices), M, slices[0].shape[2])
+        assert scalings.dtype == torch.float32 and offset == 0
+        self._check_batch(M, adapter_ids, ranks, slices[0].shape[0])
+        self.calls.append(("expand_add", M, y.dtype))
+        reference.lora_expand_add(y, list(s), slices, adapter_ids, scalings, offset, ranks)
+
+
+@pytest.fixture
+def cpu_serving(monkeypatch):
+    from types import SimpleNamespace
+
+    from peftkern.ops import _cuda, _cuda_multi_lora
+
+    kernels = CpuServingKernels()
+    monkeypatch.setattr(_cuda_multi_lora, "lora_shrink", kernels.shrink)
+    monkeypatch.setattr(_cuda_multi_lora, "lora_expand_add", kernels.expand_add)
+    monkeypatch.setattr(_cuda, "cuda_extension", lambda: SimpleNamespace(FLOAT16=0, BFLOAT16=1, FLOAT32=2))
+    monkeypatch.setattr(_cuda, "BASE_GEMM", None)
+    monkeypatch.delenv("PEFTKERN_CUDA_BASE_GEMM", raising=False)
+    return kernels
+
+
+def run_default_path(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed=77, need_dx=True):
+    """_cuda.lora_forward / lora_backward against the float64 reference and its autograd."""
+    from peftkern.ops import _cuda
+
+    seed_t = torch.tensor([seed], dtype=torch.int64) if dropout_p else None
+    with torch.no_grad():
+        y, s = _cuda.lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed_t)
+        grad = torch.randn(y.shape).to(x.dtype)
+        dx, da, db = _cuda.lora_backward(grad, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed_t, need_dx)
+    x64, w64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, weight, lora_a, lora_b))
+    bias64 = None if bias is None else bias.detach().double()
+    y64 = reference.lora_linear(x64, w64, bias64, a64, b64, scaling, dropout_p, seed=seed if dropout_p else None)
+    y64.backward(grad.double())
+    dtype = x.dtype
+    assert y.dtype == dtype and s.dtype == torch.float32 and tuple(s.shape) == (x.shape[0], lora_a.shape[0])
+    assert_close(y, y64, "y", dtype)
+    assert da.dtype == lora_a.dtype and db.dtype == lora_b.dtype
+    assert_close(da, a64.grad, "dA", dtype)
+    assert_close(db, b64.grad, "dB", dtype)
+    if need_dx:
+        assert dx.dtype == dtype
+        assert_close(dx, x64.grad, "dx", dtype)
+    else:
+        assert dx is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 17, 33, 1), (33, 65, 17, 16), (130, 33, 19, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_default_path_composes_cublas_and_the_serving_kernels(cpu_serving, dtype, shape, dropout_p):
+    M, K, N, r = shape
+    x, weight, bias, lora_a, lora_b = (
+        t.detach() if t is not None else None for t in make_lora_inputs(M, K, N, r, dtype)
+    )
+    run_default_path(x, weight, bias, lora_a, lora_b, 0.75, dropout_p)
+    tiled = M > 64
+    # forward: one shrink (decode kernel up to 64 rows, else the tile table), one expand-add into y;
+    # backward: the shrink of dY with B.T, one expand-add (into dX, or into an fp32 buffer with dropout).
+    assert cpu_serving.calls == [
+        ("shrink", M, tiled), ("expand_add", M, dtype),
+        ("shrink", M, tiled), ("expand_add", M, torch.float32 if dropout_p else dtype),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_default_path_fp32_adapters_transposed_views_no_dx(cpu_serving, dtype):
+    M, K, N, r = 70, 40, 23, 6
+    x, weight, bias, lora_a, lora_b = (
+        t.detach() for t in make_lora_inputs(M, K, N, r, dtype, adapter_dtype=torch.float32)
+    )
+    wide = torch.randn(M, 2 * K).to(dtype)
+    x_strided = wide[:, ::2]
+    x_strided.copy_(x)
+    w_t, a_t, b_t = (t.T.contiguous().T for t in (weight, lora_a, lora_b))
+    assert not x_strided.is_contiguous() and a_t.stride() == (1, r)
+    run_default_path(x_strided, w_t, None, a_t, b_t, 2.0, 0.2, need_dx=False)
+    run_default_path(x_strided, w_t, bias, a_t, b_t, 0.0, 0.0)
+
+
+def test_default_path_empty_batch_and_bad_s(cpu_serving):
+    from peftkern.ops import _cuda
+
+    x, weight, bias, lora_a, lora_b = (t.detach() for t in make_lora_inputs(1, 17, 9, 4, torch.float32))
+    y, s = _cuda.lora_forward(x[:0], weight, bias, lora_a, lora_b, 1.0, 0.3, torch.tensor([5]))
+    assert y.shape == (0, 9) and s.shape == (0, 4) and s.dtype == torch.float32
+    dx, da, db = _cuda.lora_backward(y, x[:0], weight, lora_a, lora_b, s, 1.0, 0.3, torch.tensor([5]), True)
+    assert dx.shape == (0, 17)
+    assert torch.equal(da, torch.zeros_like(lora_a)) and torch.equal(db, torch.zeros_like(lora_b))
+    assert cpu_serving.calls == []
+    with pytest.raises(ValueError, match=r"s: expected a float32 \[1, 4\] tensor from the forward"):
+        _cuda.lora_backward(torch.ones(1, 9), x, weight, lora_a, lora_b, torch.ones(1, 4, dtype=torch.float64),
+                            1.0, 0.0, None, True)
+    with pytest.raises(TypeError, match=r"x: backend 'cuda' supports float16, bfloat16 and float32"):
+        _cuda.lora_forward(x.double(), weight.double(), None, lora_a.double(), lora_b.double(), 1.0, 0.0, None)
+
+
+def test_fused_path_is_an_explicit_opt_in(cpu_serving, monkeypatch):
+    from peftkern.ops import _cuda
+
+    assert _cuda.base_gemm_path() == "cublas"
+    calls = []
+    monkeypatch.setattr(_cuda, "lora_forward_fused", lambda *args: calls.append("forward") or "fused forward")
+    monkeypatch.setattr(_cuda, "lora_backward_fused", lambda *args: calls.append("backward") or "fused backward")
+    monkeypatch.setenv("PEFTKERN_CUDA_BASE_GEMM", "fused")
+    assert _cuda.base_gemm_path() == "fused"
+    assert _cuda.lora_forward(*[None] * 8) == "fused forward"
+    assert _cuda.lora_backward(*[None] * 10) == "fused backward"
+    assert calls == ["forward", "backward"] and cpu_serving.calls == []
+    monkeypatch.setattr(_cuda, "BASE_GEMM", "cublas")  # the module setting wins over the environment
+    assert _cuda.base_gemm_path() == "cublas"
+    monkeypatch.setattr(_cuda, "BASE_GEMM", "wmma")
+    with pytest.raises(ValueError, match=r"PEFTKERN_CUDA_BASE_GEMM: expected one of \('cublas', 'fused'\), got 'wmma'"):
+        _cuda.base_gemm_path()
+
+
 # ---- GPU: every dtype and odd shape against the float64 reference ------------------------------------------
 
 # (M, K, N, r): odd sizes, none a multiple of a tile (64 x 64 x 32, rank chunks of 16); ranks past one chunk.
@@ -235,6 +392,32 @@ def test_status_reports_available_on_a_gpu():
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_matches_reference(dtype, shape, dropout_p, no_tf32):
     run_and_compare(*make_inputs(*shape, dtype), scaling=0.75, dropout_p=dropout_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_fused_wmma_opt_in_matches_reference(dtype, shape, dropout_p, no_tf32, monkeypatch):
+    """BASE_GEMM = "fused": lora.cuh's WMMA GEMM with the expand in its epilogue (the header-level option)."""
+    from peftkern.ops import _cuda
+
+    monkeypatch.setattr(_cuda, "BASE_GEMM", "fused")
+    run_and_compare(*make_inputs(*shape, dtype), scaling=0.75, dropout_p=dropout_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 64, 65, 300])
+def test_default_path_decode_and_tiled_shrink_agree(M, no_tf32):
+    """Up to 64 rows the row-parallel decode shrink, above them the tiled one: both the reference's s."""
+    from peftkern.ops import _cuda
+
+    x, weight, bias, lora_a, lora_b = (t.detach() for t in make_inputs(M, 200, 48, 24, torch.bfloat16))
+    y, s = _cuda.lora_forward(x, weight, bias, lora_a, lora_b, 0.5, 0.0, None)
+    expected = x.double() @ lora_a.double().T
+    assert_close(s, expected, "s", torch.bfloat16)
+    assert_close(y, (x.double() @ weight.double().T + bias.double()) + 0.5 * expected @ lora_b.double().T, "y",
+                 torch.bfloat16)
 
 
 @pytest.mark.gpu
