@@ -176,6 +176,55 @@ def test_vendoring_example_compiles_and_runs_where_it_can(tmp_path):
         assert "no CUDA device here" in run.stdout
 
 
+@needs_nvcc
+def test_two_vendored_copies_and_the_c_api_build_into_one_program(tmp_path):
+    """csrc/examples/vendored_twice_example.cu includes the headers twice, under two PEFTKERN_ABI_NAMESPACEs (the
+    second copy in a folder of its own, as `make cuda-example` lays it out), and the C API from the first;
+    it compiles for sm_90a with nvcc alone and runs only on a GPU."""
+    second = tmp_path / "vendor" / "peftkern_b"
+    second.mkdir(parents=True)
+    for header in (ROOT / "csrc" / "include" / "peftkern").iterdir():
+        (second / header.name).write_text("// vendored copy B of peftkern\n" + header.read_text())
+    binary = tmp_path / "vendored_twice_example"
+    build = subprocess.run(
+        [NVCC, "-std=c++17", "-O1", f"-I{ROOT / 'csrc' / 'include'}", f"-I{tmp_path / 'vendor'}",
+         "-gencode=arch=compute_90a,code=sm_90a", str(ROOT / "csrc" / "examples" / "vendored_twice_example.cu"),
+         "-o", str(binary)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    symbols = subprocess.run(["nm", "-C", str(binary)], capture_output=True, text=True).stdout
+    for copy in ("copy_a", "copy_b"):  # each copy's kernels are symbols of their own
+        assert f"peftkern::{copy}::multi_lora_detail::shrink_rows_kernel" in symbols, copy
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    if HAS_GPU:
+        assert run.returncode == 0 and "0 out of tolerance" in run.stdout, run.stdout + run.stderr
+    else:
+        assert run.returncode == 2 and "no CUDA device here" in run.stdout, run.stdout + run.stderr
+
+
+@needs_nvcc
+def test_c_api_header_is_plain_c(tmp_path):
+    """peftkern_c.h compiles as C (for FFI callers): its enum codes are the bindings' dtype codes."""
+    include = _emulator.cuda_include_dir()
+    if include is None or shutil.which("gcc") is None:
+        pytest.skip("no gcc or CUDA include directory")
+    program = tmp_path / "c_api.c"
+    program.write_text(
+        "#include <peftkern/peftkern_c.h>\n"
+        "_Static_assert(PEFTKERN_FLOAT16 == 0 && PEFTKERN_BFLOAT16 == 1 && PEFTKERN_FLOAT32 == 2, \"codes\");\n"
+        "int main(void) { peftkern_segments s = {0}; return (int)s.n_tiles; }\n"
+    )
+    result = subprocess.run(
+        ["gcc", "-std=c11", "-Wall", "-Werror", "-fsyntax-only", f"-I{ROOT / 'csrc' / 'include'}", f"-I{include}",
+         str(program)], capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    if EXTENSION_PRESENT:
+        ext = cuda_ext()
+        assert (ext.FLOAT16, ext.BFLOAT16, ext.FLOAT32) == (0, 1, 2)
+
+
 def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
     """No GPU here, so run the header's launchers on a CPU emulation of the CUDA model
     (tests/cuda_emulator): one thread per CUDA thread, buffers sized exactly to their strides, under

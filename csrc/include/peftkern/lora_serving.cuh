@@ -26,6 +26,7 @@
 #include "multi_lora.cuh"
 
 namespace peftkern {
+inline namespace PEFTKERN_ABI_NAMESPACE {
 
 // Slices (merged projections such as q/k/v) per call.
 constexpr int kMaxLoraSlices = 8;
@@ -47,6 +48,8 @@ __host__ __device__ inline Strided3D<T> lora_layer(Strided3D<T> stacked, int64_t
 }
 
 namespace lora_serving_detail {
+
+using namespace detail;
 
 constexpr int kExpandCols = 128;  // columns (threads) per expand-add block
 
@@ -86,6 +89,14 @@ inline bool valid_slices(const LoraSlices<TA>& slices, bool need_cols) {
 
 // s [n, M, R] fp32 (contiguous) = the shrink of every slice of `a` (A_j [L, R, K]). segments: the ids' table
 // (launch_multi_lora_segments) for the prefill kernels, or nullptr for the decode kernel (any M).
+// Preconditions:
+//   aliasing    s must not overlap x, any slice, ids or ranks
+//   alignment   none required; 16-byte (cp.async) paths where pointers and strides allow (run time); s fp32
+//               contiguous [n, M, R]
+//   archs       sm_70+ (WMMA for half; bf16 tensor cores and cp.async from sm_80; fp32: FMA units)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        segments (prefill) from launch_multi_lora_segments over the same ids, alive until the launch ran
 template <typename T, typename TA>
 cudaError_t launch_lora_shrink(Strided2D<const T> x, const LoraSlices<TA>& a, const void* adapter_ids, bool ids_int64,
                                const MultiLoraSegments* segments, const int32_t* ranks, float* s, int64_t M,
@@ -103,6 +114,14 @@ cudaError_t launch_lora_shrink(Strided2D<const T> x, const LoraSlices<TA>& a, co
 
 // y[:, o_j : o_j + N_j] += the expand of slice j of `b` (B_j [L, N_j, R], b.cols[j] = N_j) from s[j] (s as
 // launch_lora_shrink writes it), o_j = offset + N_0 + ... + N_(j-1); one launch for all slices.
+// Preconditions:
+//   aliasing    y is read and written in place; it must not overlap s, any slice, ids, ranks or scalings; slices'
+//               column ranges in y must not overlap
+//   alignment   none required
+//   archs       any the toolkit targets (16-byte paths are plain vector loads)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        rows without an adapter and columns outside the slices are never written
 template <typename T, typename TA>
 cudaError_t launch_lora_expand_add(Strided2D<T> y, const float* s, const LoraSlices<TA>& b, const void* adapter_ids,
                                    bool ids_int64, const int32_t* ranks, const float* scalings, int64_t offset,
@@ -120,7 +139,8 @@ cudaError_t launch_lora_expand_add(Strided2D<T> y, const float* s, const LoraSli
   const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(col_tiles), static_cast<unsigned>(b.n));
   expand_add_rows_kernel<T, TA><<<grid, kExpandCols, 0, stream>>>(y, s, b, adapter_ids, ids_int64, ranks, scalings,
                                                                   offset, M, L, R);
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
+}  // inline namespace PEFTKERN_ABI_NAMESPACE
 }  // namespace peftkern
