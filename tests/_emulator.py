@@ -80,7 +80,7 @@ def build(tmp_path: Path, program: str) -> Path:
     ]
     sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
     result = subprocess.run(command + sanitize, capture_output=True, text=True, timeout=900)
-    if result.returncode != 0 and re.search(r"lib[at]san|libubsan|sanitizer", result.stderr):
+    if result.returncode != 0 and re.search(r"lib(?:a|t|ub)san|-l(?:a|t|ub)san|sanitizer", result.stderr):
         pytest.fail(
             "the emulator needs g++'s AddressSanitizer and UBSan runtimes (libasan, libubsan: e.g. "
             "`apt-get install libasan8 libubsan1` for the installed g++); without them the programs would check "

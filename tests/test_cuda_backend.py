@@ -225,6 +225,24 @@ def test_c_api_header_is_plain_c(tmp_path):
         assert (ext.FLOAT16, ext.BFLOAT16, ext.FLOAT32) == (0, 1, 2)
 
 
+def test_emulator_build_fails_without_the_sanitizer_runtimes(tmp_path, monkeypatch):
+    """A missing libasan / libubsan fails the build loudly; it never falls back to an unsanitized program."""
+    if not _emulator.AVAILABLE:
+        pytest.skip("needs the CUDA headers (nvcc) and g++")
+    real_run, compiles = subprocess.run, []
+
+    def run_without_asan(command, *args, **kwargs):
+        if command[0] == "g++":
+            compiles.append(command)
+            return subprocess.CompletedProcess(command, 1, "", "/usr/bin/ld: cannot find -lasan: No such file")
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(_emulator.subprocess, "run", run_without_asan)
+    with pytest.raises(pytest.fail.Exception, match="AddressSanitizer and UBSan runtimes"):
+        _emulator.build(tmp_path, "lora_emulated")
+    assert len(compiles) == 1 and "-fsanitize=address,undefined" in compiles[0]
+
+
 def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
     """No GPU here, so run the header's launchers on a CPU emulation of the CUDA model
     (tests/cuda_emulator): one thread per CUDA thread, buffers sized exactly to their strides, under
