@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -669,3 +670,26 @@ def test_forward_captures_in_a_cuda_graph(no_tf32):
         return peftkern.lora_linear(x, weight, bias, lora_a, lora_b, 0.5, 0.3, seed=seed, backend="cuda")
 
     assert_graph_replay_follows(run, x)
+
+
+def test_cuda_static_figures_classify_ptx_loads():
+    """benchmarks/cuda_static.py's PTX counts: vector vs scalar global loads, async copies, tensor cores."""
+    import importlib.util as util
+
+    spec = util.spec_from_file_location("cuda_static", ROOT / "benchmarks" / "cuda_static.py")
+    cuda_static = util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_static)
+    ptx = (
+        ".visible .entry _Z1av(\n  ld.global.nc.v4.u32 {%r1, %r2, %r3, %r4}, [%rd1];\n  ld.global.f32 %f1, [%rd2];\n"
+        "  ld.global.nc.u16 %rs1, [%rd3];\n  cp.async.cg.shared.global [%r5], [%rd4], 16;\n"
+        "  wmma.mma.sync.aligned.row.col.m16n16k16.f32.f16 {%f2}, {%r6}, {%r7}, {%f3};\n"
+        "  fma.rn.f32 %f4, %f5, %f6, %f7;\n"
+        "  ld.shared.v2.f32 {%f8, %f9}, [%r8];\n  ld.shared.f32 %f10, [%r9];\n}\n"
+        ".visible .entry _Z1bv(\n  ld.global.u32 %r10, [%rd5];\n}\n"
+    )
+    bodies = cuda_static._split_functions(ptx, re.compile(r"\.entry (\w+)\("))
+    counts = {name: {key: len(re.findall(p, body)) for key, p in cuda_static.PTX_COUNTS.items()}
+              for name, body in bodies.items()}
+    assert counts["_Z1av"] == {"global_loads_vector": 1, "global_loads_scalar": 2, "async_copies": 1,
+                               "shared_loads_vector": 1, "shared_loads_scalar": 1, "tensor_core": 1, "fp32_fma": 1}
+    assert counts["_Z1bv"]["global_loads_scalar"] == 1 and counts["_Z1bv"]["global_loads_vector"] == 0
