@@ -18,7 +18,8 @@
 //               per (row, 16 ranks), a gathered GEMV; prefill one block per (segment tile, ranks) on tensor
 //               cores when A is in x's 16-bit dtype
 //   expand-add  one launch for every slice: one block per (row, 128 columns, slice); thread c sums its
-//               column over the row's rank in a fixed order and adds once (fp32, rounded once to y's type)
+//               column over the row's rank in a fixed order and adds once (fp32, rounded once to y's type),
+//               reading B and s 16 bytes at a time where their rows are contiguous along the rank and aligned
 #pragma once
 
 #include <cstdint>
@@ -57,7 +58,7 @@ template <typename T, typename TA>
 __global__ void __launch_bounds__(kExpandCols)
     expand_add_rows_kernel(const Strided2D<T> y, const float* s, const LoraSlices<TA> b, const void* ids,
                            bool ids_int64, const int32_t* ranks, const float* scalings, int64_t offset, int64_t M,
-                           int64_t L, int64_t R) {
+                           int64_t L, int64_t R, unsigned vec_slices) {
   using namespace multi_lora_detail;
   const int64_t row = blockIdx.x;
   const int slice = static_cast<int>(blockIdx.z);
@@ -71,9 +72,38 @@ __global__ void __launch_bounds__(kExpandCols)
   const TA* b_col = w.data + ar.adapter * w.stride0 + col * w.stride1;
   const float* s_row = s + (static_cast<int64_t>(slice) * M + row) * R;
   float acc = 0.0f;
-  for (int64_t r = 0; r < ar.rank; ++r) acc = fmaf(s_row[r], to_float(b_col[r * w.stride2]), acc);
+  int64_t r = 0;
+  if ((vec_slices >> slice) & 1u) {  // B's row contiguous along the rank and 16-byte aligned: 16-byte loads
+    const int64_t r_vec = ar.rank / kVec * kVec;  // never past the rank
+    for (; r < r_vec; r += kVec) {
+      float bv[kVec], sv[kVec];
+      load8(b_col + r, bv);
+      load8(s_row + r, sv);
+#pragma unroll
+      for (int q = 0; q < kVec; ++q) acc = fmaf(sv[q], bv[q], acc);  // the scalar loop's order
+    }
+  }
+  for (; r < ar.rank; ++r) acc = fmaf(s_row[r], to_float(b_col[r * w.stride2]), acc);
   T& out = y.at(row, first + col);
   out = from_float<T>(to_float(out) + scalings[ar.adapter] * acc);
+}
+
+// Bit j set: every row of slice j's B (each adapter, each column) starts 16-byte aligned and is contiguous
+// along the rank, and so does every row of s (R a multiple of 4 floats): the expand reads both 8 elements at
+// a time.
+template <typename TA>
+inline unsigned vector_slices(const LoraSlices<TA>& slices, const float* s, int64_t R) {
+  constexpr int64_t kVec = multi_lora_detail::kVec;
+  if (reinterpret_cast<uintptr_t>(s) % 16 != 0 || R % 4 != 0) return 0;
+  unsigned mask = 0;
+  for (int j = 0; j < slices.n; ++j) {
+    const Strided3D<const TA>& w = slices.w[j];
+    if (w.stride2 == 1 && reinterpret_cast<uintptr_t>(w.data) % 16 == 0 && w.stride0 % kVec == 0 &&
+        w.stride1 % kVec == 0) {
+      mask |= 1u << j;
+    }
+  }
+  return mask;
 }
 
 template <typename TA>
@@ -138,7 +168,7 @@ cudaError_t launch_lora_expand_add(Strided2D<T> y, const float* s, const LoraSli
   if (M > kMaxGridX || col_tiles > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(col_tiles), static_cast<unsigned>(b.n));
   expand_add_rows_kernel<T, TA><<<grid, kExpandCols, 0, stream>>>(y, s, b, adapter_ids, ids_int64, ranks, scalings,
-                                                                  offset, M, L, R);
+                                                                  offset, M, L, R, vector_slices(b, s, R));
   return cudaPeekAtLastError();
 }
 
