@@ -65,8 +65,17 @@ def emulated_headers(tmp_path: Path) -> dict[str, int]:
     return counts
 
 
-def build(tmp_path: Path, program: str) -> Path:
-    """Compile tests/cuda_emulator/<program>.cpp against the emulated headers; skips without the tools."""
+SANITIZERS = {
+    # out-of-bounds reads and writes (buffers sized exactly to their strides), undefined behaviour
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"],
+    # data races between emulated CUDA threads: shared-memory accesses no __syncthreads orders
+    "thread": ["-fsanitize=thread"],
+}
+
+
+def build(tmp_path: Path, program: str, sanitizer: str = "address") -> Path:
+    """Compile tests/cuda_emulator/<program>.cpp against the emulated headers with ``sanitizer`` ("address":
+    ASan + UBSan; "thread": TSan); skips without the tools, fails without the sanitizer's runtime."""
     if not AVAILABLE:
         pytest.skip("needs the CUDA headers (nvcc) and g++")
     include = cuda_include_dir()
@@ -78,13 +87,12 @@ def build(tmp_path: Path, program: str) -> Path:
         "g++", "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", f"-I{tmp_path}", f"-I{include}",
         f"-I{EMULATOR}", str(EMULATOR / f"{program}.cpp"), "-o", str(binary),
     ]
-    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-    result = subprocess.run(command + sanitize, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command + SANITIZERS[sanitizer], capture_output=True, text=True, timeout=900)
     if result.returncode != 0 and re.search(r"lib(?:a|t|ub)san|-l(?:a|t|ub)san|sanitizer", result.stderr):
         pytest.fail(
-            "the emulator needs g++'s AddressSanitizer and UBSan runtimes (libasan, libubsan: e.g. "
-            "`apt-get install libasan8 libubsan1` for the installed g++); without them the programs would check "
-            "values only, not bounds:\n" + result.stderr[-2000:]
+            f"the emulator's {sanitizer} build needs g++'s sanitizer runtimes (AddressSanitizer and UBSan runtimes "
+            "libasan, libubsan; ThreadSanitizer's libtsan: e.g. `apt-get install libasan8 libubsan1 libtsan2` for "
+            "the installed g++); without them the programs would check values only:\n" + result.stderr[-2000:]
         )
     assert result.returncode == 0, result.stderr[-4000:]
     return binary

@@ -226,6 +226,16 @@ def test_c_api_header_is_plain_c(tmp_path):
         assert (ext.FLOAT16, ext.BFLOAT16, ext.FLOAT32) == (0, 1, 2)
 
 
+def test_serving_kernels_have_no_data_race_under_thread_sanitizer(tmp_path):
+    """lora_serving.cuh's program (segment table, decode / tiled / tensor-core shrinks, expand-add) under
+    ThreadSanitizer: each emulated CUDA thread is a host thread, so a shared-memory access that no
+    __syncthreads orders against another thread's write is reported as a data race (the emulator's racecheck)."""
+    binary = _emulator.build(tmp_path, "lora_serving_emulated", sanitizer="thread")
+    result = subprocess.run([str(binary), "--quick"], capture_output=True, text=True, timeout=1200)
+    assert "ThreadSanitizer" not in result.stderr, result.stderr[:4000]
+    assert result.returncode == 0 and result.stdout.strip().endswith("0 failures"), result.stdout[-2000:]
+
+
 def test_emulator_build_fails_without_the_sanitizer_runtimes(tmp_path, monkeypatch):
     """A missing libasan / libubsan fails the build loudly; it never falls back to an unsanitized program."""
     if not _emulator.AVAILABLE:

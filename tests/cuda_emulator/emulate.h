@@ -84,9 +84,15 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const TA& a, const TB
   d = out;
 }
 
+bool first_lane_of_warp();  // emu: whether this emulated thread is lane 0 of its warp
+
+// The warp writes each element once: lane 0 here (every lane holds the whole tile), so that lanes writing
+// the same value concurrently are no race to ThreadSanitizer, and a read of the tile by another lane that
+// no barrier orders after the store is one.
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
   check_pointer(p, ldm, sizeof(float));
+  if (!first_lane_of_warp()) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * 16 + c];
 }
@@ -101,6 +107,16 @@ inline dim3 grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
 
 inline void syncthreads() { block_barrier->arrive_and_wait(); }
+
+}  // namespace emu
+
+inline bool nvcuda::wmma::first_lane_of_warp() {
+  const unsigned linear =
+      emu::thread_idx.x + emu::block_dim.x * (emu::thread_idx.y + emu::block_dim.y * emu::thread_idx.z);
+  return linear % 32 == 0;
+}
+
+namespace emu {
 
 // ---- the runtime's error state: cudaGetLastError returns and clears it, cudaPeekAtLastError only returns it.
 inline cudaError_t last_error = cudaSuccess;
