@@ -60,17 +60,29 @@ NVCC ?= nvcc
 CUDA_EXAMPLE_ARCH ?= 80
 .PHONY: cuda-example gpu-test-memcheck
 cuda-example:
-	mkdir -p build
-	for example in lora_forward_example multi_lora_forward_example lora_serving_example; do \
-		$(NVCC) -std=c++17 -O2 -Icsrc/include \
+	mkdir -p build/vendor/peftkern_b
+	# A second vendored copy of the headers in a folder of its own (vendored_twice_example includes both).
+	for header in csrc/include/peftkern/*; do \
+		{ echo "// vendored copy B of peftkern"; cat $$header; } > build/vendor/peftkern_b/$$(basename $$header); \
+	done
+	for example in lora_forward_example multi_lora_forward_example lora_serving_example vendored_twice_example; do \
+		$(NVCC) -std=c++17 -O2 -Icsrc/include -Ibuild/vendor \
 			-gencode=arch=compute_$(CUDA_EXAMPLE_ARCH),code=sm_$(CUDA_EXAMPLE_ARCH) \
 			csrc/examples/$$example.cu -o build/$$example || exit 1; \
 	done
 
 # No caching allocator, so that every tensor is its own allocation and an out-of-bounds access is caught.
+# memcheck over every CUDA-backend GPU test; then racecheck (shared-memory hazards), synccheck (barriers) and
+# initcheck (reads of uninitialised device memory) over a small subset, each tool far slower than memcheck
+# (the default path, the fused opt-in and the dropout mask at one odd shape each).
+GPU_SANITIZER_SUBSET ?= tests/test_cuda_backend.py -k "17x33x17x8 or decode_and_tiled or dropout_mask_is"
 gpu-test-memcheck:
 	PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
 		$(PYTHON) -m pytest -q -m "gpu and not slow" tests/test_cuda_*.py
+	for tool in racecheck synccheck initcheck; do \
+		PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $$tool --error-exitcode 1 \
+			$(PYTHON) -m pytest -q -x -m "gpu and not slow" $(GPU_SANITIZER_SUBSET) || exit 1; \
+	done
 
 # The static performance report (no GPU): every Triton kernel compiled for sm_90a with triton 3.6 (the GPU
 # machines'), every op call's launches, host syncs and bytes, the bytes autograd saves; into

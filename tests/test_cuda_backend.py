@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -176,6 +177,83 @@ def test_vendoring_example_compiles_and_runs_where_it_can(tmp_path):
         assert "no CUDA device here" in run.stdout
 
 
+@needs_nvcc
+def test_two_vendored_copies_and_the_c_api_build_into_one_program(tmp_path):
+    """csrc/examples/vendored_twice_example.cu includes the headers twice, under two PEFTKERN_ABI_NAMESPACEs (the
+    second copy in a folder of its own, as `make cuda-example` lays it out), and the C API from the first;
+    it compiles for sm_90a with nvcc alone and runs only on a GPU."""
+    second = tmp_path / "vendor" / "peftkern_b"
+    second.mkdir(parents=True)
+    for header in (ROOT / "csrc" / "include" / "peftkern").iterdir():
+        (second / header.name).write_text("// vendored copy B of peftkern\n" + header.read_text())
+    binary = tmp_path / "vendored_twice_example"
+    build = subprocess.run(
+        [NVCC, "-std=c++17", "-O1", f"-I{ROOT / 'csrc' / 'include'}", f"-I{tmp_path / 'vendor'}",
+         "-gencode=arch=compute_90a,code=sm_90a", str(ROOT / "csrc" / "examples" / "vendored_twice_example.cu"),
+         "-o", str(binary)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    symbols = subprocess.run(["nm", "-C", str(binary)], capture_output=True, text=True).stdout
+    for copy in ("copy_a", "copy_b"):  # each copy's kernels are symbols of their own
+        assert f"peftkern::{copy}::multi_lora_detail::shrink_rows_kernel" in symbols, copy
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    if HAS_GPU:
+        assert run.returncode == 0 and "0 out of tolerance" in run.stdout, run.stdout + run.stderr
+    else:
+        assert run.returncode == 2 and "no CUDA device here" in run.stdout, run.stdout + run.stderr
+
+
+@needs_nvcc
+def test_c_api_header_is_plain_c(tmp_path):
+    """peftkern_c.h compiles as C (for FFI callers): its enum codes are the bindings' dtype codes."""
+    include = _emulator.cuda_include_dir()
+    if include is None or shutil.which("gcc") is None:
+        pytest.skip("no gcc or CUDA include directory")
+    program = tmp_path / "c_api.c"
+    program.write_text(
+        "#include <peftkern/peftkern_c.h>\n"
+        "_Static_assert(PEFTKERN_FLOAT16 == 0 && PEFTKERN_BFLOAT16 == 1 && PEFTKERN_FLOAT32 == 2, \"codes\");\n"
+        "int main(void) { peftkern_segments s = {0}; return (int)s.n_tiles; }\n"
+    )
+    result = subprocess.run(
+        ["gcc", "-std=c11", "-Wall", "-Werror", "-fsyntax-only", f"-I{ROOT / 'csrc' / 'include'}", f"-I{include}",
+         str(program)], capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    if EXTENSION_PRESENT:
+        ext = cuda_ext()
+        assert (ext.FLOAT16, ext.BFLOAT16, ext.FLOAT32) == (0, 1, 2)
+
+
+def test_serving_kernels_have_no_data_race_under_thread_sanitizer(tmp_path):
+    """lora_serving.cuh's program (segment table, decode / tiled / tensor-core shrinks, expand-add) under
+    ThreadSanitizer: each emulated CUDA thread is a host thread, so a shared-memory access that no
+    __syncthreads orders against another thread's write is reported as a data race (the emulator's racecheck)."""
+    binary = _emulator.build(tmp_path, "lora_serving_emulated", sanitizer="thread")
+    result = subprocess.run([str(binary), "--quick"], capture_output=True, text=True, timeout=1200)
+    assert "ThreadSanitizer" not in result.stderr, result.stderr[:4000]
+    assert result.returncode == 0 and result.stdout.strip().endswith("0 failures"), result.stdout[-2000:]
+
+
+def test_emulator_build_fails_without_the_sanitizer_runtimes(tmp_path, monkeypatch):
+    """A missing libasan / libubsan fails the build loudly; it never falls back to an unsanitized program."""
+    if not _emulator.AVAILABLE:
+        pytest.skip("needs the CUDA headers (nvcc) and g++")
+    real_run, compiles = subprocess.run, []
+
+    def run_without_asan(command, *args, **kwargs):
+        if command[0] == "g++":
+            compiles.append(command)
+            return subprocess.CompletedProcess(command, 1, "", "/usr/bin/ld: cannot find -lasan: No such file")
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(_emulator.subprocess, "run", run_without_asan)
+    with pytest.raises(pytest.fail.Exception, match="AddressSanitizer and UBSan runtimes"):
+        _emulator.build(tmp_path, "lora_emulated")
+    assert len(compiles) == 1 and "-fsanitize=address,undefined" in compiles[0]
+
+
 def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
     """No GPU here, so run the header's launchers on a CPU emulation of the CUDA model
     (tests/cuda_emulator): one thread per CUDA thread, buffers sized exactly to their strides, under
@@ -187,6 +265,163 @@ def test_kernels_on_the_cpu_emulator_match_float64_and_stay_in_bounds(tmp_path):
     # PEFTKERN_EMULATE_FULL=1: every shape x dtype pairing x layout (210 cases, minutes) instead of CI's 48.
     expected = "210 cases, 0 failures" if _emulator.FULL else "48 cases, 0 failures"
     assert _emulator.run(binary).strip().endswith(expected)
+
+
+# ---- CPU: the default path's composition (cuBLAS base GEMM + serving shrink / expand-add) -----------------
+# The launchers of lora_serving.cuh are checked on the emulator (test_lora_serving.py); here they are replaced
+# by float64 row loops (peftkern.reference) that also assert the contract the real bindings impose, so that
+# _cuda.lora_forward / lora_backward (dropout mask, transposed views, path choice, the small GEMMs, rounding)
+# run on CPU tensors against the reference.
+
+
+class CpuServingKernels:
+    """Stand-ins for _cuda_multi_lora.lora_shrink / lora_expand_add on CPU tensors; records each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _check_batch(M, adapter_ids, ranks, L):
+        assert adapter_ids.dtype == torch.int32 and tuple(adapter_ids.shape) == (M,)
+        assert ranks.dtype == torch.int32 and tuple(ranks.shape) == (L,)
+
+    def shrink(self, x, slices, adapter_ids, ranks, segments):
+        M = x.shape[0]
+        assert x.dtype in DTYPES and slices[0].dtype in (x.dtype, torch.float32)
+        assert slices[0].ndim == 3 and slices[0].shape[2] == x.shape[1]
+        self._check_batch(M, adapter_ids, ranks, slices[0].shape[0])
+        if M <= 64:
+            assert segments is None, "up to 64 rows the shrink must run the row-parallel decode kernel"
+        else:  # the one-adapter table: tiles (0, start, end) whose 64-row windows cover every row once
+            perm, tiles = segments
+            assert perm.dtype == tiles.dtype == torch.int64 and torch.equal(perm, torch.arange(M))
+            covered = torch.zeros(M, dtype=torch.int64)
+            for adapter, start, end in tiles.t().tolist():
+                assert adapter == 0
+                covered[start:min(end, M, start + 64)] += 1
+            assert torch.equal(covered, torch.ones(M, dtype=torch.int64))
+        self.calls.append(("shrink", M, segments is not None))
+        return reference.lora_shrink(x, slices, adapter_ids, ranks).to(torch.float32)
+
+    def expand_add(self, y, s, slices, adapter_ids, scalings, ranks, offset):
+        M = y.shape[0]
+        assert y.dtype in DTYPES and slices[0].dtype in (y.dtype, torch.float32)
+        assert s.dtype == torch.float32 and tuple(s.shape) == (len(slices), M, slices[0].shape[2])
+        assert scalings.dtype == torch.float32 and offset == 0
+        self._check_batch(M, adapter_ids, ranks, slices[0].shape[0])
+        self.calls.append(("expand_add", M, y.dtype))
+        reference.lora_expand_add(y, list(s), slices, adapter_ids, scalings, offset, ranks)
+
+
+@pytest.fixture
+def cpu_serving(monkeypatch):
+    from types import SimpleNamespace
+
+    from peftkern.ops import _cuda, _cuda_multi_lora
+
+    kernels = CpuServingKernels()
+    monkeypatch.setattr(_cuda_multi_lora, "lora_shrink", kernels.shrink)
+    monkeypatch.setattr(_cuda_multi_lora, "lora_expand_add", kernels.expand_add)
+    monkeypatch.setattr(_cuda, "cuda_extension", lambda: SimpleNamespace(FLOAT16=0, BFLOAT16=1, FLOAT32=2))
+    monkeypatch.setattr(_cuda, "BASE_GEMM", None)
+    monkeypatch.delenv("PEFTKERN_CUDA_BASE_GEMM", raising=False)
+    return kernels
+
+
+def run_default_path(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed=77, need_dx=True):
+    """_cuda.lora_forward / lora_backward against the float64 reference and its autograd."""
+    from peftkern.ops import _cuda
+
+    seed_t = torch.tensor([seed], dtype=torch.int64) if dropout_p else None
+    with torch.no_grad():
+        y, s = _cuda.lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed_t)
+        grad = torch.randn(y.shape).to(x.dtype)
+        dx, da, db = _cuda.lora_backward(grad, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed_t, need_dx)
+    x64, w64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, weight, lora_a, lora_b))
+    bias64 = None if bias is None else bias.detach().double()
+    y64 = reference.lora_linear(x64, w64, bias64, a64, b64, scaling, dropout_p, seed=seed if dropout_p else None)
+    y64.backward(grad.double())
+    dtype = x.dtype
+    assert y.dtype == dtype and s.dtype == torch.float32 and tuple(s.shape) == (x.shape[0], lora_a.shape[0])
+    assert_close(y, y64, "y", dtype)
+    assert da.dtype == lora_a.dtype and db.dtype == lora_b.dtype
+    assert_close(da, a64.grad, "dA", dtype)
+    assert_close(db, b64.grad, "dB", dtype)
+    if need_dx:
+        assert dx.dtype == dtype
+        assert_close(dx, x64.grad, "dx", dtype)
+    else:
+        assert dx is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 17, 33, 1), (33, 65, 17, 16), (130, 33, 19, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_default_path_composes_cublas_and_the_serving_kernels(cpu_serving, dtype, shape, dropout_p):
+    M, K, N, r = shape
+    x, weight, bias, lora_a, lora_b = (
+        t.detach() if t is not None else None for t in make_lora_inputs(M, K, N, r, dtype)
+    )
+    run_default_path(x, weight, bias, lora_a, lora_b, 0.75, dropout_p)
+    tiled = M > 64
+    # forward: one shrink (decode kernel up to 64 rows, else the tile table), one expand-add into y;
+    # backward: the shrink of dY with B.T, one expand-add (into dX, or into an fp32 buffer with dropout).
+    assert cpu_serving.calls == [
+        ("shrink", M, tiled), ("expand_add", M, dtype),
+        ("shrink", M, tiled), ("expand_add", M, torch.float32 if dropout_p else dtype),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_default_path_fp32_adapters_transposed_views_no_dx(cpu_serving, dtype):
+    M, K, N, r = 70, 40, 23, 6
+    x, weight, bias, lora_a, lora_b = (
+        t.detach() for t in make_lora_inputs(M, K, N, r, dtype, adapter_dtype=torch.float32)
+    )
+    wide = torch.randn(M, 2 * K).to(dtype)
+    x_strided = wide[:, ::2]
+    x_strided.copy_(x)
+    w_t, a_t, b_t = (t.T.contiguous().T for t in (weight, lora_a, lora_b))
+    assert not x_strided.is_contiguous() and a_t.stride() == (1, r)
+    run_default_path(x_strided, w_t, None, a_t, b_t, 2.0, 0.2, need_dx=False)
+    run_default_path(x_strided, w_t, bias, a_t, b_t, 0.0, 0.0)
+
+
+def test_default_path_empty_batch_and_bad_s(cpu_serving):
+    from peftkern.ops import _cuda
+
+    x, weight, bias, lora_a, lora_b = (t.detach() for t in make_lora_inputs(1, 17, 9, 4, torch.float32))
+    y, s = _cuda.lora_forward(x[:0], weight, bias, lora_a, lora_b, 1.0, 0.3, torch.tensor([5]))
+    assert y.shape == (0, 9) and s.shape == (0, 4) and s.dtype == torch.float32
+    dx, da, db = _cuda.lora_backward(y, x[:0], weight, lora_a, lora_b, s, 1.0, 0.3, torch.tensor([5]), True)
+    assert dx.shape == (0, 17)
+    assert torch.equal(da, torch.zeros_like(lora_a)) and torch.equal(db, torch.zeros_like(lora_b))
+    assert cpu_serving.calls == []
+    with pytest.raises(ValueError, match=r"s: expected a float32 \[1, 4\] tensor from the forward"):
+        _cuda.lora_backward(torch.ones(1, 9), x, weight, lora_a, lora_b, torch.ones(1, 4, dtype=torch.float64),
+                            1.0, 0.0, None, True)
+    with pytest.raises(TypeError, match=r"x: backend 'cuda' supports float16, bfloat16 and float32"):
+        _cuda.lora_forward(x.double(), weight.double(), None, lora_a.double(), lora_b.double(), 1.0, 0.0, None)
+
+
+def test_fused_path_is_an_explicit_opt_in(cpu_serving, monkeypatch):
+    from peftkern.ops import _cuda
+
+    assert _cuda.base_gemm_path() == "cublas"
+    calls = []
+    monkeypatch.setattr(_cuda, "lora_forward_fused", lambda *args: calls.append("forward") or "fused forward")
+    monkeypatch.setattr(_cuda, "lora_backward_fused", lambda *args: calls.append("backward") or "fused backward")
+    monkeypatch.setenv("PEFTKERN_CUDA_BASE_GEMM", "fused")
+    assert _cuda.base_gemm_path() == "fused"
+    assert _cuda.lora_forward(*[None] * 8) == "fused forward"
+    assert _cuda.lora_backward(*[None] * 10) == "fused backward"
+    assert calls == ["forward", "backward"] and cpu_serving.calls == []
+    monkeypatch.setattr(_cuda, "BASE_GEMM", "cublas")  # the module setting wins over the environment
+    assert _cuda.base_gemm_path() == "cublas"
+    monkeypatch.setattr(_cuda, "BASE_GEMM", "wmma")
+    with pytest.raises(ValueError, match=r"PEFTKERN_CUDA_BASE_GEMM: expected one of \('cublas', 'fused'\), got 'wmma'"):
+        _cuda.base_gemm_path()
 
 
 # ---- GPU: every dtype and odd shape against the float64 reference ------------------------------------------
@@ -235,6 +470,32 @@ def test_status_reports_available_on_a_gpu():
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_matches_reference(dtype, shape, dropout_p, no_tf32):
     run_and_compare(*make_inputs(*shape, dtype), scaling=0.75, dropout_p=dropout_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_fused_wmma_opt_in_matches_reference(dtype, shape, dropout_p, no_tf32, monkeypatch):
+    """BASE_GEMM = "fused": lora.cuh's WMMA GEMM with the expand in its epilogue (the header-level option)."""
+    from peftkern.ops import _cuda
+
+    monkeypatch.setattr(_cuda, "BASE_GEMM", "fused")
+    run_and_compare(*make_inputs(*shape, dtype), scaling=0.75, dropout_p=dropout_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 64, 65, 300])
+def test_default_path_decode_and_tiled_shrink_agree(M, no_tf32):
+    """Up to 64 rows the row-parallel decode shrink, above them the tiled one: both the reference's s."""
+    from peftkern.ops import _cuda
+
+    x, weight, bias, lora_a, lora_b = (t.detach() for t in make_inputs(M, 200, 48, 24, torch.bfloat16))
+    y, s = _cuda.lora_forward(x, weight, bias, lora_a, lora_b, 0.5, 0.0, None)
+    expected = x.double() @ lora_a.double().T
+    assert_close(s, expected, "s", torch.bfloat16)
+    assert_close(y, (x.double() @ weight.double().T + bias.double()) + 0.5 * expected @ lora_b.double().T, "y",
+                 torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -419,3 +680,26 @@ def test_forward_captures_in_a_cuda_graph(no_tf32):
         return peftkern.lora_linear(x, weight, bias, lora_a, lora_b, 0.5, 0.3, seed=seed, backend="cuda")
 
     assert_graph_replay_follows(run, x)
+
+
+def test_cuda_static_figures_classify_ptx_loads():
+    """benchmarks/cuda_static.py's PTX counts: vector vs scalar global loads, async copies, tensor cores."""
+    import importlib.util as util
+
+    spec = util.spec_from_file_location("cuda_static", ROOT / "benchmarks" / "cuda_static.py")
+    cuda_static = util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_static)
+    ptx = (
+        ".visible .entry _Z1av(\n  ld.global.nc.v4.u32 {%r1, %r2, %r3, %r4}, [%rd1];\n  ld.global.f32 %f1, [%rd2];\n"
+        "  ld.global.nc.u16 %rs1, [%rd3];\n  cp.async.cg.shared.global [%r5], [%rd4], 16;\n"
+        "  wmma.mma.sync.aligned.row.col.m16n16k16.f32.f16 {%f2}, {%r6}, {%r7}, {%f3};\n"
+        "  fma.rn.f32 %f4, %f5, %f6, %f7;\n"
+        "  ld.shared.v2.f32 {%f8, %f9}, [%r8];\n  ld.shared.f32 %f10, [%r9];\n}\n"
+        ".visible .entry _Z1bv(\n  ld.global.u32 %r10, [%rd5];\n}\n"
+    )
+    bodies = cuda_static._split_functions(ptx, re.compile(r"\.entry (\w+)\("))
+    counts = {name: {key: len(re.findall(p, body)) for key, p in cuda_static.PTX_COUNTS.items()}
+              for name, body in bodies.items()}
+    assert counts["_Z1av"] == {"global_loads_vector": 1, "global_loads_scalar": 2, "async_copies": 1,
+                               "shared_loads_vector": 1, "shared_loads_scalar": 1, "tensor_core": 1, "fp32_fma": 1}
+    assert counts["_Z1bv"]["global_loads_scalar"] == 1 and counts["_Z1bv"]["global_loads_vector"] == 0

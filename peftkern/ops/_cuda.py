@@ -1,6 +1,28 @@
-"""The CUDA C++ launchers of the fused LoRA linear: the same signatures and return conventions as
-``peftkern.triton_kernels.lora``'s, calling the header-only kernels of ``csrc/include/peftkern/lora.cuh``
-through ``peftkern._C`` with raw device addresses on torch's current stream.
+"""The CUDA C++ backend of the LoRA linear, and the helpers every ``_cuda_*`` module shares.
+
+Default path (``BASE_GEMM = "cublas"``): the frozen base GEMM is torch's (``F.linear`` / ``matmul``: cuBLAS or
+cuBLASLt on the GPU), and only the low-rank part runs peftkern's own kernels, the serving pieces of
+``csrc/include/peftkern/lora_serving.cuh`` (through ``_cuda_multi_lora.lora_shrink`` / ``lora_expand_add``)
+with one adapter slot:
+
+    forward   y = F.linear(x, W, b)                              cuBLAS
+              s = shrink(x * keep, A) / (1 - p)                  [M, r] fp32; M <= 64: the row-parallel
+                                                                 (decode) kernel, else one 64-row tile table
+              y += scaling * s @ B.T                             expand-add, fp32 sum rounded once into y
+    backward  dS = scaling * shrink(dY, B.T)                     [M, r] fp32
+              dX = dY @ W  (+)  expand(dS, A.T) * keep / (1 - p)  cuBLAS, then expand-add (into dX directly
+                                                                 without dropout; else into an fp32 buffer
+                                                                 that one addcmul masks and adds)
+              dA = dS.T @ (x * keep) / (1 - p), dB = scaling * dY.T @ s    small cuBLAS GEMMs in fp32 (x and
+                                                                 dY read through fp32 copies, as the torch
+                                                                 backend does)
+
+The dropout keep-mask is ``_dropout.keep_mask``'s (the torch and Triton backends' stream, bit for bit).
+
+``BASE_GEMM = "fused"`` (or ``PEFTKERN_CUDA_BASE_GEMM=fused`` in the environment) runs instead the
+header-level fused kernels of ``csrc/include/peftkern/lora.cuh`` (the WMMA base GEMM with the low-rank
+expand in its epilogue, and its own dropout), the option for callers without cuBLAS; an explicit opt-in, not
+the default, since a hand-written 64x64 WMMA tile is far behind cuBLAS on Hopper.
 
 Outputs and workspaces are allocated here with torch (so they come from torch's caching allocator and
 follow its stream semantics); the extension only launches kernels.
@@ -8,11 +30,24 @@ follow its stream semantics); the extension only launches kernels.
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 
 from ..backends import cuda_extension
+from ._dropout import keep_mask
 
-__all__ = ["lora_forward", "lora_backward"]
+__all__ = ["BASE_GEMM_PATHS", "base_gemm_path", "lora_forward", "lora_backward", "lora_forward_fused",
+           "lora_backward_fused"]
+
+BASE_GEMM_PATHS = ("cublas", "fused")
+# The path backend "cuda" runs for lora_linear: None = the environment's PEFTKERN_CUDA_BASE_GEMM, else "cublas".
+BASE_GEMM: str | None = None
+# Up to this many rows the shrink runs the row-parallel (decode) kernel; above it, 64-row tiles of one adapter
+# (peftkern::kMultiLoraDecodeMaxRows, peftkern::kMultiLoraSegmentRows).
+DECODE_MAX_ROWS = 64
+SEGMENT_ROWS = 64
 
 
 def _dtype_code(ext, dtype: torch.dtype, name: str) -> int:
@@ -63,7 +98,7 @@ def _seed_address(seed: torch.Tensor | None, dropout_p: float, x: torch.Tensor) 
     return int(seed.data_ptr()), float(dropout_p)
 
 
-def lora_forward(
+def lora_forward_fused(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -73,7 +108,8 @@ def lora_forward(
     dropout_p: float,
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (Y [M, N] in x's dtype, S [M, r] fp32). x: [M, K] (any strides); inputs already checked."""
+    """lora.cuh's fused forward (the WMMA base GEMM, expand in its epilogue): returns (Y [M, N] in x's dtype,
+    S [M, r] fp32). x: [M, K] (any strides); inputs already checked."""
     ext = cuda_extension()
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
@@ -98,7 +134,7 @@ def lora_forward(
     return y, s
 
 
-def lora_backward(
+def lora_backward_fused(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -110,9 +146,8 @@ def lora_backward(
     seed: torch.Tensor | None,
     need_dx: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Returns (dX [M, K] or None, dA [r, K], dB [N, r]) in the dtypes of x, A and B.
-
-    grad_y: [M, N]; x: [M, K]; s: [M, r] fp32 (from the forward). dW and db are left to the caller.
+    """lora.cuh's fused backward: returns (dX [M, K] or None, dA [r, K], dB [N, r]) in the dtypes of x, A
+    and B. grad_y: [M, N]; x: [M, K]; s: [M, r] fp32 (from the forward). dW and db are left to the caller.
     """
     ext = cuda_extension()
     M, K = x.shape
@@ -148,4 +183,139 @@ def lora_backward(
             workspace.data_ptr(), workspace_floats,
             M, N, K, R, float(scaling), p_drop, seed_ptr, device, stream,
         )
+    return dx, grad_a, grad_b
+
+
+# ---- the default path: cuBLAS for the base GEMM, peftkern's shrink / expand-add for the low-rank part ------
+
+
+def base_gemm_path() -> str:
+    """The path ``lora_linear`` runs on backend "cuda": "cublas" (the default) or "fused" (``BASE_GEMM``, else
+    the environment variable ``PEFTKERN_CUDA_BASE_GEMM``)."""
+    path = BASE_GEMM if BASE_GEMM is not None else (os.environ.get("PEFTKERN_CUDA_BASE_GEMM") or "cublas")
+    if path not in BASE_GEMM_PATHS:
+        raise ValueError(f"PEFTKERN_CUDA_BASE_GEMM: expected one of {BASE_GEMM_PATHS}, got {path!r}")
+    return path
+
+
+def _serving():
+    """The serving launchers (``_cuda_multi_lora`` imports this module: imported on use)."""
+    from . import _cuda_multi_lora
+
+    return _cuda_multi_lora
+
+
+def _one_slot(x: torch.Tensor, R: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids [M] int32 zeros, ranks [1] int32 = R, scalings [1] fp32 = scale): a batch whose every row uses the
+    one adapter slot, built on x's device by fills (no host-to-device copy, no sync)."""
+    M = x.shape[0]
+    meta = torch.zeros(M + 1, device=x.device, dtype=torch.int32)
+    meta[M:].fill_(R)
+    return meta[:M], meta[M:], torch.full((1,), scale, device=x.device, dtype=torch.float32)
+
+
+def _one_slot_segments(M: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """None up to DECODE_MAX_ROWS rows (the shrink's row-parallel decode kernel: a block per row and 16
+    ranks, threads split K with 16-byte loads); else the segment table (perm, tiles) of one adapter: rows in
+    place, tiles (0, 64 t, M) (the tiled kernels: tensor cores when A is in x's 16-bit dtype)."""
+    if M <= DECODE_MAX_ROWS:
+        return None
+    n_tiles = -(-M // SEGMENT_ROWS)
+    perm = torch.arange(M, device=device, dtype=torch.int64)
+    tiles = torch.empty((3, n_tiles), device=device, dtype=torch.int64)
+    tiles[0].zero_()
+    torch.arange(0, n_tiles * SEGMENT_ROWS, SEGMENT_ROWS, out=tiles[1])
+    tiles[2].fill_(M)
+    return perm, tiles
+
+
+def _keep(seed: torch.Tensor | None, x: torch.Tensor, dropout_p: float) -> torch.Tensor | None:
+    if seed is None or dropout_p == 0.0:
+        return None
+    return keep_mask(seed, tuple(x.shape), dropout_p, x.dtype)
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (Y [M, N] in x's dtype, S [M, r] fp32). x: [M, K] (any strides); inputs already checked.
+    See the module docstring for the path (``base_gemm_path()``)."""
+    if base_gemm_path() == "fused":
+        return lora_forward_fused(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    _, _, bias = _linear_codes(cuda_extension(), x, weight, bias, lora_a, lora_b)
+    M, R = x.shape[0], lora_a.shape[0]
+    y = F.linear(x, weight, bias)
+    if M == 0:
+        return y, torch.empty((0, R), device=x.device, dtype=torch.float32)
+    keep = _keep(seed, x, dropout_p)
+    ids, ranks, scalings = _one_slot(x, R, scaling)
+    serving = _serving()
+    s = serving.lora_shrink(x if keep is None else x * keep, [lora_a.unsqueeze(0)], ids, ranks,
+                            _one_slot_segments(M, x.device))[0]
+    if keep is not None:
+        s.mul_(1.0 / (1.0 - dropout_p))
+    serving.lora_expand_add(y, s.unsqueeze(0), [lora_b.unsqueeze(0)], ids, scalings, ranks, 0)
+    return y, s
+
+
+def lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    need_dx: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Returns (dX [M, K] or None, dA [r, K], dB [N, r]) in the dtypes of x, A and B.
+
+    grad_y: [M, N]; x: [M, K]; s: [M, r] fp32 (from the forward). dW and db are left to the caller.
+    """
+    if base_gemm_path() == "fused":
+        return lora_backward_fused(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx)
+    _linear_codes(cuda_extension(), x, weight, None, lora_a, lora_b)
+    M, K = x.shape
+    R = lora_a.shape[0]
+    if M == 0:
+        dx = torch.empty((0, K), device=x.device, dtype=x.dtype) if need_dx else None
+        return dx, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+    if s.dtype != torch.float32 or tuple(s.shape) != (M, R):
+        raise ValueError(
+            f"s: expected a float32 [{M}, {R}] tensor from the forward, got {s.dtype} {tuple(s.shape)}"
+        )
+    dy = grad_y.to(x.dtype)
+    keep = _keep(seed, x, dropout_p)
+    inv_keep = 1.0 if keep is None else 1.0 / (1.0 - dropout_p)
+    ids, ranks, scalings = _one_slot(x, R, inv_keep)
+    serving = _serving()
+    # dS = scaling * dY @ B: the shrink with B.T [r, N] (copied contiguous, r * N elements, for 16-byte loads).
+    b_t = lora_b.t().contiguous().unsqueeze(0)
+    ds = serving.lora_shrink(dy, [b_t], ids, ranks, _one_slot_segments(M, x.device))[0].mul_(scaling)
+    dropped = x if keep is None else x * keep
+    # The small GEMMs dA [r, K] and dB [N, r] on cuBLAS in fp32, as the torch backend computes them: rounding
+    # the [M, r] operand to 16 bits instead (to read dY / x as they are) misses bf16's tolerance at M = 130
+    # when the sum cancels; the fp32 copies of x and dY are this path's extra traffic.
+    grad_a = ds.mul(inv_keep).t() @ dropped.float()
+    grad_b = dy.t().float() @ s.mul(scaling)
+    grad_a, grad_b = grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)
+    if not need_dx:
+        return None, grad_a, grad_b
+    dx = dy @ weight
+    a_t = lora_a.unsqueeze(0).transpose(1, 2)  # [1, K, r]: expand-add's B
+    if keep is None:  # dX += dS @ A, summed in fp32 and rounded once into dX
+        serving.lora_expand_add(dx, ds.unsqueeze(0), [a_t], ids, scalings, ranks, 0)
+    else:  # dX += (dS @ A / (1 - p)) * keep: the LoRA part in fp32, masked and added in one pass
+        lora = torch.zeros((M, K), device=x.device, dtype=torch.float32)
+        serving.lora_expand_add(lora, ds.unsqueeze(0), [a_t.float()], ids, scalings, ranks, 0)
+        dx.addcmul_(lora, keep)
     return dx, grad_a, grad_b

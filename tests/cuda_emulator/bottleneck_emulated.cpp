@@ -114,7 +114,7 @@ void run_case(const Case& c) {
   };
   std::unique_ptr<float[]> h = poisoned(M * NB);
   std::unique_ptr<TW[]> act(new TW[std::max<int64_t>(M * NB, 1)]), dh(new TW[std::max<int64_t>(M * NB, 1)]);
-  for (int64_t i = 0; i < std::max<int64_t>(M * NB, 1); ++i) act[i] = dh[i] = peftkern::from_float<TW>(NAN);
+  for (int64_t i = 0; i < std::max<int64_t>(M * NB, 1); ++i) act[i] = dh[i] = peftkern::detail::from_float<TW>(NAN);
 
   // Ids: mixed cycles through every adapter, -1 and three ids outside [-1, L) (never read as an index).
   std::vector<int64_t> ids64(M > 0 ? M : 1, 0);

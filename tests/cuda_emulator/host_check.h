@@ -74,18 +74,18 @@ struct HostTensor {
     const bool empty = n0 == 0 || n1 == 0 || n2 == 0;
     const int64_t span = empty ? 1 : (n0 - 1) * st0 + (n1 - 1) * st1 + (n2 - 1) * st2 + 1;
     data.reset(new T[span]);
-    for (int64_t i = 0; i < span; ++i) data[i] = peftkern::from_float<T>(NAN);
+    for (int64_t i = 0; i < span; ++i) data[i] = peftkern::detail::from_float<T>(NAN);
   }
   // Every element addressed set to uniform_pm1() * scale in index order (zero when !fill); padding NaN.
   HostTensor(int64_t n0, int64_t n1, int64_t n2, int64_t st0, int64_t st1, int64_t st2, float scale, bool fill = true)
       : HostTensor(n0, n1, n2, st0, st1, st2) {
     for (int64_t a = 0; a < n0; ++a)
       for (int64_t i = 0; i < n1; ++i)
-        for (int64_t j = 0; j < n2; ++j) at(a, i, j) = peftkern::from_float<T>(fill ? uniform_pm1() * scale : 0.0f);
+        for (int64_t j = 0; j < n2; ++j) at(a, i, j) = peftkern::detail::from_float<T>(fill ? uniform_pm1() * scale : 0.0f);
   }
 
   T& at(int64_t a, int64_t i, int64_t j) { return data[a * s0 + i * s1 + j * s2]; }
-  double get(int64_t a, int64_t i, int64_t j) const { return peftkern::to_float(data[a * s0 + i * s1 + j * s2]); }
+  double get(int64_t a, int64_t i, int64_t j) const { return peftkern::detail::to_float(data[a * s0 + i * s1 + j * s2]); }
   // As a [d1, d2] matrix (d0 == 1).
   double get(int64_t i, int64_t j) const { return get(0, i, j); }
   peftkern::Strided2D<const T> view() const { return {data.get(), s1, s2}; }

@@ -80,8 +80,8 @@ void run_case(const Case& c, const std::string& name) {
                              : HostTensor<TA>(layers * L, N, R, N * R, R, 1));
     for (int64_t i = 0; i < L; ++i)
       for (int64_t r = 0; r < ranks[i]; ++r) {  // the other layer and the padding past each rank stay NaN
-        for (int64_t k = 0; k < K; ++k) a[j].at(layer * L + i, r, k) = peftkern::from_float<TA>(uniform_pm1() * 0.3f);
-        for (int64_t m = 0; m < N; ++m) b[j].at(layer * L + i, m, r) = peftkern::from_float<TA>(uniform_pm1() * 0.5f);
+        for (int64_t k = 0; k < K; ++k) a[j].at(layer * L + i, r, k) = peftkern::detail::from_float<TA>(uniform_pm1() * 0.3f);
+        for (int64_t m = 0; m < N; ++m) b[j].at(layer * L + i, m, r) = peftkern::detail::from_float<TA>(uniform_pm1() * 0.5f);
       }
     a_slices.w[j] = peftkern::lora_layer(host_check::view3<peftkern::Strided3D>(a[j]), layer, L * R * K);
     b_slices.w[j] = peftkern::lora_layer(host_check::view3<peftkern::Strided3D>(b[j]), layer, L * N * R);
@@ -164,6 +164,50 @@ void run_all(bool quick) {
   }
 }
 
+// The launchers return their own launch's error (cudaPeekAtLastError right after it): a launch the device
+// refuses is reported by the call that made it, stops the calls after it (the shrink's second slice is
+// never launched), and stays pending for the caller's cudaGetLastError as the runtime leaves it; an error
+// pending from earlier work is not cleared by a launcher.
+void check_error_paths() {
+  ++cases;
+  const int64_t M = 3, K = 8, L = 1, R = 2, N = 4;
+  std::vector<float> x(M * K, 1.0f), a(2 * R * K, 0.5f), b(N * R, 0.25f), s(2 * M * R), y(M * N, 0.0f);
+  const std::vector<int32_t> ids(M, 0), ranks(L, R);
+  const std::vector<float> scalings(L, 1.0f);
+  peftkern::LoraSlices<float> a_slices{}, b_slices{};
+  a_slices.n = 2;
+  a_slices.w[0] = {a.data(), R * K, K, 1};
+  a_slices.w[1] = {a.data() + R * K, R * K, K, 1};
+  b_slices.n = 1;
+  b_slices.w[0] = {b.data(), N * R, R, 1};
+  b_slices.cols[0] = N;
+  const auto shrink = [&] {
+    return peftkern::launch_lora_shrink<float, float>({x.data(), K, 1}, a_slices, ids.data(), false, nullptr,
+                                                      ranks.data(), s.data(), M, K, L, R, nullptr);
+  };
+  const auto expand = [&] {
+    return peftkern::launch_lora_expand_add<float, float>({y.data(), N, 1}, s.data(), b_slices, ids.data(), false,
+                                                          ranks.data(), scalings.data(), 0, M, L, R, nullptr);
+  };
+  if (shrink() != cudaSuccess || expand() != cudaSuccess || cudaGetLastError() != cudaSuccess) {
+    fail("error paths", "a valid call failed");
+  }
+  const unsigned long long before = emu::launches;
+  emu::fail_next_launch(cudaErrorLaunchOutOfResources);
+  if (shrink() != cudaErrorLaunchOutOfResources) fail("error paths", "shrink did not return its launch's error");
+  if (emu::launches != before + 1) fail("error paths", "shrink launched again after a refused launch");
+  if (cudaGetLastError() != cudaErrorLaunchOutOfResources || cudaGetLastError() != cudaSuccess) {
+    fail("error paths", "the refused launch's error was not left pending exactly once");
+  }
+  emu::fail_next_launch(cudaErrorInvalidConfiguration);
+  if (expand() != cudaErrorInvalidConfiguration) fail("error paths", "expand-add did not return its launch's error");
+  (void)cudaGetLastError();
+  emu::set_last_error(cudaErrorNotReady);  // earlier work's error, not yet taken by the caller
+  (void)expand();
+  if (cudaPeekAtLastError() != cudaErrorNotReady) fail("error paths", "a launcher cleared an earlier error");
+  (void)cudaGetLastError();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -178,6 +222,7 @@ int main(int argc, char** argv) {
                                                      -1, 1, 1, 1, nullptr) != cudaErrorInvalidValue) {
     fail("argument checks", "an empty slice list or a negative offset was accepted");
   }
+  check_error_paths();
   run_all<float, float>(quick);
   run_all<half, half>(quick);
   run_all<__nv_bfloat16, __nv_bfloat16>(quick);

@@ -144,8 +144,8 @@ void run_case(const Problem& p, int path, bool ids_int64, bool need_dx, const st
   auto rank_of = [&](int64_t i) { return std::clamp<int64_t>(p.ranks[i], 0, R); };
   for (int64_t i = 0; i < L; ++i)
     for (int64_t r = 0; r < rank_of(i); ++r) {
-      for (int64_t k = 0; k < K; ++k) a.at(i, r, k) = peftkern::from_float<TA>(uniform_pm1() * 0.3f);
-      for (int64_t n = 0; n < N; ++n) b.at(i, n, r) = peftkern::from_float<TA>(uniform_pm1() * 0.5f);
+      for (int64_t k = 0; k < K; ++k) a.at(i, r, k) = peftkern::detail::from_float<TA>(uniform_pm1() * 0.3f);
+      for (int64_t n = 0; n < N; ++n) b.at(i, n, r) = peftkern::detail::from_float<TA>(uniform_pm1() * 0.5f);
     }
   std::unique_ptr<int64_t[]> ids64(new int64_t[std::max<int64_t>(M, 1)]);
   std::unique_ptr<int32_t[]> ids32(new int32_t[std::max<int64_t>(M, 1)]);

@@ -124,7 +124,7 @@ void fill_random(Tensor& t, float scale) {
       rest /= t.size[d];
       o += index[d] * t.stride[d];
     }
-    t.ptr<T>()[o] = peftkern::from_float<T>(uniform_pm1() * scale);
+    t.ptr<T>()[o] = peftkern::detail::from_float<T>(uniform_pm1() * scale);
   }
 }
 
@@ -268,12 +268,12 @@ void run_concat(const ConcatCase& c, int* vector_launches) {
         if (s < c.n) {
           const int64_t p = task_of(b);
           if (p >= 0 && p < c.P)
-            want = peftkern::to_float(peftkern::from_float<T>(peftkern::to_float(prompts.at<TP>({p, s, d}))));
+            want = peftkern::detail::to_float(peftkern::detail::from_float<T>(peftkern::detail::to_float(prompts.at<TP>({p, s, d}))));
         } else {
           const int64_t v = token_of(b, s - c.n);
-          if (v >= 0 && v < c.V) want = peftkern::to_float(embed.at<T>({v, d}));
+          if (v >= 0 && v < c.V) want = peftkern::detail::to_float(embed.at<T>({v, d}));
         }
-        const double got = peftkern::to_float(out.at<T>({b, s, d}));
+        const double got = peftkern::detail::to_float(out.at<T>({b, s, d}));
         if (!(got == want) && ++bad <= 3) fail(label, "out[" + std::to_string(b) + ", " + std::to_string(s) + ", " +
                                                           std::to_string(d) + "] = " + num(got) + ", want " + num(want));
       }
@@ -320,8 +320,8 @@ void run_concat(const ConcatCase& c, int* vector_launches) {
       for (int64_t d = 0; d < c.D; ++d) {
         double want = 0.0;
         for (int64_t b = 0; b < c.B; ++b)
-          if (task_of(b) == p) want += peftkern::to_float(grad.at<T>({b, j, d}));
-        const double got = peftkern::to_float(grad_prompts.at<TP>({p, j, d}));
+          if (task_of(b) == p) want += peftkern::detail::to_float(grad.at<T>({b, j, d}));
+        const double got = peftkern::detail::to_float(grad_prompts.at<TP>({p, j, d}));
         if (!close<T>(got, want) && ++bad <= 6)
           fail(label, "dprompts[" + std::to_string(p) + ", " + std::to_string(j) + ", " + std::to_string(d) +
                           "] = " + num(got) + ", want " + num(want) + " (splits " + std::to_string(plan.splits) + ")");
@@ -363,11 +363,11 @@ void run_concat(const ConcatCase& c, int* vector_launches) {
     for (int64_t t = 0; t < c.T; ++t) {
       const int64_t v = token_of(b, t);
       if (v < 0 || v >= c.V) continue;
-      for (int64_t d = 0; d < c.D; ++d) want_embed[v * c.D + d] += peftkern::to_float(grad.at<T>({b, c.n + t, d}));
+      for (int64_t d = 0; d < c.D; ++d) want_embed[v * c.D + d] += peftkern::detail::to_float(grad.at<T>({b, c.n + t, d}));
     }
   for (int64_t v = 0; v < c.V; ++v)
     for (int64_t d = 0; d < c.D; ++d) {
-      const double got = peftkern::to_float(grad_embed.at<T>({v, d}));
+      const double got = peftkern::detail::to_float(grad_embed.at<T>({v, d}));
       if (!close<T>(got, want_embed[v * c.D + d]) && ++bad <= 9)
         fail(label, "dembed[" + std::to_string(v) + ", " + std::to_string(d) + "] = " + num(got) + ", want " +
                         num(want_embed[v * c.D + d]));
@@ -436,8 +436,8 @@ void run_prefix(const PrefixCase& c, int* vector_launches) {
             for (int64_t d = 0; d < c.hd; ++d) {
               const int64_t p = task_of(b);
               const int64_t col = ((l * 2 + kv) * c.H + h) * c.hd + d;
-              const double want = (p >= 0 && p < c.P) ? peftkern::to_float(prefix.at<T>({p, j, col})) : 0.0;
-              const double got = peftkern::to_float(out.at<T>({l, kv, b, h, j, d}));
+              const double want = (p >= 0 && p < c.P) ? peftkern::detail::to_float(prefix.at<T>({p, j, col})) : 0.0;
+              const double got = peftkern::detail::to_float(out.at<T>({l, kv, b, h, j, d}));
               if (!(got == want) && ++bad <= 3)
                 fail(label, "out[" + std::to_string(l) + ", " + std::to_string(kv) + ", " + std::to_string(b) + ", " +
                                 std::to_string(h) + ", " + std::to_string(j) + ", " + std::to_string(d) + "] = " +
@@ -458,7 +458,7 @@ void run_prefix(const PrefixCase& c, int* vector_launches) {
   }
   fill_random<T>(*grad, 1.0f);
   auto grad_at = [&](int64_t l, int64_t kv, int64_t b, int64_t h, int64_t j, int64_t d) {
-    return peftkern::to_float(grad->ptr<T>()[l * gs[0] + kv * gs[1] + b * gs[2] + h * gs[3] + j * gs[4] + d * gs[5]]);
+    return peftkern::detail::to_float(grad->ptr<T>()[l * gs[0] + kv * gs[1] + b * gs[2] + h * gs[3] + j * gs[4] + d * gs[5]]);
   };
   Tensor grad_prefix({c.P, c.n, C}, 0, sizeof(T));
   const auto plan = peftkern::prompt_task_sum_plan(c.B, c.P, c.n, C);
@@ -481,7 +481,7 @@ void run_prefix(const PrefixCase& c, int* vector_launches) {
               for (int64_t b = 0; b < c.B; ++b)
                 if (task_of(b) == p) want += grad_at(l, kv, b, h, j, d);
               const int64_t col = ((l * 2 + kv) * c.H + h) * c.hd + d;
-              const double got = peftkern::to_float(grad_prefix.at<T>({p, j, col}));
+              const double got = peftkern::detail::to_float(grad_prefix.at<T>({p, j, col}));
               if (!close<T>(got, want) && ++bad <= 6)
                 fail(label, "dprefix[" + std::to_string(p) + ", " + std::to_string(j) + ", " + std::to_string(col) +
                                 "] = " + num(got) + ", want " + num(want) + " (splits " +

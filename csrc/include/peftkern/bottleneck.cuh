@@ -25,7 +25,7 @@
 // A and dH) is T or float. Every product runs in TW: 16-bit on tensor cores (WMMA, fp32 accumulate), fp32
 // on FMA units (16-bit x converted as it is staged). 64 x 64 tiles, 32-deep steps, 4 warps, two stages.
 // Ids are only ever compared with 0..L-1 and indices are clamped: no id or order entry, whatever it holds,
-// can address memory out of bounds. Offsets in int64. Each launch_* returns cudaGetLastError() of its
+// can address memory out of bounds. Offsets in int64. Each launch_* returns cudaPeekAtLastError() of its
 // launches, or cudaErrorInvalidValue / cudaErrorInvalidConfiguration for arguments it cannot run.
 #pragma once
 
@@ -37,6 +37,7 @@
 #include "lora.cuh"
 
 namespace peftkern {
+inline namespace PEFTKERN_ABI_NAMESPACE {
 
 // Activation codes (the same as triton_kernels/bottleneck.py's ACTIVATION_CODES; "swish" is kSilu).
 enum BottleneckActivation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kTanh = 4 };
@@ -99,6 +100,8 @@ struct AdapterIds {
 };
 
 namespace bottleneck_detail {
+
+using namespace detail;
 
 using lora_detail::kBK;
 using lora_detail::kBM;
@@ -273,7 +276,7 @@ inline cudaError_t launch_row_gemm(const RowGemmParams<T, TP, TC>& prm, cudaStre
   const int64_t tiles = ceil_div(prm.rows, kBM) * ceil_div(prm.cols, kBN);
   if (tiles > kMaxGridX) return cudaErrorInvalidConfiguration;
   row_gemm_kernel<kEpi, T, TP, TC><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(prm);
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 // Whether matrix l of a stack can be staged 16 bytes at a time for every l.
@@ -391,7 +394,7 @@ inline cudaError_t launch_weight_grad(const WeightGradParams<TP, TQ, TC>& prm, c
   if (blocks > kMaxGridX || tiles_i > kMaxGridYZ || tiles_j > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles_i), static_cast<unsigned>(tiles_j));
   weight_grad_kernel<TP, TQ, TC><<<grid, kThreads, 0, stream>>>(prm);
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 inline bool valid_sizes(int64_t M, int64_t D, int64_t NB, int64_t L, int activation) {
@@ -421,6 +424,12 @@ struct BottleneckForwardArgs {
 
 // The whole forward: the down GEMM (bias and activation in its epilogue), then the up GEMM (bias, scaling
 // and residual in its epilogue), on `stream`.
+// Preconditions:
+//   aliasing    outputs (y, the saved H) must not overlap each other or any input; the residual may be read from x
+//   alignment   none required; 16-byte (cp.async) paths where pointers and strides allow (run time)
+//   archs       sm_70+ (WMMA for half; bf16 tensor cores and cp.async from sm_80; fp32: FMA units)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
 template <typename T, typename TW>
 cudaError_t launch_bottleneck_forward(const BottleneckForwardArgs<T, TW>& args, cudaStream_t stream) {
   using namespace bottleneck_detail;
@@ -484,11 +493,17 @@ struct BottleneckBackwardPlan {
   int64_t workspace_floats;
 };
 
+// Preconditions:
+//   aliasing    none (host arithmetic only)
+//   alignment   n/a
+//   archs       n/a (host)
+//   threads     pure function
+//   CUDA graphs host-only, safe anywhere
 inline BottleneckBackwardPlan bottleneck_backward_plan(int64_t M, int64_t D, int64_t NB, int64_t L) {
   BottleneckBackwardPlan plan{};
-  const int64_t tiles = (L > 0 ? L : 1) * ceil_div(D > 0 ? D : 1, 64) * ceil_div(NB > 0 ? NB : 1, 64);
+  const int64_t tiles = (L > 0 ? L : 1) * detail::ceil_div(D > 0 ? D : 1, 64) * detail::ceil_div(NB > 0 ? NB : 1, 64);
   // Enough blocks to fill the device, few enough partials to keep the workspace small (as the Triton path).
-  int64_t chunks = ceil_div(M > 0 ? M : 1, bottleneck_detail::kBK);
+  int64_t chunks = detail::ceil_div(M > 0 ? M : 1, bottleneck_detail::kBK);
   if (chunks > 8) chunks = 8;
   if (chunks > 1024 / tiles) chunks = 1024 / tiles;
   plan.chunks = chunks < 1 ? 1 : chunks;
@@ -527,6 +542,14 @@ struct BottleneckBackwardArgs {
 
 // The whole backward on `stream`. workspace: bottleneck_backward_plan(M, D, NB, L).workspace_floats fp32
 // values of device memory, any contents (unused without weight gradients).
+// Preconditions:
+//   aliasing    gradients and the workspace must not overlap each other or any input
+//   alignment   none required; 16-byte (cp.async) paths where pointers and strides allow (run time); workspace fp32,
+//               any contents, bottleneck_backward_plan(...).workspace_floats long
+//   archs       sm_70+ (WMMA for half; bf16 tensor cores and cp.async from sm_80; fp32: FMA units)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        order/segments group rows by adapter (caller-built, as launch_multi_lora_segments does)
 template <typename T, typename TW>
 cudaError_t launch_bottleneck_backward(const BottleneckBackwardArgs<T, TW>& args, float* workspace,
                                        cudaStream_t stream) {
@@ -653,4 +676,5 @@ cudaError_t launch_bottleneck_backward(const BottleneckBackwardArgs<T, TW>& args
   return cudaSuccess;
 }
 
+}  // inline namespace PEFTKERN_ABI_NAMESPACE
 }  // namespace peftkern

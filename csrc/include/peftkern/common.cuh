@@ -15,7 +15,34 @@
 #include <cstdint>
 #include <type_traits>
 
+// The headers' version (also peftkern::kVersionMajor / kVersionMinor / kVersionPatch, per vendored copy).
+#define PEFTKERN_VERSION_MAJOR 0
+#define PEFTKERN_VERSION_MINOR 1
+#define PEFTKERN_VERSION_PATCH 0
+
+// Everything lives in peftkern::PEFTKERN_ABI_NAMESPACE, an inline namespace: callers write peftkern::name, and
+// two vendored copies in one program stay apart when each is included under its own name (define
+// PEFTKERN_ABI_NAMESPACE before including a copy, #undef it before the next; then qualify
+// peftkern::<name>::launch_..., since plain peftkern:: is ambiguous between them). Default: the version.
+#ifndef PEFTKERN_ABI_NAMESPACE
+#define PEFTKERN_ABI_NAMESPACE v0_1_0
+#endif
+
+// Debug builds (PEFTKERN_DEBUG defined) check in the kernels the assumptions the fast paths trust, such as the
+// 16-byte alignment of every cp.async source; release builds compile the checks out.
+#if defined(PEFTKERN_DEBUG)
+#include <cassert>
+#define PEFTKERN_DEBUG_ASSERT(cond) assert(cond)
+#else
+#define PEFTKERN_DEBUG_ASSERT(cond) ((void)0)
+#endif
+
 namespace peftkern {
+inline namespace PEFTKERN_ABI_NAMESPACE {
+
+constexpr int kVersionMajor = PEFTKERN_VERSION_MAJOR;
+constexpr int kVersionMinor = PEFTKERN_VERSION_MINOR;
+constexpr int kVersionPatch = PEFTKERN_VERSION_PATCH;
 
 // ---- dtypes ---------------------------------------------------------------------------------------------
 
@@ -43,6 +70,8 @@ struct DType<__nv_bfloat16> {
   __host__ __device__ static inline __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 };
 
+namespace detail {
+
 template <typename T>
 __host__ __device__ inline float to_float(T v) {
   return DType<T>::to_float(v);
@@ -52,6 +81,8 @@ template <typename T>
 __host__ __device__ inline T from_float(float v) {
   return DType<T>::from_float(v);
 }
+
+}  // namespace detail
 
 // A matrix as a pointer and the strides (in elements) of its two dimensions: element (i, j) is at
 // data[i * stride0 + j * stride1]. Any strides, transposed views included; offsets are computed in int64.
@@ -120,10 +151,14 @@ __host__ __device__ inline bool dropout_keep(int64_t seed, int64_t row, int64_t 
   return philox_uniform(static_cast<uint64_t>(seed), offset) >= p;
 }
 
+namespace detail {
+
 // ---- asynchronous copies (sm_80+: cp.async; elsewhere plain copies, and the waits are no-ops) ------------
 
 // Copy 16 bytes from global to shared memory; both addresses 16-byte aligned.
 __device__ inline void copy16_async(void* smem_dst, const void* gmem_src) {
+  PEFTKERN_DEBUG_ASSERT(reinterpret_cast<uintptr_t>(smem_dst) % 16 == 0 &&
+                        reinterpret_cast<uintptr_t>(gmem_src) % 16 == 0);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
@@ -147,7 +182,25 @@ __device__ inline void cp_async_wait() {
 #endif
 }
 
+// ---- dynamic shared memory ------------------------------------------------------------------------------
+
+// The block's dynamic shared memory (extern __shared__, 128-byte aligned), sized by the launch: kernels whose
+// shared memory comes near the 48 KiB a static array may take keep their largest buffer here, so a larger
+// configuration only needs a bigger launch size (and cudaFuncSetAttribute past 48 KiB), not a new kernel.
+__device__ inline unsigned char* dynamic_smem() {
+#if defined(PEFTKERN_EMULATED_DYNAMIC_SMEM)
+  return PEFTKERN_EMULATED_DYNAMIC_SMEM();  // the CPU emulator's per-launch buffer
+#else
+  extern __shared__ __align__(128) unsigned char peftkern_dynamic_smem[];
+  return peftkern_dynamic_smem;
+#endif
+}
+
 // ---- launch helpers ------------------------------------------------------------------------------------
+
+// The status of the launch just made: cudaPeekAtLastError right after it (a launch configuration error is
+// this launch's; cudaGetLastError would also clear, and so blame on this call, an error left by earlier work).
+inline cudaError_t launch_status() { return cudaPeekAtLastError(); }
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -173,4 +226,7 @@ inline bool rows_vectorizable(const T* data, int64_t stride0, int64_t stride1) {
   return stride1 == 1 && (reinterpret_cast<uintptr_t>(data) % 16) == 0 && (stride0 % kVec) == 0;
 }
 
+}  // namespace detail
+
+}  // inline namespace PEFTKERN_ABI_NAMESPACE
 }  // namespace peftkern

@@ -29,8 +29,11 @@
 #include "common.cuh"
 
 namespace peftkern {
+inline namespace PEFTKERN_ABI_NAMESPACE {
 
 namespace lora_detail {
+
+using namespace detail;
 
 constexpr int kThreads = 128;  // every kernel here: 4 warps
 // The GEMM: 64 x 64 output tiles, 32-deep reduction steps; 4 warps of 32 x 32 (2 x 2 WMMA tiles).
@@ -603,7 +606,7 @@ inline cudaError_t launch_gemm(const GemmParams<T, TA>& prm, cudaStream_t stream
   const int64_t tiles = ceil_div(prm.rows, kBM) * ceil_div(prm.cols, kBN);
   if (tiles > kMaxGridX) return cudaErrorInvalidConfiguration;
   lora_gemm_kernel<T, TA><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(prm);
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 inline bool valid_sizes(int64_t M, int64_t N, int64_t K, int64_t R, float dropout_p) {
@@ -616,6 +619,13 @@ inline bool valid_sizes(int64_t M, int64_t N, int64_t K, int64_t R, float dropou
 
 // S[M, R] (fp32, contiguous) = dropout(x) @ A.T / (1 - p). x: [M, K], lora_a: [R, K].
 // seed: device pointer to one int64; nullptr or dropout_p == 0 means no dropout.
+// Preconditions:
+//   aliasing    s must not overlap x, lora_a or the seed
+//   alignment   none required; 16-byte (cp.async) paths where pointers and strides allow (run time)
+//   archs       sm_70+ (WMMA for half; bf16 tensor cores and cp.async from sm_80; fp32: FMA units)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        seed (if dropout) a device pointer read on the device; dropout_p in [0, 1)
 template <typename T, typename TA>
 cudaError_t launch_lora_shrink(Strided2D<const T> x, Strided2D<const TA> lora_a, float* s, int64_t M, int64_t K,
                                int64_t R, float dropout_p, const int64_t* seed, cudaStream_t stream) {
@@ -623,18 +633,24 @@ cudaError_t launch_lora_shrink(Strided2D<const T> x, Strided2D<const TA> lora_a,
   if (M == 0) return cudaSuccess;
   const bool has_dropout = seed != nullptr && dropout_p > 0.0f;
   const float scale = has_dropout ? static_cast<float>(1.0 / (1.0 - static_cast<double>(dropout_p))) : 1.0f;
-  const int64_t blocks_m = ceil_div(M, 64);
-  const int64_t blocks_r = ceil_div(R, lora_detail::kRankChunk);
-  if (blocks_m > kMaxGridX || blocks_r > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  const int64_t blocks_m = detail::ceil_div(M, 64);
+  const int64_t blocks_r = detail::ceil_div(R, lora_detail::kRankChunk);
+  if (blocks_m > detail::kMaxGridX || blocks_r > detail::kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks_m), static_cast<unsigned>(blocks_r));
   lora_detail::lora_shrink_kernel<T, TA><<<grid, lora_detail::kThreads, 0, stream>>>(
       x, lora_a, s, M, K, R, scale, has_dropout ? seed : nullptr, dropout_p);
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 // y[M, N] = x @ W.T + bias + scaling * S @ B.T: the base GEMM with the rank-R expand in its epilogue.
 // x: [M, K]; weight: [N, K]; bias: [N] (stride bias_stride) or nullptr; s: [M, R] fp32 contiguous;
 // lora_b: [N, R]; y: [M, N].
+// Preconditions:
+//   aliasing    y must not overlap x, weight, bias, s or lora_b
+//   alignment   none required; 16-byte (cp.async) paths where pointers and strides allow (run time)
+//   archs       sm_70+ (WMMA for half; bf16 tensor cores and cp.async from sm_80; fp32: FMA units)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
 template <typename T, typename TA>
 cudaError_t launch_lora_fused_gemm(Strided2D<const T> x, Strided2D<const T> weight, const T* bias,
                                    int64_t bias_stride, const float* s, Strided2D<const TA> lora_b, Strided2D<T> y,
@@ -665,8 +681,8 @@ cudaError_t launch_lora_fused_gemm(Strided2D<const T> x, Strided2D<const T> weig
   prm.coef = scaling;
   prm.seed = nullptr;
   prm.dropout_p = 0.0f;
-  prm.p_vec = rows_vectorizable(x.data, x.stride0, x.stride1);
-  prm.q_vec = rows_vectorizable(weight.data, weight.stride0, weight.stride1);
+  prm.p_vec = detail::rows_vectorizable(x.data, x.stride0, x.stride1);
+  prm.q_vec = detail::rows_vectorizable(weight.data, weight.stride0, weight.stride1);
   return lora_detail::launch_gemm(prm, stream);
 }
 
@@ -687,6 +703,14 @@ struct LoraForwardArgs {
 };
 
 // The whole forward: shrink, then the fused GEMM, on `stream`.
+// Preconditions:
+//   aliasing    y and s must not overlap each other or any input
+//   alignment   none required; 16-byte (cp.async) paths where pointers and strides allow (run time)
+//   archs       sm_70+ (WMMA for half; bf16 tensor cores and cp.async from sm_80; fp32: FMA units)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        seed a device pointer (dropout); the same seed, p and shapes in launch_lora_backward regenerate the
+//               mask
 template <typename T, typename TA>
 cudaError_t launch_lora_forward(const LoraForwardArgs<T, TA>& args, cudaStream_t stream) {
   if (!lora_detail::valid_sizes(args.M, args.N, args.K, args.R, args.dropout_p)) return cudaErrorInvalidValue;
@@ -699,6 +723,12 @@ cudaError_t launch_lora_forward(const LoraForwardArgs<T, TA>& args, cudaStream_t
 }
 
 // dX[M, K] = dY @ W + (dS @ A) * mask / (1 - p). ds: [M, R] fp32 contiguous (already scaled).
+// Preconditions:
+//   aliasing    dx must not overlap grad_y, weight, ds or lora_a
+//   alignment   none required; 16-byte (cp.async) paths where pointers and strides allow (run time)
+//   archs       sm_70+ (WMMA for half; bf16 tensor cores and cp.async from sm_80; fp32: FMA units)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
 template <typename T, typename TA>
 cudaError_t launch_lora_bwd_dx(Strided2D<const T> grad_y, Strided2D<const T> weight, const float* ds,
                                Strided2D<const TA> lora_a, Strided2D<T> grad_x, int64_t M, int64_t N, int64_t K,
@@ -729,9 +759,9 @@ cudaError_t launch_lora_bwd_dx(Strided2D<const T> grad_y, Strided2D<const T> wei
   prm.coef = has_dropout ? static_cast<float>(1.0 / (1.0 - static_cast<double>(dropout_p))) : 1.0f;
   prm.seed = has_dropout ? seed : nullptr;
   prm.dropout_p = dropout_p;
-  prm.p_vec = rows_vectorizable(grad_y.data, grad_y.stride0, grad_y.stride1);
+  prm.p_vec = detail::rows_vectorizable(grad_y.data, grad_y.stride0, grad_y.stride1);
   // Q's rows are W's columns: vectorizable only when W is stored transposed (stride along n is 1).
-  prm.q_vec = rows_vectorizable(weight.data, weight.stride1, weight.stride0);
+  prm.q_vec = detail::rows_vectorizable(weight.data, weight.stride1, weight.stride0);
   return lora_detail::launch_gemm(prm, stream);
 }
 
@@ -744,16 +774,22 @@ struct LoraBackwardPlan {
   int64_t workspace_floats;
 };
 
+// Preconditions:
+//   aliasing    none (host arithmetic only)
+//   alignment   n/a
+//   archs       n/a (host)
+//   threads     pure function
+//   CUDA graphs host-only, safe anywhere
 inline LoraBackwardPlan lora_backward_plan(int64_t M, int64_t N, int64_t K, int64_t R) {
   LoraBackwardPlan plan{};
   const int64_t rows = M > 0 ? M : 1;
   const int64_t cols = N > 0 ? N : 1;
   // Few enough partials to keep the workspace and the reduction small, enough blocks to spread the work.
-  split_into_parts(rows, 32, 16, &plan.dy_chunks, &plan.dy_rows_per_chunk);
-  split_into_parts(cols, 32, 8, &plan.dy_splits, &plan.dy_cols_per_split);
-  const int64_t k_tiles = K > 0 ? ceil_div(K, 64) : 1;
+  detail::split_into_parts(rows, 32, 16, &plan.dy_chunks, &plan.dy_rows_per_chunk);
+  detail::split_into_parts(cols, 32, 8, &plan.dy_splits, &plan.dy_cols_per_split);
+  const int64_t k_tiles = K > 0 ? detail::ceil_div(K, 64) : 1;
   const int64_t max_da_chunks = k_tiles < 512 ? 512 / k_tiles : 1;
-  split_into_parts(rows, 32, max_da_chunks, &plan.da_chunks, &plan.da_rows_per_chunk);
+  detail::split_into_parts(rows, 32, max_da_chunks, &plan.da_chunks, &plan.da_rows_per_chunk);
   plan.ds_part_offset = 0;
   plan.db_part_offset = plan.ds_part_offset + plan.dy_splits * M * R;
   plan.ds_offset = plan.db_part_offset + plan.dy_chunks * N * R;
@@ -763,15 +799,21 @@ inline LoraBackwardPlan lora_backward_plan(int64_t M, int64_t N, int64_t K, int6
 }
 
 // scale * sum over p of parts[p, :count] into out[:count] (TO = float, half, bf16), in a fixed order.
+// Preconditions:
+//   aliasing    out must not overlap parts
+//   alignment   none required
+//   archs       any the toolkit targets (16-byte paths are plain vector loads)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
 template <typename TO>
 cudaError_t launch_sum_partials(const float* parts, int64_t n_parts, int64_t count, float scale, TO* out,
                                 cudaStream_t stream) {
   if (count < 0 || n_parts < 0) return cudaErrorInvalidValue;
   if (count == 0) return cudaSuccess;
-  const int64_t blocks = ceil_div(count, 256) < 4096 ? ceil_div(count, 256) : 4096;
+  const int64_t blocks = detail::ceil_div(count, 256) < 4096 ? detail::ceil_div(count, 256) : 4096;
   lora_detail::sum_partials_kernel<TO><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(parts, n_parts, count,
                                                                                         scale, out);
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 template <typename T, typename TA>
@@ -793,6 +835,14 @@ struct LoraBackwardArgs {
 
 // The whole LoRA backward (dX, dA, dB) on `stream`. workspace: lora_backward_plan(M, N, K, R).workspace_floats
 // fp32 values of device memory, any contents.
+// Preconditions:
+//   aliasing    dx, grad_a, grad_b and the workspace must not overlap each other or any input
+//   alignment   none required; 16-byte (cp.async) paths where pointers and strides allow (run time); workspace fp32,
+//               any contents, lora_backward_plan(M, N, K, R).workspace_floats long
+//   archs       sm_70+ (WMMA for half; bf16 tensor cores and cp.async from sm_80; fp32: FMA units)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        one workspace per stream in flight (two concurrent backward passes need two)
 template <typename T, typename TA>
 cudaError_t launch_lora_backward(const LoraBackwardArgs<T, TA>& args, float* workspace, cudaStream_t stream) {
   const int64_t M = args.M, N = args.N, K = args.K, R = args.R;
@@ -816,7 +866,7 @@ cudaError_t launch_lora_backward(const LoraBackwardArgs<T, TA>& args, float* wor
   const dim3 dy_grid(static_cast<unsigned>(plan.dy_chunks), static_cast<unsigned>(plan.dy_splits));
   lora_detail::lora_bwd_dy_kernel<T, TA><<<dy_grid, lora_detail::kThreads, 0, stream>>>(
       args.grad_y, args.lora_b, args.s, ds_part, db_part, M, N, R, plan.dy_rows_per_chunk, plan.dy_cols_per_split);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if ((err = cudaPeekAtLastError()) != cudaSuccess) return err;
   if ((err = launch_sum_partials<float>(ds_part, plan.dy_splits, M * R, args.scaling, ds, stream)) != cudaSuccess)
     return err;
   if ((err = launch_sum_partials<TA>(db_part, plan.dy_chunks, N * R, args.scaling, args.grad_b, stream)) !=
@@ -830,9 +880,9 @@ cudaError_t launch_lora_backward(const LoraBackwardArgs<T, TA>& args, float* wor
   }
 
   if (K > 0) {
-    const int64_t k_tiles = ceil_div(K, 64);
-    const int64_t r_tiles = ceil_div(R, lora_detail::kRankChunk);
-    if (k_tiles > kMaxGridX || plan.da_chunks > kMaxGridYZ || r_tiles > kMaxGridYZ)
+    const int64_t k_tiles = detail::ceil_div(K, 64);
+    const int64_t r_tiles = detail::ceil_div(R, lora_detail::kRankChunk);
+    if (k_tiles > detail::kMaxGridX || plan.da_chunks > detail::kMaxGridYZ || r_tiles > detail::kMaxGridYZ)
       return cudaErrorInvalidConfiguration;
     const float scale =
         has_dropout ? static_cast<float>(1.0 / (1.0 - static_cast<double>(args.dropout_p))) : 1.0f;
@@ -840,9 +890,10 @@ cudaError_t launch_lora_backward(const LoraBackwardArgs<T, TA>& args, float* wor
                        static_cast<unsigned>(r_tiles));
     lora_detail::lora_bwd_da_kernel<T><<<da_grid, lora_detail::kThreads, 0, stream>>>(
         args.x, ds, da_part, M, K, R, plan.da_rows_per_chunk, scale, seed, args.dropout_p);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if ((err = cudaPeekAtLastError()) != cudaSuccess) return err;
   }
   return launch_sum_partials<TA>(da_part, plan.da_chunks, R * K, 1.0f, args.grad_a, stream);
 }
 
+}  // inline namespace PEFTKERN_ABI_NAMESPACE
 }  // namespace peftkern

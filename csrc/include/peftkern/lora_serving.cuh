@@ -18,7 +18,8 @@
 //               per (row, 16 ranks), a gathered GEMV; prefill one block per (segment tile, ranks) on tensor
 //               cores when A is in x's 16-bit dtype
 //   expand-add  one launch for every slice: one block per (row, 128 columns, slice); thread c sums its
-//               column over the row's rank in a fixed order and adds once (fp32, rounded once to y's type)
+//               column over the row's rank in a fixed order and adds once (fp32, rounded once to y's type),
+//               reading B and s 16 bytes at a time where their rows are contiguous along the rank and aligned
 #pragma once
 
 #include <cstdint>
@@ -26,6 +27,7 @@
 #include "multi_lora.cuh"
 
 namespace peftkern {
+inline namespace PEFTKERN_ABI_NAMESPACE {
 
 // Slices (merged projections such as q/k/v) per call.
 constexpr int kMaxLoraSlices = 8;
@@ -48,13 +50,15 @@ __host__ __device__ inline Strided3D<T> lora_layer(Strided3D<T> stacked, int64_t
 
 namespace lora_serving_detail {
 
+using namespace detail;
+
 constexpr int kExpandCols = 128;  // columns (threads) per expand-add block
 
 template <typename T, typename TA>
 __global__ void __launch_bounds__(kExpandCols)
     expand_add_rows_kernel(const Strided2D<T> y, const float* s, const LoraSlices<TA> b, const void* ids,
                            bool ids_int64, const int32_t* ranks, const float* scalings, int64_t offset, int64_t M,
-                           int64_t L, int64_t R) {
+                           int64_t L, int64_t R, unsigned vec_slices) {
   using namespace multi_lora_detail;
   const int64_t row = blockIdx.x;
   const int slice = static_cast<int>(blockIdx.z);
@@ -68,9 +72,38 @@ __global__ void __launch_bounds__(kExpandCols)
   const TA* b_col = w.data + ar.adapter * w.stride0 + col * w.stride1;
   const float* s_row = s + (static_cast<int64_t>(slice) * M + row) * R;
   float acc = 0.0f;
-  for (int64_t r = 0; r < ar.rank; ++r) acc = fmaf(s_row[r], to_float(b_col[r * w.stride2]), acc);
+  int64_t r = 0;
+  if ((vec_slices >> slice) & 1u) {  // B's row contiguous along the rank and 16-byte aligned: 16-byte loads
+    const int64_t r_vec = ar.rank / kVec * kVec;  // never past the rank
+    for (; r < r_vec; r += kVec) {
+      float bv[kVec], sv[kVec];
+      load8(b_col + r, bv);
+      load8(s_row + r, sv);
+#pragma unroll
+      for (int q = 0; q < kVec; ++q) acc = fmaf(sv[q], bv[q], acc);  // the scalar loop's order
+    }
+  }
+  for (; r < ar.rank; ++r) acc = fmaf(s_row[r], to_float(b_col[r * w.stride2]), acc);
   T& out = y.at(row, first + col);
   out = from_float<T>(to_float(out) + scalings[ar.adapter] * acc);
+}
+
+// Bit j set: every row of slice j's B (each adapter, each column) starts 16-byte aligned and is contiguous
+// along the rank, and so does every row of s (R a multiple of 4 floats): the expand reads both 8 elements at
+// a time.
+template <typename TA>
+inline unsigned vector_slices(const LoraSlices<TA>& slices, const float* s, int64_t R) {
+  constexpr int64_t kVec = multi_lora_detail::kVec;
+  if (reinterpret_cast<uintptr_t>(s) % 16 != 0 || R % 4 != 0) return 0;
+  unsigned mask = 0;
+  for (int j = 0; j < slices.n; ++j) {
+    const Strided3D<const TA>& w = slices.w[j];
+    if (w.stride2 == 1 && reinterpret_cast<uintptr_t>(w.data) % 16 == 0 && w.stride0 % kVec == 0 &&
+        w.stride1 % kVec == 0) {
+      mask |= 1u << j;
+    }
+  }
+  return mask;
 }
 
 template <typename TA>
@@ -86,6 +119,14 @@ inline bool valid_slices(const LoraSlices<TA>& slices, bool need_cols) {
 
 // s [n, M, R] fp32 (contiguous) = the shrink of every slice of `a` (A_j [L, R, K]). segments: the ids' table
 // (launch_multi_lora_segments) for the prefill kernels, or nullptr for the decode kernel (any M).
+// Preconditions:
+//   aliasing    s must not overlap x, any slice, ids or ranks
+//   alignment   none required; 16-byte (cp.async) paths where pointers and strides allow (run time); s fp32
+//               contiguous [n, M, R]
+//   archs       sm_70+ (WMMA for half; bf16 tensor cores and cp.async from sm_80; fp32: FMA units)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        segments (prefill) from launch_multi_lora_segments over the same ids, alive until the launch ran
 template <typename T, typename TA>
 cudaError_t launch_lora_shrink(Strided2D<const T> x, const LoraSlices<TA>& a, const void* adapter_ids, bool ids_int64,
                                const MultiLoraSegments* segments, const int32_t* ranks, float* s, int64_t M,
@@ -103,6 +144,14 @@ cudaError_t launch_lora_shrink(Strided2D<const T> x, const LoraSlices<TA>& a, co
 
 // y[:, o_j : o_j + N_j] += the expand of slice j of `b` (B_j [L, N_j, R], b.cols[j] = N_j) from s[j] (s as
 // launch_lora_shrink writes it), o_j = offset + N_0 + ... + N_(j-1); one launch for all slices.
+// Preconditions:
+//   aliasing    y is read and written in place; it must not overlap s, any slice, ids, ranks or scalings; slices'
+//               column ranges in y must not overlap
+//   alignment   none required
+//   archs       any the toolkit targets (16-byte paths are plain vector loads)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        rows without an adapter and columns outside the slices are never written
 template <typename T, typename TA>
 cudaError_t launch_lora_expand_add(Strided2D<T> y, const float* s, const LoraSlices<TA>& b, const void* adapter_ids,
                                    bool ids_int64, const int32_t* ranks, const float* scalings, int64_t offset,
@@ -119,8 +168,9 @@ cudaError_t launch_lora_expand_add(Strided2D<T> y, const float* s, const LoraSli
   if (M > kMaxGridX || col_tiles > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(col_tiles), static_cast<unsigned>(b.n));
   expand_add_rows_kernel<T, TA><<<grid, kExpandCols, 0, stream>>>(y, s, b, adapter_ids, ids_int64, ranks, scalings,
-                                                                  offset, M, L, R);
-  return cudaGetLastError();
+                                                                  offset, M, L, R, vector_slices(b, s, R));
+  return cudaPeekAtLastError();
 }
 
+}  // inline namespace PEFTKERN_ABI_NAMESPACE
 }  // namespace peftkern

@@ -44,6 +44,7 @@
 #include "lora.cuh"
 
 namespace peftkern {
+inline namespace PEFTKERN_ABI_NAMESPACE {
 
 // Up to this many rows the forward gathers per row (decode); above it, rows are grouped by adapter.
 constexpr int64_t kMultiLoraDecodeMaxRows = 64;
@@ -76,6 +77,8 @@ struct MultiLoraSegments {
 };
 
 namespace multi_lora_detail {
+
+using namespace detail;
 
 using lora_detail::kBM;
 using lora_detail::kBN;
@@ -467,7 +470,7 @@ __device__ inline TileIndex grouped_tile(int64_t tiles_m, int64_t tiles_n) {
 // split's slice of the reduction to parts[split] ([rows, cols]); fused_kernel<..., kFusedFromParts> sums them.
 template <typename T, typename TA>
 __global__ void __launch_bounds__(kThreads) fused_parts_kernel(const FusedParams<T, TA> prm) {
-  __shared__ __align__(128) unsigned char smem[lora_detail::gemm_operand_bytes<T>()];
+  unsigned char* const smem = dynamic_smem();  // lora_detail::gemm_operand_bytes<T>() bytes, from the launch
   const auto& g = prm.gemm;
   const TileIndex tile = grouped_tile(ceil_div(g.rows, kBM), ceil_div(g.cols, kBN));
   const int64_t m0 = tile.m * kBM;
@@ -490,7 +493,7 @@ __global__ void __launch_bounds__(kThreads) fused_parts_kernel(const FusedParams
 template <typename T, typename TA, bool kSegments, int kMode>
 __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedParams<T, TA> prm) {
   static_assert(kMode == kFusedWhole || (kMode == kFusedFromParts && !kSegments), "only decode splits");
-  __shared__ __align__(128) unsigned char smem[lora_detail::gemm_operand_bytes<T>()];
+  unsigned char* const smem = dynamic_smem();  // lora_detail::gemm_operand_bytes<T>() bytes, from the launch
   __shared__ float lo_s[kBM][kRankPitch];
   __shared__ float hi_s[kBN][kRankPitch];
   __shared__ int64_t row_src[kBM];  // source row of each tile row, -1 past the tile's rows
@@ -793,7 +796,7 @@ cudaError_t launch_shrink(Strided2D<const T> in, Strided3D<const TF> f, const vo
     shrink_segments_kernel<T, TF><<<grid, kThreads, 0, stream>>>(in, f, segments->perm, segments->tiles,
                                                                  segments->n_tiles, ranks, scales, out, M, J, R, L);
   }
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 // Reduction elements per split of the decode GEMM [rows, cols] over `red` (red itself: no split), from the
@@ -818,6 +821,9 @@ inline int64_t decode_parts_floats(int64_t rows, int64_t cols, int64_t red) {
 // with prm.parts holding decode_parts_floats(rows, cols, red) floats.
 template <typename T, typename TA>
 cudaError_t launch_fused(FusedParams<T, TA> prm, const MultiLoraSegments* segments, cudaStream_t stream) {
+  // The GEMM operand stages in dynamic shared memory (fp32: 36,864 B beside 9,992 B of static arrays; all
+  // static, the fp32 segment kernel took 46,856 of the 48 KiB).
+  constexpr size_t kFusedSmem = static_cast<size_t>(lora_detail::gemm_operand_bytes<T>());
   if (prm.gemm.rows == 0 || prm.gemm.cols == 0) return cudaSuccess;
   const int64_t tiles_m = segments != nullptr ? segments->n_tiles : ceil_div(prm.gemm.rows, kBM);
   const int64_t tiles = tiles_m * ceil_div(prm.gemm.cols, kBN);
@@ -827,21 +833,21 @@ cudaError_t launch_fused(FusedParams<T, TA> prm, const MultiLoraSegments* segmen
     prm.perm = segments->perm;
     prm.tiles = segments->tiles;
     prm.n_tiles = segments->n_tiles;
-    fused_kernel<T, TA, true, kFusedWhole><<<grid, kThreads, 0, stream>>>(prm);
-    return cudaGetLastError();
+    fused_kernel<T, TA, true, kFusedWhole><<<grid, kThreads, kFusedSmem, stream>>>(prm);
+    return cudaPeekAtLastError();
   }
   const int64_t splits = decode_splits(prm.gemm.rows, prm.gemm.cols, prm.gemm.red);
   if (splits == 1) {
-    fused_kernel<T, TA, false, kFusedWhole><<<grid, kThreads, 0, stream>>>(prm);
-    return cudaGetLastError();
+    fused_kernel<T, TA, false, kFusedWhole><<<grid, kThreads, kFusedSmem, stream>>>(prm);
+    return cudaPeekAtLastError();
   }
   if (prm.parts == nullptr) return cudaErrorInvalidValue;
   prm.split_red = decode_split_red(prm.gemm.rows, prm.gemm.cols, prm.gemm.red);
-  fused_parts_kernel<T, TA><<<dim3(grid, static_cast<unsigned>(splits)), kThreads, 0, stream>>>(prm);
-  cudaError_t err = cudaGetLastError();
+  fused_parts_kernel<T, TA><<<dim3(grid, static_cast<unsigned>(splits)), kThreads, kFusedSmem, stream>>>(prm);
+  cudaError_t err = cudaPeekAtLastError();
   if (err != cudaSuccess) return err;
-  fused_kernel<T, TA, false, kFusedFromParts><<<grid, kThreads, 0, stream>>>(prm);
-  return cudaGetLastError();
+  fused_kernel<T, TA, false, kFusedFromParts><<<grid, kThreads, kFusedSmem, stream>>>(prm);
+  return cudaPeekAtLastError();
 }
 
 // How many parts each adapter's rows are cut into for dA / dB: enough blocks to fill a device, from the
@@ -865,13 +871,13 @@ cudaError_t launch_grad(const float* t_in, Strided2D<const T> in, const MultiLor
   const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y));
   grad_kernel<T, TO><<<grid, kThreads, 0, stream>>>(t_in, in, segments.perm, segments.bounds, ranks, scales, out,
                                                     o_sl, o_sr, o_sc, parts, splits, M, C, R, L);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = cudaPeekAtLastError();
   if (err != cudaSuccess || splits == 1) return err;
   const int64_t count = L * R * C;
   const int64_t blocks = imin(ceil_div(count, 256), 4096);
   sum_parts_kernel<TO><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(parts, splits, L, R, C, out, o_sl, o_sr,
                                                                           o_sc);
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 }  // namespace multi_lora_detail
@@ -879,6 +885,12 @@ cudaError_t launch_grad(const float* t_in, Strided2D<const T> in, const MultiLor
 // ---- public launchers -----------------------------------------------------------------------------------
 
 // Bytes of workspace launch_multi_lora_segments needs for M rows and L adapter slots, and the table's length.
+// Preconditions:
+//   aliasing    none (host arithmetic only)
+//   alignment   n/a
+//   archs       n/a (host)
+//   threads     pure function
+//   CUDA graphs host-only, safe anywhere
 inline int64_t multi_lora_segments_workspace_bytes(int64_t M, int64_t L) {
   return multi_lora_detail::segment_layout(M, L, 0).bytes;
 }
@@ -889,6 +901,13 @@ inline int64_t multi_lora_segment_tiles(int64_t M, int64_t L) {
 // The segment table of `ids` [M] (int32, or int64 when ids_int64; contiguous) over L adapter slots, built on
 // the device in `workspace` (multi_lora_segments_workspace_bytes(M, L) bytes, 256-byte aligned); *out points
 // into it. Fixed grids (from M and L), no host sync, no atomics: the sort is stable and deterministic.
+// Preconditions:
+//   aliasing    the workspace must not overlap ids
+//   alignment   workspace 256-byte aligned, any contents
+//   archs       any the toolkit targets (16-byte paths are plain vector loads)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        the table in *out points into the workspace: keep it alive while any launch reads the segments
 inline cudaError_t launch_multi_lora_segments(const void* ids, bool ids_int64, int64_t M, int64_t L, void* workspace,
                                               MultiLoraSegments* out, cudaStream_t stream) {
   using namespace multi_lora_detail;
@@ -914,11 +933,11 @@ inline cudaError_t launch_multi_lora_segments(const void* ids, bool ids_int64, i
     } else {
       segment_count_kernel<int32_t><<<grid, kSortThreads, 0, stream>>>(ids32, M, L, local_rank, counts);
     }
-    cudaError_t err = cudaGetLastError();
+    cudaError_t err = cudaPeekAtLastError();
     if (err != cudaSuccess) return err;
   }
   segment_scan_kernel<kSortThreads><<<1, kSortThreads, 0, stream>>>(lay.chunks, L, counts, out->bounds, tile_ends);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = cudaPeekAtLastError();
   if (err != cudaSuccess || items == 0) return err;
   const unsigned grid = static_cast<unsigned>(scatter_blocks);
   if (ids_int64) {
@@ -928,7 +947,7 @@ inline cudaError_t launch_multi_lora_segments(const void* ids, bool ids_int64, i
     segment_scatter_kernel<int32_t><<<grid, kSortThreads, 0, stream>>>(ids32, M, L, local_rank, counts, out->bounds,
                                                                        tile_ends, out->perm, out->tiles, lay.n_tiles);
   }
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 template <typename T, typename TA>
@@ -957,6 +976,12 @@ struct MultiLoraForwardPlan {
   int64_t workspace_bytes;  // prefill: the segment table; decode: the split GEMM's partial tiles (or 0)
 };
 
+// Preconditions:
+//   aliasing    none (host arithmetic only)
+//   alignment   n/a
+//   archs       n/a (host)
+//   threads     pure function
+//   CUDA graphs host-only, safe anywhere
 inline MultiLoraForwardPlan multi_lora_forward_plan(int64_t M, int64_t N, int64_t K, int64_t L, int path) {
   MultiLoraForwardPlan plan{};
   plan.decode = multi_lora_detail::use_decode(path, M);
@@ -968,6 +993,15 @@ inline MultiLoraForwardPlan multi_lora_forward_plan(int64_t M, int64_t N, int64_
 
 // The whole forward on `stream`: (segments,) shrink, fused GEMM. workspace: multi_lora_forward_plan(M, N, K,
 // L, path).workspace_bytes bytes, 256-byte aligned (may be nullptr when that is 0).
+// Preconditions:
+//   aliasing    y, s and the workspace must not overlap each other or any input
+//   alignment   none required; 16-byte (cp.async) paths where pointers and strides allow (run time); workspace
+//               256-byte aligned, any contents
+//   archs       sm_70+ (WMMA for half; bf16 tensor cores and cp.async from sm_80; fp32: FMA units)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        ids never read out of bounds whatever they hold; the path is chosen from M alone (never the ids'
+//               values)
 template <typename T, typename TA>
 cudaError_t launch_multi_lora_forward(const MultiLoraForwardArgs<T, TA>& a, void* workspace, cudaStream_t stream) {
   using namespace multi_lora_detail;
@@ -1043,6 +1077,12 @@ struct MultiLoraBackwardPlan {
   int64_t workspace_bytes;
 };
 
+// Preconditions:
+//   aliasing    none (host arithmetic only)
+//   alignment   n/a
+//   archs       n/a (host)
+//   threads     pure function
+//   CUDA graphs host-only, safe anywhere
 inline MultiLoraBackwardPlan multi_lora_backward_plan(int64_t M, int64_t N, int64_t K, int64_t L, int64_t R,
                                                       int path) {
   using namespace multi_lora_detail;
@@ -1066,6 +1106,14 @@ inline MultiLoraBackwardPlan multi_lora_backward_plan(int64_t M, int64_t N, int6
 
 // The whole backward (dX, dA, dB) on `stream`. workspace: multi_lora_backward_plan(...).workspace_bytes bytes,
 // 256-byte aligned, any contents. dW and db are the caller's (plain GEMMs).
+// Preconditions:
+//   aliasing    dx, grad_a, grad_b and the workspace must not overlap each other or any input
+//   alignment   none required; 16-byte (cp.async) paths where pointers and strides allow (run time); workspace
+//               256-byte aligned, any contents
+//   archs       sm_70+ (WMMA for half; bf16 tensor cores and cp.async from sm_80; fp32: FMA units)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        deterministic: fixed summation order, no atomics
 template <typename T, typename TA>
 cudaError_t launch_multi_lora_backward(const MultiLoraBackwardArgs<T, TA>& a, void* workspace,
                                        cudaStream_t stream) {
@@ -1131,4 +1179,5 @@ cudaError_t launch_multi_lora_backward(const MultiLoraBackwardArgs<T, TA>& a, vo
                             reinterpret_cast<float*>(base + plan.parts_b_offset), M, N, R, L, stream);
 }
 
+}  // inline namespace PEFTKERN_ABI_NAMESPACE
 }  // namespace peftkern

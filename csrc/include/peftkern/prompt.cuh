@@ -40,6 +40,7 @@
 #include "common.cuh"
 
 namespace peftkern {
+inline namespace PEFTKERN_ABI_NAMESPACE {
 
 // An int32 or int64 matrix of ids (a vector: rows = 1 or stride1 unused). Element (i, j) is at
 // data[i * stride0 + j * stride1], `bytes` (4 or 8) wide.
@@ -64,6 +65,8 @@ struct BitsMatrix {
 };
 
 namespace prompt_detail {
+
+using namespace detail;
 
 constexpr int kThreads = 128;
 constexpr int64_t kMaxRowBlocks = 65536;  // grid.x cap: the kernels stride over rows beyond it
@@ -219,6 +222,8 @@ struct PromptConcatArgs {
 
 namespace prompt_detail {
 
+using namespace detail;
+
 template <typename T, typename TP, int VEC>
 __global__ void __launch_bounds__(kThreads) prompt_concat_fwd_kernel(const PromptConcatArgs<T, TP> a, int lanes) {
   const int lane = static_cast<int>(threadIdx.x) % lanes;
@@ -297,6 +302,12 @@ inline bool prompt_concat_vectorizable(const PromptConcatArgs<T, TP>& a) {
 }
 
 // inputs_embeds, the extended mask and the extended labels of prompt tuning, in one launch.
+// Preconditions:
+//   aliasing    outputs must not overlap the inputs
+//   alignment   none required; 16-byte path when every pointer and stride allows
+//   archs       any the toolkit targets (16-byte paths are plain vector loads)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
 template <typename T, typename TP>
 cudaError_t launch_prompt_concat_forward(const PromptConcatArgs<T, TP>& a, cudaStream_t stream) {
   using namespace prompt_detail;
@@ -318,7 +329,7 @@ cudaError_t launch_prompt_concat_forward(const PromptConcatArgs<T, TP>& a, cudaS
     const int lanes = lanes_for(a.D);
     prompt_concat_fwd_kernel<T, TP, 1><<<copy_grid(rows, a.D, lanes, 1), kThreads, 0, stream>>>(a, lanes);
   }
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 // ---- per-task sums (dprompts, dprefix) ------------------------------------------------------------------
@@ -343,6 +354,12 @@ struct TaskSumPlan {
 };
 
 // The row split of launch_prompt_task_sum (sizes only, so the caller can size the workspace without a sync).
+// Preconditions:
+//   aliasing    none (host arithmetic only)
+//   alignment   n/a
+//   archs       n/a (host)
+//   threads     pure function
+//   CUDA graphs host-only, safe anywhere
 inline TaskSumPlan prompt_task_sum_plan(int64_t B, int64_t P, int64_t n, int64_t C) {
   using namespace prompt_detail;
   TaskSumPlan plan{1, B > 0 ? B : 1, 0};
@@ -366,6 +383,8 @@ inline TaskSumPlan prompt_task_sum_plan(int64_t B, int64_t P, int64_t n, int64_t
 }
 
 namespace prompt_detail {
+
+using namespace detail;
 
 // One thread: VEC columns of one (p, j) row over the rows of one split. Writes TO, or fp32 partials.
 template <typename T, typename TO, int VEC>
@@ -438,6 +457,13 @@ inline bool prompt_task_sum_vectorizable(const TaskSumArgs<T, TO>& a, const floa
 
 // The per-task sum. workspace: prompt_task_sum_plan(B, P, n, C).workspace_floats fp32 values of device memory
 // (any contents; nullptr when that is 0). Every element of out is written; tasks no row uses come out zero.
+// Preconditions:
+//   aliasing    out and the workspace must not overlap the input
+//   alignment   none required; 16-byte path when allowed; workspace fp32
+//   archs       any the toolkit targets (16-byte paths are plain vector loads)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        deterministic (fixed-order sums)
 template <typename T, typename TO>
 cudaError_t launch_prompt_task_sum(const TaskSumArgs<T, TO>& a, float* workspace, cudaStream_t stream) {
   using namespace prompt_detail;
@@ -464,16 +490,22 @@ cudaError_t launch_prompt_task_sum(const TaskSumArgs<T, TO>& a, float* workspace
     task_sum_kernel<T, TO, 1><<<dim3(g.x, g.z, g.y), kThreads, 0, stream>>>(a, lanes, plan.rows_per_split,
                                                                            partials);
   }
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = cudaPeekAtLastError();
   if (err != cudaSuccess || partials == nullptr) return err;
   int64_t blocks = ceil_div(count, kThreads);
   blocks = blocks < 4096 ? blocks : 4096;
   sum_splits_kernel<TO><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(partials, plan.splits, count,
                                                                                 a.out);
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 // dprompts of prompt_concat: the per-task sum over the prompt part of dout [B, n + T, D] (any strides).
+// Preconditions:
+//   aliasing    out and the workspace must not overlap grad
+//   alignment   none required; 16-byte path when allowed
+//   archs       any the toolkit targets (16-byte paths are plain vector loads)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
 template <typename T, typename TP>
 cudaError_t launch_prompt_concat_prompts_grad(const T* grad, int64_t grad_stride0, int64_t grad_stride1,
                                               int64_t grad_stride2, IdMatrix prompt_ids, TP* grad_prompts,
@@ -512,6 +544,8 @@ struct EmbedGradArgs {
 };
 
 namespace prompt_detail {
+
+using namespace detail;
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) embed_grad_kernel(const EmbedGradArgs<T> a, int lanes) {
@@ -559,6 +593,13 @@ inline bool prompt_embed_grad_vectorizable(const EmbedGradArgs<T>& a) {
          strides_whole(kVec, {a.grad_stride0, a.grad_stride1});
 }
 
+// Preconditions:
+//   aliasing    dembed must not overlap grad or the ids
+//   alignment   none required; 16-byte path when allowed
+//   archs       any the toolkit targets (16-byte paths are plain vector loads)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
+//   also        ids caller-sorted into segments (see EmbedGradArgs)
 template <typename T>
 cudaError_t launch_prompt_embed_grad(const EmbedGradArgs<T>& a, cudaStream_t stream) {
   using namespace prompt_detail;
@@ -572,7 +613,7 @@ cudaError_t launch_prompt_embed_grad(const EmbedGradArgs<T>& a, cudaStream_t str
     const int lanes = lanes_for(a.D);
     embed_grad_kernel<T, 1><<<copy_grid(a.V, a.D, lanes, 1), kThreads, 0, stream>>>(a, lanes);
   }
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 // ---- prefix_kv ------------------------------------------------------------------------------------------
@@ -591,6 +632,8 @@ struct PrefixKvArgs {
 };
 
 namespace prompt_detail {
+
+using namespace detail;
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) prefix_kv_fwd_kernel(const PrefixKvArgs<T> a, int lanes) {
@@ -634,6 +677,12 @@ inline bool prefix_kv_vectorizable(const PrefixKvArgs<T>& a) {
                               a.out_stride_c1});
 }
 
+// Preconditions:
+//   aliasing    the cache output must not overlap the prompts or ids
+//   alignment   none required; 16-byte path when allowed
+//   archs       any the toolkit targets (16-byte paths are plain vector loads)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
 template <typename T>
 cudaError_t launch_prefix_kv_forward(const PrefixKvArgs<T>& a, cudaStream_t stream) {
   using namespace prompt_detail;
@@ -649,11 +698,17 @@ cudaError_t launch_prefix_kv_forward(const PrefixKvArgs<T>& a, cudaStream_t stre
     const int lanes = lanes_for(a.C);
     prefix_kv_fwd_kernel<T, 1><<<copy_grid(rows, a.C, lanes, 1), kThreads, 0, stream>>>(a, lanes);
   }
-  return cudaGetLastError();
+  return cudaPeekAtLastError();
 }
 
 // dprefix [P, n, C] (contiguous) from the cache gradient grad [L, 2, B, H, n, hd] whose (layer, key/value)
 // dims merge (stride0 == 2 * stride1): the per-task sum, rows in index order. workspace as launch_prompt_task_sum.
+// Preconditions:
+//   aliasing    out and the workspace must not overlap grad
+//   alignment   none required; 16-byte path when allowed
+//   archs       any the toolkit targets (16-byte paths are plain vector loads)
+//   threads     stateless, any host threads and streams concurrently when outputs do not overlap
+//   CUDA graphs capturable (no allocation, no host sync, grid from host sizes only)
 template <typename T>
 cudaError_t launch_prefix_kv_backward(const T* grad, const int64_t (&grad_strides)[6], IdMatrix prompt_ids,
                                       T* grad_prefix, int64_t L, int64_t B, int64_t H, int64_t n, int64_t head_dim,
@@ -677,4 +732,5 @@ cudaError_t launch_prefix_kv_backward(const T* grad, const int64_t (&grad_stride
   return launch_prompt_task_sum<T, T>(a, workspace, stream);
 }
 
+}  // inline namespace PEFTKERN_ABI_NAMESPACE
 }  // namespace peftkern
