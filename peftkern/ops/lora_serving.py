@@ -211,7 +211,7 @@ def lora_shrink(
             is accepted too (a LoRABatch is built for this call).
         ranks: [L] int tensor or sequence in [0, R] (None: R everywhere). Adapter i uses its first r_i ranks;
             nothing past r_i is computed, and s is zero there.
-        backend: "torch" | "triton"; "cuda" raises (no standalone kernel bound yet).
+        backend: "torch" | "triton" | "cuda" (csrc/include/peftkern/lora_serving.cuh).
         path: "decode" (rows gather their adapter), "prefill" (rows grouped by adapter through the batch's
             segment table), None/"auto" (decode up to 64 rows). Triton only; results agree.
         check_ids: only for an ids tensor ``batch``: see :class:`~peftkern.LoRABatch`.
