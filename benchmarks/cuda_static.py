@@ -105,10 +105,22 @@ def compile_unit(unit: str, arch: str, nvcc: str = "nvcc", workdir: Path | None 
     return [{"kernel": pretty[name], "symbol": name, **row} for name, row in sorted(rows.items())]
 
 
+def find_nvcc() -> str | None:
+    return shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
+
+
+def nvcc_version() -> str | None:
+    """nvcc's release line (e.g. "Cuda compilation tools, release 13.0, V13.0.48"), or None without nvcc."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return None
+    lines = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return lines[-2] if len(lines) >= 2 else (lines[-1] if lines else None)
+
+
 def cuda_kernel_stats(units: list[str] | None = None, arch: str = "90a", nvcc: str | None = None) -> list[dict]:
     """Rows for every kernel of ``units`` (default: every csrc/*.cu); [] without nvcc."""
-    nvcc = nvcc or shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file()
-                                            else None)
+    nvcc = nvcc or find_nvcc()
     if nvcc is None:
         return []
     units = units or sorted(p.stem for p in CSRC.glob("*.cu"))

@@ -15,9 +15,14 @@ ops.json      one row per op x mode x shape x provider: every launch (Triton ker
               no figure here depends on values.
 saved_bytes.json  bytes autograd saves for backward (parameters excluded), ours vs peft, per op and for a
               small Llama (bench_train.py's, scaled down), dropout 0 and 0.1.
+cuda_kernels.json  one row per CUDA C++ kernel of every ``csrc/*.cu`` unit compiled for sm_90a by nvcc
+              (``benchmarks/cuda_static.py``): registers, spills, static shared memory, vector vs scalar
+              global loads, async copies, tensor-core and FMA instructions (from SASS where cuobjdump is
+              installed, else from the PTX); no rows where nvcc is missing.
 
 Each file carries ``source_sha256``: ``hashlib.sha256`` over the kernel and op sources (see
-:func:`source_sha256`); ``--check`` compares the committed files' with the current sources' in seconds.
+:func:`source_sha256`; for cuda_kernels.json over ``csrc/``, :func:`csrc_sha256`); ``--check`` compares the
+committed files' with the current sources' in seconds.
 
     python benchmarks/perf_report.py            # regenerate (TRITON_INTERPRET unset; at most 25 min on 2 cores)
     python benchmarks/perf_report.py --full     # also sm_80 (twice as long)
@@ -43,25 +48,37 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results" / "static"
-FILES = ("kernels.json", "ops.json", "saved_bytes.json")
+FILES = ("kernels.json", "ops.json", "saved_bytes.json", "cuda_kernels.json")
+CUDA_SOURCES = ("*.cu", "*.cuh", "*.h")
 
 
-def source_sha256(root: Path = REPO) -> str:
-    """sha256 fed, for each kernel and op source (sorted triton_kernels/**/*.py, then sorted
-    peftkern/ops/**/*.py), its repository-relative posix path, a NUL byte and its bytes."""
+def _sha256(root: Path, folders: tuple[str, ...], patterns: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
-    for folder in ("triton_kernels", "peftkern/ops"):
-        for path in sorted(p.relative_to(root) for p in (root / folder).rglob("*.py")):
+    for folder in folders:
+        found = {p.relative_to(root) for pattern in patterns for p in (root / folder).rglob(pattern)}
+        for path in sorted(found):
             digest.update(path.as_posix().encode())
             digest.update(b"\0")
             digest.update((root / path).read_bytes())
     return digest.hexdigest()
 
 
+def source_sha256(root: Path = REPO) -> str:
+    """sha256 fed, for each kernel and op source (sorted triton_kernels/**/*.py, then sorted
+    peftkern/ops/**/*.py), its repository-relative posix path, a NUL byte and its bytes."""
+    return _sha256(root, ("triton_kernels", "peftkern/ops"), ("*.py",))
+
+
+def csrc_sha256(root: Path = REPO) -> str:
+    """As :func:`source_sha256` over the CUDA C++ sources (csrc/**/*.cu, *.cuh, *.h)."""
+    return _sha256(root, ("csrc",), CUDA_SOURCES)
+
+
 def check_current(out: Path = OUT) -> list[str]:
     """Why the committed report does not describe the current sources (empty: it does)."""
-    current, problems = source_sha256(), []
+    problems = []
     for name in FILES:
+        current = csrc_sha256() if name == "cuda_kernels.json" else source_sha256()
         path = out / name
         if not path.is_file():
             problems.append(f"{path.relative_to(REPO)}: missing")
@@ -80,6 +97,7 @@ if __name__ == "__main__" and "--check" in sys.argv:  # seconds: no torch, no tr
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 
 import _triton_compile as compile_check  # noqa: E402  (the stand-in driver; refuses TRITON_INTERPRET=1)
+import cuda_static  # noqa: E402
 import harness  # noqa: E402  (the benches' baselines import it; it sets TRITON_INTERPRET=1 without a GPU)
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret (the kernels read it when launched)
@@ -719,13 +737,24 @@ def run(arches: list[int], first_only: bool, out: Path, workers: int) -> None:
             for group in GROUPS]
     jobs.sort(key=lambda job: job[3])  # the long jobs (every config) first
     kernel_rows: list[dict] = []
-    # Compiles run in parallel processes (each its own stand-in driver); Triton's disk cache is shared.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for (arch, case, group, _), (rows, job_problems) in zip(jobs, pool.map(compile_case, *zip(*jobs))):
-            kernel_rows += rows
-            problems += job_problems
-            print(f"sm_{arch} {case} {group}: {len(rows)} distinct compiles, "
-                  f"{time.perf_counter() - start:.0f} s so far", flush=True)
+    # Compiles run in parallel processes (each its own stand-in driver); Triton's disk cache is shared. The
+    # CUDA C++ units compile (nvcc, ptxas) in a thread beside them.
+    cuda_sources = csrc_sha256()
+    with concurrent.futures.ThreadPoolExecutor(1) as threads:
+        cuda_rows = threads.submit(cuda_static.cuda_kernel_stats)
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) \
+                as pool:
+            for (arch, case, group, _), (rows, job_problems) in zip(jobs, pool.map(compile_case, *zip(*jobs))):
+                kernel_rows += rows
+                problems += job_problems
+                print(f"sm_{arch} {case} {group}: {len(rows)} distinct compiles, "
+                      f"{time.perf_counter() - start:.0f} s so far", flush=True)
+        try:
+            cuda_rows = cuda_rows.result()
+        except Exception as error:
+            problems.append(f"CUDA C++ units: {type(error).__name__}: {error}")
+            cuda_rows = []
+    print(f"{len(cuda_rows)} CUDA C++ kernels, {time.perf_counter() - start:.0f} s so far", flush=True)
     order = {case: i for i, (case, *_) in enumerate(CASES)}
     kernel_rows.sort(key=lambda r: (r["arch"] != "sm_90a", r["kernel"], order[r["case"]]))
     op_rows = []
@@ -741,6 +770,8 @@ def run(arches: list[int], first_only: bool, out: Path, workers: int) -> None:
     _write(out / "kernels.json", {"source_sha256": source, **versions, "configs": configs, "rows": kernel_rows})
     _write(out / "ops.json", {"source_sha256": source, **versions, "case": OPS_CASE, "rows": op_rows})
     _write(out / "saved_bytes.json", {"source_sha256": source, "torch": torch.__version__, "rows": saved})
+    _write(out / "cuda_kernels.json", {"source_sha256": cuda_sources, "nvcc": cuda_static.nvcc_version(),
+                                       "arch": "sm_90a", "rows": cuda_rows})
     if out == OUT:
         update_results(out)
     print(f"wrote {out}/{{{','.join(FILES)}}} in {time.perf_counter() - start:.0f} s", flush=True)
@@ -823,6 +854,18 @@ def markdown_tables(out: Path = OUT) -> str:
     for row in saved["rows"]:
         lines.append(f"| {row['op']} | {_compact(row['shape'])} | {row['provider']} | "
                      f"{row['saved_bytes'] / 1e6:.1f} |")
+    cuda_path = out / "cuda_kernels.json"
+    if cuda_path.is_file():
+        cuda = json.loads(cuda_path.read_text())
+        keys = ("registers", "spill_store_bytes", "spill_load_bytes", "static_smem_bytes", "global_loads_vector",
+                "global_loads_scalar", "async_copies", "tensor_core", "fp32_fma")
+        lines += ["", f"cuda_kernels.json ({cuda['arch']}, {cuda['nvcc']}; instruction counts from "
+                      f"{', '.join(sorted({r.get('instruction_source', '-') for r in cuda['rows']})) or '-'}):", "",
+                  "| unit | kernel | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+                  "|" + "---|" * (len(keys) + 2)]
+        for row in cuda["rows"]:
+            lines.append(f"| {row['unit']} | `{row['kernel'][:100]}` | "
+                         + " | ".join(str(row.get(k, "-")) for k in keys) + " |")
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ def _rows(name: str) -> list[dict]:
 
 KERNELS = _rows("kernels.json")
 OPS = _rows("ops.json")
+CUDA_KERNELS = _rows("cuda_kernels.json")
 
 ISSUE_18_FP32 = ("issue 18: fp32 operands (fp32 adapters, or fp32 without TF32) multiply with "
                  "tl.dot(input_precision='ieee'), which compiles to FMA, not tensor cores")
@@ -212,3 +213,13 @@ def test_decode_grids_fill_the_device(op, mode, shape):
     row = _row(op, mode, shape, GRID_PROVIDER[op])
     small = {kernel: programs for kernel, programs in row["programs"].items() if min(programs) < SMS}
     assert not small, f"{op} {mode} {shape}: grids of fewer than {SMS} programs: {small}"
+
+
+# ---- CUDA C++ kernels (cuda_kernels.json: every csrc/*.cu unit compiled for sm_90a by nvcc) -----------------
+
+
+def test_the_cuda_kernels_are_reported():
+    """Every unit's kernels with ptxas's usage (no budgets on them yet: the figures are the evidence)."""
+    assert CUDA_KERNELS, f"no CUDA C++ kernel rows in {STATIC}/cuda_kernels.json: run `make perf-report` with nvcc"
+    assert {r["unit"] for r in CUDA_KERNELS} == {p.stem for p in (STATIC.parents[2] / "csrc").glob("*.cu")}
+    assert all(isinstance(r.get("registers"), int) and "spill_store_bytes" in r for r in CUDA_KERNELS)
