@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from _helpers import assert_close
+from _helpers import assert_close, make_lora_inputs
 
 from peftkern import reference
+from peftkern.backends import triton_interpreting
+from peftkern.ops.dora import dora_linear, weight_norm_sq
 
 peft = pytest.importorskip("peft")
 
@@ -88,3 +90,90 @@ def test_reference_matches_peft_dora_layer(mode, bias):
     for name, ours, theirs in zip(("dx", "dA", "dB", "dm"), leaves, (x_peft, lora_a, lora_b, magnitude)):
         assert_close(ours.grad, theirs.grad, name)
     assert magnitude.grad.abs().max() > 0 and lora_b.grad.abs().max() > 0
+
+
+# ---- the op against the reference ----------------------------------------------------------------------------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", "triton"] if DEVICE == "cuda" or triton_interpreting() else ["torch"]
+
+
+def _op_inputs(M, K, N, r, dtype, adapter_dtype=None, bias=True):
+    x, weight, b, lora_a, lora_b = make_lora_inputs(M, K, N, r, dtype, adapter_dtype, bias, DEVICE)
+    magnitude = (torch.linalg.norm(weight.double(), dim=1) * (0.5 + torch.rand(N, dtype=torch.float64,
+                 device=DEVICE))).to(lora_a.dtype).requires_grad_(True)
+    return x, weight, b, lora_a, lora_b, magnitude
+
+
+def _compare(inputs, scaling, dropout_p, training, backend, seed=99, grad_scale=1.0):
+    x, weight, bias, lora_a, lora_b, magnitude = inputs
+    y = dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p, training, seed=seed,
+                    backend=backend)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, lora_a, lora_b, magnitude)]
+    bias64 = None if bias is None else bias.detach().double()
+    y64 = reference.dora_linear(leaves[0], weight.detach().double(), bias64, *leaves[1:], scaling, dropout_p,
+                                training, seed=seed)
+    y64.backward(grad.double())
+    dtype = x.dtype
+    assert y.dtype == dtype
+    assert_close(y, y64, "y", dtype)
+    assert_close(x.grad, leaves[0].grad, "dx", dtype)
+    for name, ours, theirs in zip(("dA", "dB", "dm"), (lora_a, lora_b, magnitude), leaves[1:]):
+        assert ours.grad.dtype == ours.dtype
+        assert_close(ours.grad, theirs.grad, name, dtype, scale=grad_scale)
+
+
+SHAPES = [(1, 17, 33, 4), (33, 40, 17, 8), (0, 16, 9, 2)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_op_matches_reference(backend, dtype, shape, dropout_p):
+    _compare(_op_inputs(*shape, dtype), 0.7, dropout_p, True, backend, grad_scale=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_eval_ignores_dropout_and_fp32_adapters(backend):
+    _compare(_op_inputs(9, 24, 20, 4, torch.float32), 2.0, 0.5, False, backend)
+    inputs = _op_inputs(9, 24, 20, 4, torch.bfloat16, adapter_dtype=torch.float32)
+    _compare(inputs, 2.0, 0.2, True, backend, grad_scale=2.0)
+    assert inputs[5].grad.dtype == torch.float32 and inputs[0].grad.dtype == torch.bfloat16
+
+
+def test_op_leading_dims_non_contiguous_and_cached_norm():
+    x, weight, bias, lora_a, lora_b, magnitude = _op_inputs(12, 16, 10, 4, torch.float64)
+    x3 = x.detach().reshape(3, 4, 16).transpose(0, 1)  # [4, 3, 16], non-contiguous
+    y = dora_linear(x3, weight, bias, lora_a, lora_b, magnitude, 0.5, weight_norm_sq=weight_norm_sq(weight))
+    expected = reference.dora_linear(x3, weight, bias, lora_a, lora_b, magnitude, 0.5)
+    assert y.shape == (4, 3, 10)
+    assert_close(y, expected, "y")
+
+
+def test_op_bad_inputs_raise_before_running():
+    x, weight, bias, lora_a, lora_b, magnitude = _op_inputs(4, 8, 6, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"magnitude: expected shape \(6,\)"):
+        dora_linear(x, weight, bias, lora_a, lora_b, magnitude[:5])
+    with pytest.raises(TypeError, match="magnitude: expected the dtype of lora_a"):
+        dora_linear(x, weight, bias, lora_a, lora_b, magnitude.double())
+    with pytest.raises(TypeError, match="weight_norm_sq: expected torch.float32"):
+        dora_linear(x, weight, bias, lora_a, lora_b, magnitude, weight_norm_sq=torch.ones(6, dtype=torch.float64))
+
+
+def test_op_opcheck_and_gradcheck():
+    x, weight, bias, lora_a, lora_b, magnitude = _op_inputs(5, 8, 6, 2, torch.float64)
+    norm_sq = weight_norm_sq(weight)
+    for seed in (None, torch.tensor([7])):
+        args = (x, weight, bias, lora_a, lora_b, magnitude, norm_sq, 0.5, 0.25 if seed is not None else 0.0,
+                seed, "torch")
+        torch.library.opcheck(torch.ops.peftkern.dora_linear.default, args)
+    # The norm is detached (its numerical derivative in A and B is not the op's gradient): check x and m.
+    a, b = lora_a.detach(), lora_b.detach()
+    for p in (0.0, 0.25):
+        assert torch.autograd.gradcheck(
+            lambda x, m, p=p: dora_linear(x, weight, bias, a, b, m, 0.5, p, seed=5, backend="torch"),
+            (x, magnitude),
+        )
