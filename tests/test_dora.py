@@ -177,3 +177,193 @@ def test_op_opcheck_and_gradcheck():
             lambda x, m, p=p: dora_linear(x, weight, bias, a, b, m, 0.5, p, seed=5, backend="torch"),
             (x, magnitude),
         )
+
+
+# ---- layers: from_peft, inject_lora(use_dora=True), files, merging -----------------------------------------
+
+import copy  # noqa: E402
+
+from _models import tiny_llama, token_batch  # noqa: E402
+
+import peftkern  # noqa: E402
+import peftkern.ops.lora as ops_lora  # noqa: E402
+from peftkern.model import lora_layers  # noqa: E402
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _move_off_initial(model: nn.Module, seed: int = 4) -> None:
+    """Non-zero A and B, and magnitudes scaled off their initial norms (a fresh DoRA layer is its base)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if "lora_A" in name or "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+            elif "lora_magnitude_vector" in name:
+                parameter.mul_(0.5 + torch.rand(parameter.shape, generator=generator))
+
+
+class _SeededDropout(nn.Dropout):
+    """Dropout drawing peftkern's counter-based mask from the next seed of a shared list: peft's layer then drops
+    what our op drops (our op draws its seeds from the same list through a patched ``new_dropout_seed``)."""
+
+    def __init__(self, p: float, seeds: list[int]) -> None:
+        super().__init__(p)
+        self.seeds = seeds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        x2 = x.reshape(-1, x.shape[-1])
+        keep = reference.dropout_mask(self.seeds.pop(0), tuple(x2.shape), self.p)
+        return (x2 * keep.to(x.dtype) / (1.0 - self.p)).reshape(x.shape)
+
+
+def _dora_pair(dropout: float, backend: str | None):
+    """(ours: from_peft of a copy, theirs: peft) over a tiny Llama with DoRA on every projection."""
+    config = peft.LoraConfig(target_modules=ALL_PROJECTIONS, r=4, lora_alpha=8, lora_dropout=dropout,
+                             use_dora=True, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(tiny_llama(), config)
+    _move_off_initial(theirs)
+    ours = peftkern.from_peft(copy.deepcopy(theirs), backend=backend)
+    return ours, theirs
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["train-dropout", "train", "eval"])
+def test_from_peft_dora_llama_matches_peft(monkeypatch, backend, mode):
+    dropout = 0.0 if mode == "train" else 0.2
+    ours, theirs = _dora_pair(dropout, backend)
+    assert len(peftkern.fused_layers(ours)) == 2 * len(ALL_PROJECTIONS)
+    # The same Parameter objects as before the conversion: optimizers keep working.
+    magnitude_ids = {id(p) for name, p in ours.named_parameters() if "lora_magnitude_vector" in name}
+    assert len(magnitude_ids) == 2 * len(ALL_PROJECTIONS)
+    seeds = list(range(1000, 1100))
+    if mode == "train-dropout":
+        ours_seeds = list(seeds)
+        monkeypatch.setattr(ops_lora, "new_dropout_seed",
+                            lambda device: torch.tensor([ours_seeds.pop(0)], dtype=torch.int64, device=device))
+        for module in theirs.modules():
+            if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+                module.lora_dropout["default"] = _SeededDropout(dropout, seeds)
+    ours.train(mode != "eval")
+    theirs.train(mode != "eval")
+    ids = token_batch()
+    out, ref = ours(input_ids=ids, labels=ids), theirs(input_ids=ids, labels=ids)
+    assert_close(out.logits, ref.logits, "logits")
+    out.loss.backward()
+    ref.loss.backward()
+    ours_params, theirs_params = _trainable(ours), _trainable(theirs)
+    assert sorted(ours_params) == sorted(theirs_params)
+    assert sum("lora_magnitude_vector" in name for name in ours_params) == 2 * len(ALL_PROJECTIONS)
+    for name, parameter in theirs_params.items():
+        assert_close(ours_params[name].grad, parameter.grad, f"{name}.grad", scale=10)
+    assert {id(p) for name, p in ours.named_parameters() if "lora_magnitude_vector" in name} == magnitude_ids
+    if mode == "train-dropout":
+        layers = 2 * len(ALL_PROJECTIONS)
+        assert len(seeds) == len(ours_seeds) == 100 - layers  # both drew one mask per layer
+
+
+def test_from_peft_dora_merge_and_unload_keeps_logits():
+    ours, theirs = _dora_pair(0.0, None)
+    ids = token_batch()
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=ids).logits
+        assert_close(ours.eval()(input_ids=ids).logits, expected, "logits")
+        ours.merge_adapter()
+        assert peftkern.fused_layers(ours) == []
+        assert_close(ours(input_ids=ids).logits, expected, "merged logits", scale=10)
+        ours.unmerge_adapter()
+        assert len(peftkern.fused_layers(ours)) == 2 * len(ALL_PROJECTIONS)
+        assert_close(ours(input_ids=ids).logits, expected, "unmerged logits", scale=10)
+        merged = ours.merge_and_unload()
+        assert_close(merged(input_ids=ids).logits, expected, "merge_and_unload logits", scale=10)
+
+
+def _injected(dropout: float = 0.0, backend: str | None = None) -> tuple[nn.Module, nn.Module]:
+    base = tiny_llama()
+    ours = peftkern.inject_lora(copy.deepcopy(base), ALL_PROJECTIONS, r=4, alpha=8, dropout=dropout, use_dora=True,
+                                backend=backend)
+    _move_off_initial(ours)
+    return base, ours
+
+
+def test_inject_lora_dora_starts_as_base_and_trains_magnitudes():
+    base = tiny_llama()
+    ours = peftkern.inject_lora(copy.deepcopy(base), ["q_proj", "down_proj"], r=2, alpha=4, use_dora=True)
+    ids = token_batch()
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids).logits, base(input_ids=ids).logits, "fresh DoRA logits")
+    names = sorted(name for name, p in ours.named_parameters() if p.requires_grad)
+    assert len(names) == 3 * 4 and sum("lora_magnitude_vector" in n for n in names) == 4
+    layer = dict(lora_layers(ours))["model.layers.0.self_attn.q_proj"]
+    assert "dora=True" in repr(layer)
+    assert_close(layer.lora_magnitude_vector, torch.linalg.norm(layer.weight, dim=1), "initial magnitude")
+
+
+def test_inject_lora_dora_saved_loads_in_peft_and_back(tmp_path):
+    base, ours = _injected()
+    peftkern.save_adapter(ours, tmp_path)
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert sum(key.endswith(".lora_magnitude_vector") for key in keys) == 2 * len(ALL_PROJECTIONS)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert loaded.peft_config["default"].use_dora is True
+    ids = token_batch()
+    with torch.no_grad():
+        expected = ours.eval()(input_ids=ids).logits
+        assert (expected - base(input_ids=ids).logits).abs().max() > 0.1  # an adapter that does something
+        assert_close(loaded(input_ids=ids).logits, expected, "peft's logits of our DoRA adapter")
+        # and back: peft's files of a DoRA adapter load into a plain model as DoRA layers
+        loaded.save_pretrained(tmp_path / "peft")
+        plain = peftkern.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+        assert all(layer.use_dora for _, layer in lora_layers(plain))
+        assert_close(plain(input_ids=ids).logits, expected, "logits of peft's files loaded by us")
+
+
+def test_inject_lora_dora_merge_unmerge_and_unload_keep_logits():
+    _, ours = _injected()
+    ids = token_batch()
+    with torch.no_grad():
+        expected = ours.eval()(input_ids=ids).logits
+        peftkern.merge(ours)
+        assert_close(ours(input_ids=ids).logits, expected, "merged logits", scale=10)
+        peftkern.unmerge(ours)
+        assert_close(ours(input_ids=ids).logits, expected, "unmerged logits", scale=10)
+        plain = peftkern.merge_and_unload(ours)
+        assert not list(lora_layers(plain))
+        assert_close(plain(input_ids=ids).logits, expected, "merge_and_unload logits", scale=10)
+
+
+def test_layer_weight_norm_cache_follows_the_weight():
+    linear = nn.Linear(12, 9).double()
+    layer = peftkern.LoRALinear.from_linear(linear, r=3, alpha=6, use_dora=True)
+    _move_off_initial(layer)
+    x = torch.randn(5, 12, dtype=torch.float64)
+
+    def expected():
+        return reference.dora_linear(x, linear.weight, linear.bias, layer.lora_A, layer.lora_B,
+                                     layer.lora_magnitude_vector, layer.scaling)
+
+    assert_close(layer(x), expected(), "y")
+    cached = layer._weight_norm_sq.get(linear.weight)
+    assert layer._weight_norm_sq.get(linear.weight) is cached  # no recomputation while W is unchanged
+    with torch.no_grad():
+        linear.weight.mul_(2.0)  # in place: the version counter moves
+    assert_close(layer(x), expected(), "y after an in-place change")
+    linear.weight.data = torch.randn(9, 12, dtype=torch.float64)  # another tensor behind the Parameter
+    assert_close(layer(x), expected(), "y after .data =")
+    layer.load_state_dict({**layer.state_dict(), "base_layer.weight": torch.randn(9, 12, dtype=torch.float64)})
+    assert_close(layer(x), expected(), "y after load_state_dict")
+
+
+def test_dora_over_4bit_and_in_pools_is_refused():
+    pool = peftkern.AdapterPool(nn.Sequential(nn.Linear(8, 6)), target_modules=["0"], num_slots=2, r_max=4)
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        pool.load("a", {"base_model.model.0.lora_A.weight": torch.randn(2, 8),
+                        "base_model.model.0.lora_B.weight": torch.randn(6, 2)}, {"use_dora": True})
