@@ -3,13 +3,19 @@ layers (``use_dora=True``, ``from_peft`` of peft DoRA models, peft-format files,
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 from _helpers import assert_close, make_lora_inputs
+from _models import tiny_llama, token_batch
 
+import peftkern
+import peftkern.ops.lora as ops_lora
 from peftkern import reference
 from peftkern.backends import triton_interpreting
+from peftkern.model import lora_layers
 from peftkern.ops.dora import dora_linear, weight_norm_sq
 
 peft = pytest.importorskip("peft")
@@ -180,14 +186,6 @@ def test_op_opcheck_and_gradcheck():
 
 
 # ---- layers: from_peft, inject_lora(use_dora=True), files, merging -----------------------------------------
-
-import copy  # noqa: E402
-
-from _models import tiny_llama, token_batch  # noqa: E402
-
-import peftkern  # noqa: E402
-import peftkern.ops.lora as ops_lora  # noqa: E402
-from peftkern.model import lora_layers  # noqa: E402
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
