@@ -86,9 +86,18 @@ def _fused(x, weight, bias, lora_a, lora_b, scaling, scale, backend):
     return torch.addcmul(bias.to(scale.dtype), product.to(scale.dtype), scale).to(x.dtype), s
 
 
-def _dropped(x, seed, dropout_p):
-    """(dropout(x) in x's dtype, keep-mask 0/1 in x's dtype)."""
-    keep = _keep_mask(seed, x, dropout_p)
+def _dropped(x, seed, dropout_p, backend):
+    """(dropout(x) in x's dtype, keep-mask 0/1 in x's dtype), the mask from the seed's Philox stream."""
+    keep = None
+    if backend == "triton":
+        from ..triton_kernels._common import interpreting
+
+        if not interpreting():  # the same bits in one launch (the torch backend's draw on CUDA tensors)
+            from ..triton_kernels.dropout import dropout_keep_mask
+
+            keep = dropout_keep_mask(seed.reshape(1), tuple(x.shape), dropout_p, x.dtype)
+    if keep is None:
+        keep = _keep_mask(seed, x, dropout_p)
     return (x * keep).div_(1.0 - dropout_p), keep
 
 
@@ -98,7 +107,7 @@ def _forward_impl(x, weight, bias, lora_a, lora_b, magnitude, weight_norm_sq, sc
     if seed is None or dropout_p == 0.0:
         y, s = _fused(x, weight, bias, lora_a, lora_b, scaling, scale, backend)
         return y, s, x.new_empty(0), scale
-    dropped, _ = _dropped(x, seed, dropout_p)
+    dropped, _ = _dropped(x, seed, dropout_p, backend)
     z, s = _fused(dropped, weight, bias, lora_a, lora_b, scaling, scale, backend)
     # peft adds the base product of x and removes that of dropout(x): the frozen GEMM of their difference.
     y = torch.addmm(z, x - dropped, weight.T)
@@ -130,7 +139,7 @@ def _backward_impl(grad_y, x, weight, bias, lora_a, lora_b, magnitude, s, z, sca
             grad_scaled, x, weight, lora_a, lora_b, s, scaling, 0.0, None, need_dx, backend
         )
         return grad_x, grad_a, grad_b, grad_m
-    dropped, keep = _dropped(x, seed, dropout_p)
+    dropped, keep = _dropped(x, seed, dropout_p, backend)
     grad_x, grad_a, grad_b = _lora._backward_impl(
         grad_scaled, dropped, weight, lora_a, lora_b, s, scaling, 0.0, None, need_dx, backend
     )
@@ -237,7 +246,7 @@ def _gradients(ctx, grad_y, run_backward):
         if seed is None or ctx.dropout_p == 0.0:
             grad_w = grad_scaled.T @ x.to(grad_y.dtype)
         else:
-            dropped, _ = _dropped(x, seed, ctx.dropout_p)
+            dropped, _ = _dropped(x, seed, ctx.dropout_p, ctx.backend)
             grad_w = grad_y.T @ x.to(grad_y.dtype) + (grad_scaled - grad_y).T @ dropped.to(grad_y.dtype)
         grad_w = grad_w.to(weight.dtype)
     if need_bias:
