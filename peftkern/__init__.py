@@ -4,7 +4,7 @@ One page per use, in the repository's ``docs/``:
 
 - ``docs/training.md``: train with peft + ``transformers.Trainer`` and :func:`from_peft` (or
   :func:`inject_lora` without peft); :func:`save_adapter` / :func:`load_adapter`; QLoRA
-  (:class:`LoRALinear4bit`, :func:`lora_linear_4bit`).
+  (:class:`LoRALinear4bit`, :func:`lora_linear_4bit`); DoRA (``use_dora=True``, :func:`dora_linear`).
 - ``docs/serving.md``: a mixed batch (one adapter per row) with :class:`AdapterPool` and
   :func:`multi_lora_linear`.
 - ``docs/serving-api.md``: a serving stack's own base GEMM with :class:`LoRABatch`, :func:`lora_shrink` and

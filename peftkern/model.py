@@ -389,8 +389,9 @@ def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module
     ``modules_to_save`` and gradient checkpointing are peft's code and give peft's results; the Parameters
     are the same objects (optimizers keep working). Outputs and gradients are peft's (dropout draws differ:
     ours come from a counter-based stream). QLoRA layers (peft's ``lora.bnb.Linear4bit``) run
-    ``peftkern.lora_linear_4bit`` over the base's 4-bit storage. Layers peft runs that our ops do not cover
-    (embeddings, convs, bitsandbytes 8-bit, DoRA, lora_bias, other tuners) keep peft's forward; one ``logging``
+    ``peftkern.lora_linear_4bit`` over the base's 4-bit storage; DoRA layers (``use_dora=True``) run
+    ``peftkern.dora_linear``. Layers peft runs that our ops do not cover (embeddings, convs, bitsandbytes 8-bit,
+    DoRA over 4-bit, lora_bias, other tuners) keep peft's forward; one ``logging``
     line (logger ``"peftkern"``, INFO) says how many run fused and why the others do not, and :func:`fused_layers` lists
     them. Call it again after ``add_adapter`` targets new modules; converted layers stay converted.
 
