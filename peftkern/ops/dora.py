@@ -22,6 +22,7 @@ and regenerated from the seed in backward; the dropout-free forward and backward
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..backends import resolve_backend
 from . import lora as _lora
@@ -79,6 +80,16 @@ def _fused(x, weight, bias, lora_a, lora_b, scaling, scale, backend):
         from ..triton_kernels.lora import lora_forward
 
         return lora_forward(x, weight, bias, lora_a, lora_b, scaling, 0.0, None, col_scale=scale)
+    if backend == "torch" and scaling != 0.0:
+        # g * (x W^T) in place on the base GEMM's output, then the rank-r term with g folded into B ([N, r]):
+        # two passes over [M, N] in x's dtype, as peft's own layer makes. (scaling 0: the general path below
+        # keeps the spec's 0 * inf = NaN, which addmm's alpha = 0 would drop.)
+        compute = scale.dtype
+        s = x.to(compute) @ lora_a.to(compute).T
+        y = F.linear(x, weight).mul_(scale.to(x.dtype))
+        scaled_b = (lora_b.to(compute) * scale[:, None]).T
+        y = y.addmm_(s.to(x.dtype), scaled_b.to(x.dtype), alpha=scaling)
+        return (y if bias is None else y.add_(bias)), s
     # Other backends: their LoRA forward, then the column scale and bias in one elementwise pass.
     product, s = _lora._forward_impl(x, weight, None, lora_a, lora_b, scaling, 0.0, None, backend)
     if bias is None:
@@ -120,13 +131,13 @@ def _scaled_grad_and_dm(grad_y, z, bias, magnitude, scale, backend):
         from ..triton_kernels.dora import dora_scale_grad
 
         return dora_scale_grad(grad_y, z, bias, magnitude, scale)
+    # In dY's dtype, summed in the intermediate dtype: one pass over dY and Z (two with a bias).
     compute = scale.dtype
-    grad = grad_y.to(compute)
-    product = z.to(compute) if bias is None else z.to(compute) - bias.to(compute)
+    product = z if bias is None else z - bias
+    grad_m = (grad_y * product).sum(0, dtype=compute)
     magnitude = magnitude.to(compute)
-    grad_m = torch.linalg.vecdot(grad.T, product.T)
     grad_m = torch.where(magnitude != 0, grad_m / magnitude, torch.zeros_like(grad_m))
-    return (grad * scale).to(grad_y.dtype), grad_m
+    return grad_y * scale.to(grad_y.dtype), grad_m
 
 
 def _backward_impl(grad_y, x, weight, bias, lora_a, lora_b, magnitude, s, z, scale, scaling, dropout_p, seed,
