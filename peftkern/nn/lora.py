@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -111,8 +112,11 @@ class LoRALinear(nn.Module):
         **kwargs,
     ) -> LoRALinear:
         """Wrap ``linear`` (frozen in place) with a rank-``r`` adapter (DoRA with ``use_dora=True``)."""
-        return cls(linear, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora,
-                   **kwargs)
+        if use_dora:
+            if "use_dora" not in inspect.signature(cls.__init__).parameters:
+                raise ValueError(f"use_dora: {cls.__name__} does not support DoRA yet; use plain LoRA")
+            kwargs["use_dora"] = True
+        return cls(linear, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, **kwargs)
 
     @property
     def scaling(self) -> float:
