@@ -16,7 +16,8 @@ Backward, with G = dY and Gs = G * g:
   dm = sum_t G[t] * (Z[t] - b) / m           (= sum_t G V / ||.||: peft's magnitude gradient)
 So the magnitude's gradient reads Z, which holds g * V: a column whose magnitude is exactly 0 has lost V, and
 gets dm = 0 there (peft would give sum_t G V / ||.||). The dropped-out x is materialised ([M, K], as peft does)
-and regenerated from the seed in backward; the dropout-free forward and backward materialise nothing [M, K].
+and regenerated from the seed in backward; without dropout the Triton path materialises nothing [M, K] (the
+torch backend's rank-r products take an fp32 copy of 16-bit x, as its LoRA op does).
 """
 
 from __future__ import annotations
