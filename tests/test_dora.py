@@ -388,3 +388,35 @@ def test_dora_layer_under_torch_compile_fullgraph(training):
     assert_close(y_compiled, y_eager, "y")
     for name, ours, theirs in zip(("dx", "dA", "dB", "dm"), grads_compiled, grads_eager):
         assert_close(ours, theirs, name)
+
+
+def test_from_peft_dora_bf16_base_with_fp32_adapters():
+    """peft's default beside a 16-bit model: fp32 adapters and magnitudes (peft casts x to their dtype). bf16
+    rounding through the model moves logits by more than the element tolerance, for peft as for us: both are
+    judged against the same model in fp32, and ours must be as close to it as peft's."""
+    config = peft.LoraConfig(target_modules=["q_proj", "v_proj", "up_proj"], r=4, lora_alpha=8, use_dora=True,
+                             task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(tiny_llama().to(torch.bfloat16), config)
+    _move_off_initial(theirs)
+    q_proj = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.lora_magnitude_vector["default"].weight.dtype == torch.float32
+    ours = peftkern.from_peft(copy.deepcopy(theirs))
+    assert len(peftkern.fused_layers(ours)) == 6
+    exact = peft.get_peft_model(tiny_llama(), config)
+    exact.load_state_dict({name: value.float() for name, value in theirs.state_dict().items()})
+    ids = token_batch()
+    runs = {}
+    for name, model in (("ours", ours), ("peft", theirs), ("fp32", exact)):
+        out = model.train()(input_ids=ids, labels=ids)
+        out.loss.backward()
+        runs[name] = out.logits.float(), {n: p.grad.float() for n, p in _trainable(model).items()}
+    assert ours(input_ids=ids).logits.dtype == torch.bfloat16
+
+    def error(name, key=None):
+        got, want = (runs[name][0], runs["fp32"][0]) if key is None else (runs[name][1][key], runs["fp32"][1][key])
+        return float((got - want).norm() / want.norm())
+
+    assert error("ours") <= 1.5 * error("peft") + 1e-3, (error("ours"), error("peft"))
+    for key in runs["fp32"][1]:
+        assert runs["ours"][1][key].dtype == torch.float32
+        assert error("ours", key) <= 1.5 * error("peft", key) + 1e-3, (key, error("ours", key), error("peft", key))

@@ -81,10 +81,11 @@ def _fused(x, weight, bias, lora_a, lora_b, scaling, scale, backend):
         from ..triton_kernels.lora import lora_forward
 
         return lora_forward(x, weight, bias, lora_a, lora_b, scaling, 0.0, None, col_scale=scale)
-    if backend == "torch" and scaling != 0.0:
+    if backend == "torch" and scaling != 0.0 and lora_a.dtype == x.dtype:
         # g * (x W^T) in place on the base GEMM's output, then the rank-r term with g folded into B ([N, r]):
-        # two passes over [M, N] in x's dtype, as peft's own layer makes. (scaling 0: the general path below
-        # keeps the spec's 0 * inf = NaN, which addmm's alpha = 0 would drop.)
+        # two passes over [M, N] in x's dtype, as peft's own layer makes with adapters in x's dtype (fp32
+        # adapters beside 16-bit x: peft's DoRA term is fp32, so is the general path below's). (scaling 0: the
+        # general path keeps the spec's 0 * inf = NaN, which addmm's alpha = 0 would drop.)
         compute = scale.dtype
         s = x.to(compute) @ lora_a.to(compute).T
         y = F.linear(x, weight).mul_(scale.to(x.dtype))
