@@ -8,6 +8,11 @@ Providers (all on the same x [tokens, hidden], W [hidden, hidden], A [rank, hidd
   torch_compile   torch.compile of peftkern.reference.lora_linear (static shapes, compiled per case)
   triton          peftkern.lora_linear(..., backend="triton")
   cuda            peftkern.lora_linear(..., backend="cuda") when the CUDA C++ extension is built
+DoRA rows (the same shapes, a magnitude vector m [hidden] moved off its initial norms):
+  peft_dora       peft.tuners.lora.Linear with use_dora=True (it forms the dense [hidden, hidden] B @ A per call)
+  dora_torch      peftkern.dora_linear(..., backend="torch")
+  dora_triton     peftkern.dora_linear(..., backend="triton")
+  ratios: vs_peft_dora, and for dora_triton vs_lora (over the triton LoRA row of the same case)
 
 Sweep: tokens {1024, 4096, 8192, 16384} x hidden {4096, 8192} x rank {8, 16, 64} x dropout {0, 0.1},
 bf16 activations, weights and adapters. ``--smoke``: one tiny case on CPU (Triton through its
@@ -85,7 +90,7 @@ def _unfused(weight, lora_a, lora_b, scaling, dropout_p):
     return forward, [down.weight, up.weight]
 
 
-def _peft_layer(weight, lora_a, lora_b, alpha, dropout_p):
+def _peft_layer(weight, lora_a, lora_b, alpha, dropout_p, magnitude=None):
     try:
         from peft import LoraConfig
         from peft.tuners.lora import Linear as PeftLinear
@@ -94,16 +99,21 @@ def _peft_layer(weight, lora_a, lora_b, alpha, dropout_p):
     rank, hidden = lora_a.shape
     base = nn.Linear(hidden, weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     base.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    kwargs = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout_p}
+    dora = magnitude is not None
+    kwargs = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout_p, "use_dora": dora}
     if "config" in inspect.signature(PeftLinear.__init__).parameters:  # peft >= 0.15 takes the config too
-        kwargs["config"] = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout_p)
+        kwargs["config"] = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout_p, use_dora=dora)
     layer = PeftLinear(base, "default", **kwargs)
     layer.to(device=weight.device)
+    grads = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(lora_a)
         layer.lora_B["default"].weight.copy_(lora_b)
+        if dora:
+            grads.append(layer.lora_magnitude_vector["default"].weight)
+            grads[-1].copy_(magnitude)
     layer.train()
-    return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    return layer, grads
 
 
 def run(bench: harness.Bench) -> None:
@@ -116,8 +126,10 @@ def run(bench: harness.Bench) -> None:
         _run_case(bench, tokens, hidden, rank, dropout_p)
     bench.add_ratios("base")
     bench.add_ratios("base_two_gemms", providers=_LORA_PROVIDERS, modes=("full",))
-    bench.add_ratios("torch_unfused")
-    bench.add_ratios("peft")
+    bench.add_ratios("torch_unfused", providers=_LORA_PROVIDERS)
+    bench.add_ratios("peft", providers=_LORA_PROVIDERS)
+    bench.add_ratios("peft_dora", providers=_DORA_PROVIDERS)
+    bench.add_ratios("triton", name="vs_lora", providers=("dora_triton",))
 
 
 def _inputs(device: torch.device, tokens: int, hidden: int, rank: int, dtype: torch.dtype):
@@ -202,9 +214,50 @@ def _run_case(bench: harness.Bench, tokens: int, hidden: int, rank: int, dropout
         ("cuda", build_ours("cuda")),
     ):
         bench.time_provider(provider, build, shapes, dtype, params, expected=expected, tolerance=CHECK_TOLERANCE)
+    _run_dora_case(bench, x, weight, lora_a, lora_b, alpha, shapes, params)
+
+
+def _run_dora_case(bench, x, weight, lora_a, lora_b, alpha, shapes, params) -> None:
+    """peft's DoRA layer and ours on the LoRA case's tensors, with a magnitude 0.5-1.5x its initial norms."""
+    import peftkern
+    from peftkern import reference
+    from peftkern.backends import triton_interpreting
+
+    dtype, dropout_p = torch.bfloat16, params["dropout_p"]
+    scaling = alpha / lora_a.shape[0]
+    with torch.no_grad():
+        fp32 = [t.detach().float() for t in (weight, lora_a, lora_b)]
+        norm = reference.dora_weight_norm(fp32[0], fp32[1], fp32[2], scaling)
+        spread = torch.rand(norm.shape, device=norm.device, generator=torch.Generator(norm.device).manual_seed(0))
+        magnitude = (norm * (0.5 + spread)).to(lora_a.dtype).requires_grad_(True)
+        expected = None
+        if dropout_p == 0.0:
+            expected = reference.dora_linear(x.detach().float(), fp32[0], None, fp32[1], fp32[2], magnitude.float(),
+                                             scaling)
+        del fp32
+
+    def build_peft():
+        layer, grads = _peft_layer(weight, lora_a.detach(), lora_b.detach(), alpha, dropout_p, magnitude.detach())
+        return (lambda: layer(x)), [x, *grads]
+
+    def build_ours(backend: str):
+        def build():
+            if backend == "triton" and x.device.type != "cuda" and not triton_interpreting():
+                raise harness.ProviderUnavailable("triton needs a GPU or TRITON_INTERPRET=1")
+            forward = lambda: peftkern.dora_linear(
+                x, weight, None, lora_a, lora_b, magnitude, scaling, dropout_p, True, backend=backend
+            )
+            return forward, [x, lora_a, lora_b, magnitude]
+
+        return build
+
+    for provider, build in (("peft_dora", build_peft), ("dora_torch", build_ours("torch")),
+                            ("dora_triton", build_ours("triton"))):
+        bench.time_provider(provider, build, shapes, dtype, params, expected=expected, tolerance=CHECK_TOLERANCE)
 
 
 _LORA_PROVIDERS = ("torch_unfused", "peft", "torch_compile", "triton", "cuda")
+_DORA_PROVIDERS = ("dora_torch", "dora_triton")
 
 
 def ours(rows: list[dict]) -> str:
@@ -240,6 +293,15 @@ def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
         ),
         "lora_memory_ratio_vs_peft": harness.ratio_of(
             rows, sel(ours_provider, "full", 0.1), sel("torch_unfused", "full", 0.1), field="peak_mem_bytes"
+        ),
+        "dora_train_vs_lora": harness.ratio_of(
+            rows, sel("dora_triton", "full", 0.1), sel(ours_provider, "full", 0.1)
+        ),
+        "dora_train_speedup_vs_peft": harness.ratio_of(
+            rows, sel("peft_dora", "full", 0.1), sel("dora_triton", "full", 0.1)
+        ),
+        "dora_memory_ratio_vs_peft": harness.ratio_of(
+            rows, sel("dora_triton", "full", 0.1), sel("peft_dora", "full", 0.1), field="peak_mem_bytes"
         ),
     })
 

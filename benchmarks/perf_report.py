@@ -463,6 +463,29 @@ def lora_calls(act, ad, decode: bool, dropout_p: float, providers: bool) -> list
     return _with_params(calls, params)
 
 
+def dora_calls(act, ad, dropout_p: float, providers: bool) -> list[Call]:
+    """DoRA at bench_lora's headline shape: ours (dora_linear) and peft's use_dora layer."""
+    import bench_lora
+
+    tokens, hidden, rank = bench_lora.HEADLINE["tokens"], bench_lora.HEADLINE["hidden"], bench_lora.HEADLINE["rank"]
+    shape = {"tokens": tokens, "hidden": hidden, "rank": rank, "dropout_p": dropout_p}
+    x = _leaf(tokens, hidden, dtype=act, grad=True)
+    weight = _leaf(hidden, hidden, dtype=act)
+    lora_a, lora_b = _leaf(rank, hidden, dtype=ad, grad=True), _leaf(hidden, rank, dtype=ad, grad=True)
+    magnitude = _leaf(hidden, dtype=ad, grad=True)
+    alpha = bench_lora.ALPHA_OVER_RANK * rank
+    inputs = [x, weight, lora_a, lora_b, magnitude]
+    calls = [Call("dora_linear", shape, "ours", lambda: (peftkern.dora_linear(
+        x, weight, None, lora_a, lora_b, magnitude, alpha / rank, dropout_p), inputs), True)]
+    params = [weight, lora_a, lora_b, magnitude]
+    if providers:
+        layer, _ = bench_lora._peft_layer(weight, lora_a.detach(), lora_b.detach(), alpha, dropout_p,
+                                          magnitude.detach())
+        calls.append(Call("dora_linear", shape, "peft", lambda: (layer(x), inputs), True))
+        params += list(layer.parameters())
+    return _with_params(calls, params)
+
+
 def multi_lora_calls(act, ad, key: str, providers: bool) -> list[Call]:
     import bench_multi_lora as bench
 
@@ -594,6 +617,7 @@ def serving_calls(act, ad, key: str) -> list[Call]:
 GROUPS: dict[str, Callable[..., list[Call]]] = {
     "lora": lambda act, ad, providers: [c for decode, p in [(False, 0.0), (False, 0.1), (True, 0.0)]
                                         for c in lora_calls(act, ad, decode, p, providers)],
+    "dora": lambda act, ad, providers: [c for p in (0.0, 0.1) for c in dora_calls(act, ad, p, providers)],
     "multi_lora": lambda act, ad, providers: [c for key in ("decode", "decode64", "prefill")
                                               for c in multi_lora_calls(act, ad, key, providers)],
     "serving": lambda act, ad, providers: [c for key in ("decode1", "decode64", "prefill")
@@ -669,6 +693,8 @@ def saved_rows() -> list[dict]:
     for call in [c for decode, p in [(False, 0.0), (False, 0.1)] for c in lora_calls(BF16, BF16, decode, p, True)]:
         if call.provider in ("ours", "peft"):
             rows.append(_saved_call(call))
+    for call in [c for p in (0.0, 0.1) for c in dora_calls(BF16, BF16, p, True)]:
+        rows.append(_saved_call(call))
     for call in multi_lora_calls(BF16, BF16, "prefill", True) + prompt_calls(BF16, BF16, False, True) + \
             bottleneck_calls(BF16, BF16, False, True):
         if call.train:

@@ -4,7 +4,7 @@ One page per use, in the repository's ``docs/``:
 
 - ``docs/training.md``: train with peft + ``transformers.Trainer`` and :func:`from_peft` (or
   :func:`inject_lora` without peft); :func:`save_adapter` / :func:`load_adapter`; QLoRA
-  (:class:`LoRALinear4bit`, :func:`lora_linear_4bit`).
+  (:class:`LoRALinear4bit`, :func:`lora_linear_4bit`); DoRA (``use_dora=True``, :func:`dora_linear`).
 - ``docs/serving.md``: a mixed batch (one adapter per row) with :class:`AdapterPool` and
   :func:`multi_lora_linear`.
 - ``docs/serving-api.md``: a serving stack's own base GEMM with :class:`LoRABatch`, :func:`lora_shrink` and
@@ -50,6 +50,7 @@ from .ops import (
     LoRABatch,
     Weight4bit,
     bottleneck_adapter,
+    dora_linear,
     lora_expand_add,
     lora_linear,
     lora_linear_4bit,
@@ -77,6 +78,7 @@ __all__ = [
     "Weight4bit",
     "bottleneck_adapter",
     "cuda_backend_status",
+    "dora_linear",
     "from_peft",
     "fused_layers",
     "inject_bottleneck_adapters",

@@ -96,7 +96,8 @@ def read_adapter_files(
 
 # Keys peft writes around every module name, and the config keys by how we treat them.
 PEFT_KEY_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?:lora_(?P<part>[AB])\.weight|lora_magnitude_vector)")
+MAGNITUDE_KEY = "lora_magnitude_vector"  # peft's key suffix for a DoRA layer's magnitude [out_features]
 # Settings of the adapter's initialisation (or bookkeeping) only: they do not change what a saved adapter
 # computes, so loading ignores them.
 _IGNORED_CONFIG_KEYS = frozenset(
@@ -120,10 +121,10 @@ _IGNORED_CONFIG_KEYS = frozenset(
 )
 _HANDLED_CONFIG_KEYS = frozenset(
     {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern",
-     "use_rslora", "exclude_modules"}
+     "use_rslora", "exclude_modules", "use_dora"}
 )
 # Features we do not implement: present with any other value, the adapter computes something else.
-_REQUIRED_CONFIG_VALUES = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
+_REQUIRED_CONFIG_VALUES = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False}
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class LoRAConfig:
     alpha_pattern: dict[str, float]
     use_rslora: bool
     exclude_modules: str | tuple[str, ...] | None
+    use_dora: bool = False
 
 
 def _config_error(where: Path, key: str, message: str) -> ValueError:
@@ -146,7 +148,7 @@ def _config_error(where: Path, key: str, message: str) -> ValueError:
 
 def parse_lora_config(config: dict, where: Path) -> LoRAConfig:
     """Validate a peft ``adapter_config.json`` (as a dict) for plain LoRA; raises ``ValueError`` naming
-    the offending key for another PEFT method, DoRA, biases, ``modules_to_save`` and any other feature
+    the offending key for another PEFT method, biases, ``modules_to_save`` and any other feature
     peftkern does not implement."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
@@ -174,6 +176,9 @@ def parse_lora_config(config: dict, where: Path) -> LoRAConfig:
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise _config_error(where, "use_rslora", f"expected true or false, got {use_rslora!r}")
+    use_dora = config.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        raise _config_error(where, "use_dora", f"expected true or false, got {use_dora!r}")
     target_modules = config.get("target_modules")
     if not (isinstance(target_modules, str) or isinstance(target_modules, list)) or not target_modules:
         raise _config_error(
@@ -197,6 +202,7 @@ def parse_lora_config(config: dict, where: Path) -> LoRAConfig:
         alpha_pattern=patterns["alpha_pattern"],
         use_rslora=use_rslora,
         exclude_modules=exclude if exclude is None or isinstance(exclude, str) else tuple(exclude),
+        use_dora=use_dora,
     )
 
 
@@ -235,7 +241,7 @@ def lora_config_dict(
     layers = dict(lora_layers(root))
     if not layers:
         raise ValueError(f"model: {type(root).__name__} has no LoRALinear layers to save")
-    for attribute in ("use_rslora", "dropout"):
+    for attribute in ("use_rslora", "dropout", "use_dora"):
         values = {name: getattr(layer, attribute) for name, layer in layers.items()}
         if len(set(values.values())) > 1:
             raise ValueError(
@@ -272,7 +278,7 @@ def lora_config_dict(
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": first.use_rslora,
-        "use_dora": False,
+        "use_dora": first.use_dora,
         "bias": "none",
         "lora_bias": False,
         "fan_in_fan_out": False,
@@ -328,6 +334,12 @@ def write_atomically(files: dict[Path, Callable[[str], None]]) -> None:
                 os.unlink(temporary)
 
 
+def _adapter_parameters(layer: LoRALinear) -> tuple[nn.Parameter, ...]:
+    """The trainable Parameters of a LoRA layer: A, B, and the magnitude of a DoRA layer."""
+    extra = (layer.lora_magnitude_vector,) if layer.use_dora else ()
+    return (layer.lora_A, layer.lora_B, *extra)
+
+
 def save_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -358,7 +370,7 @@ def save_adapter(
         peft_model_of(model).save_pretrained(str(path))
         return
     config = lora_config_dict(model, base_model_name_or_path, task_type)
-    adapter_ids = {id(p) for _, layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)}
+    adapter_ids = {id(p) for _, layer in lora_layers(model) for p in _adapter_parameters(layer)}
     parameters = unwrap_model(model).named_parameters()
     others = [name for name, p in parameters if p.requires_grad and id(p) not in adapter_ids]
     if others:
@@ -373,6 +385,8 @@ def save_adapter(
     for name, layer in lora_layers(model):
         tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = _full_cpu_tensor(layer.lora_A)
         tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = _full_cpu_tensor(layer.lora_B)
+        if layer.use_dora:
+            tensors[f"{PEFT_KEY_PREFIX}{name}.{MAGNITUDE_KEY}"] = _full_cpu_tensor(layer.lora_magnitude_vector)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -399,7 +413,7 @@ def load_adapter(
     frozen); with ``is_trainable=True`` the adapters train (the base frozen) and the model's mode is kept.
 
     Everything is validated before anything changes: a corrupt file, an unsupported config (another PEFT
-    type, DoRA, biases, modules_to_save, ...), a missing, unexpected or non-finite tensor, or a shape that
+    type, biases, modules_to_save, ...), a missing, unexpected or non-finite tensor, or a shape that
     does not fit raises ``ValueError`` naming the key, and the model is left as it was. A ``peft`` model is
     refused (``ValueError``): load into it with peft's own ``load_adapter``.
     """
@@ -421,6 +435,9 @@ def load_adapter(
     if existing:
         expected = {}
         for name, layer in existing.items():
+            if layer.use_dora != settings.use_dora:
+                raise _config_error(config_path, "use_dora", f"is {settings.use_dora}, but the model's layer "
+                                    f"{name!r} has use_dora={layer.use_dora}")
             rank = pattern_value(settings.rank_pattern, name, settings.r)
             if rank != layer.r:
                 raise _config_error(
@@ -449,8 +466,11 @@ def load_adapter(
         if match is None:
             raise ValueError(
                 f"{weights_path}: unexpected key {key!r} (expected '{PEFT_KEY_PREFIX}<module>.lora_A.weight' "
-                "or '.lora_B.weight')"
+                f"or '.lora_B.weight', or '.{MAGNITUDE_KEY}' with use_dora)"
             )
+        if match["part"] is None and not settings.use_dora:
+            raise ValueError(f"{weights_path}: unexpected key {key!r}: a DoRA magnitude, but the config has "
+                             "use_dora false")
         if match["module"] not in expected:
             raise ValueError(
                 f"{weights_path}: unexpected key {key!r}: the model has no LoRA layer {match['module']!r}"
@@ -462,8 +482,10 @@ def load_adapter(
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{weights_path}: tensor {key!r}: holds NaN or infinite values")
     for name, (rank, _, in_features, out_features) in expected.items():
-        for part, shape in (("A", (rank, in_features)), ("B", (out_features, rank))):
-            key = f"{PEFT_KEY_PREFIX}{name}.lora_{part}.weight"
+        parts = [("lora_A.weight", (rank, in_features)), ("lora_B.weight", (out_features, rank))]
+        parts += [(MAGNITUDE_KEY, (out_features,))] if settings.use_dora else []
+        for part, shape in parts:
+            key = f"{PEFT_KEY_PREFIX}{name}.{part}"
             if key not in tensors:
                 raise ValueError(f"{weights_path}: missing tensor {key!r}")
             if tuple(tensors[key].shape) != shape:
@@ -474,14 +496,14 @@ def load_adapter(
 
     if sites:
         apply_lora(root, sites, dropout=settings.lora_dropout, use_rslora=settings.use_rslora, init="zeros",
-                   backend=backend)
+                   backend=backend, use_dora=settings.use_dora)
     if is_trainable:
         if sites:
             mark_trainable(root)
         for _, layer in lora_layers(root):
             layer.train(root.training)  # new layers take the model's mode
-            layer.lora_A.requires_grad_(True)
-            layer.lora_B.requires_grad_(True)
+            for parameter in _adapter_parameters(layer):
+                parameter.requires_grad_(True)
     else:
         model.eval()
         root.requires_grad_(False)
@@ -489,6 +511,9 @@ def load_adapter(
         for name, layer in lora_layers(root):
             layer.lora_A.copy_(tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"])
             layer.lora_B.copy_(tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"])
+            if layer.use_dora:
+                layer.lora_magnitude_vector.copy_(tensors[f"{PEFT_KEY_PREFIX}{name}.{MAGNITUDE_KEY}"])
+                layer._weight_norm_sq.clear()
             layer.alpha = expected[name][1]
             layer.use_rslora = settings.use_rslora
             layer.dropout = settings.lora_dropout

@@ -267,14 +267,24 @@ def apply_lora(
     use_rslora: bool = False,
     init: str = "default",
     backend: str | None = None,
+    use_dora: bool = False,
 ) -> None:
     """Replace each planned site's ``nn.Linear`` by a ``LoRALinear`` wrapping it (in place)."""
     root = unwrap_model(model)
+    sites = list(sites)
+    if use_dora:
+        quantized = [site.name for site in sites if is_linear_4bit(root.get_submodule(site.name))]
+        if quantized:
+            raise ValueError(f"use_dora: DoRA over a bitsandbytes 4-bit base is not supported yet "
+                             f"(module {quantized[0]!r}); use plain LoRA there")
     for site in sites:
         base = root.get_submodule(site.name)
-        layer_class = LoRALinear4bit if is_linear_4bit(base) else LoRALinear
-        layer = layer_class(base, site.r, site.alpha, dropout=dropout, use_rslora=use_rslora, init=init,
-                           backend=backend)
+        if is_linear_4bit(base):
+            layer = LoRALinear4bit(base, site.r, site.alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+                                   backend=backend)
+        else:
+            layer = LoRALinear(base, site.r, site.alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+                               backend=backend, use_dora=use_dora)
         _set_submodule(root, site.name, layer)
 
 
@@ -294,6 +304,7 @@ def inject_lora(
     exclude_modules: str | Iterable[str] | None = None,
     init: str = "default",
     backend: str | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Wrap matching ``nn.Linear`` layers of ``model`` in ``LoRALinear`` (in place) and freeze everything
     else; returns ``model``.
@@ -302,21 +313,23 @@ def inject_lora(
     regex string matched against the whole module name, or ``"all-linear"`` (every ``nn.Linear`` except
     the output head). ``rank_pattern`` / ``alpha_pattern`` map regexes to per-layer rank / alpha, matched
     as ``peft`` matches them. ``scaling`` is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
-    A new adapter starts as the base model (B = 0, A Kaiming-uniform, as ``peft``).
+    A new adapter starts as the base model (B = 0, A Kaiming-uniform, as ``peft``). ``use_dora=True``: DoRA
+    layers (a trainable magnitude per output column, ``peftkern.dora_linear``), as peft's ``use_dora=True``.
     """
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
     sites = plan_lora(model, target_modules, r, alpha, rank_pattern, alpha_pattern, exclude_modules)
-    apply_lora(model, sites, dropout=dropout, use_rslora=use_rslora, init=init, backend=backend)
+    apply_lora(model, sites, dropout=dropout, use_rslora=use_rslora, init=init, backend=backend, use_dora=use_dora)
     mark_trainable(model)
     return model
 
 
 def mark_trainable(model: nn.Module, extra: str | Iterable[str] = ()) -> nn.Module:
-    """Freeze every parameter except the LoRA adapters' ``lora_A`` / ``lora_B`` (and the parameters of
-    modules matching ``extra``, with ``target_modules``' rules, e.g. ``["lm_head"]``); returns ``model``."""
+    """Freeze every parameter except the LoRA adapters' ``lora_A`` / ``lora_B`` and DoRA magnitudes (and the
+    parameters of modules matching ``extra``, with ``target_modules``' rules, e.g. ``["lm_head"]``); returns
+    ``model``."""
     if peft_model_of(model) is not None:
         raise ValueError(
             "model: is a peft PeftModel; peft marks its own adapters (and modules_to_save) trainable: use its "
@@ -332,6 +345,8 @@ def mark_trainable(model: nn.Module, extra: str | Iterable[str] = ()) -> nn.Modu
         if isinstance(module, LoRALinear):
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
+            if module.use_dora:
+                module.lora_magnitude_vector.requires_grad_(True)
         elif extra_spec is not None and name and _matches(extra_spec, name):
             for parameter in module.parameters():
                 parameter.requires_grad_(True)
@@ -374,8 +389,9 @@ def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module
     ``modules_to_save`` and gradient checkpointing are peft's code and give peft's results; the Parameters
     are the same objects (optimizers keep working). Outputs and gradients are peft's (dropout draws differ:
     ours come from a counter-based stream). QLoRA layers (peft's ``lora.bnb.Linear4bit``) run
-    ``peftkern.lora_linear_4bit`` over the base's 4-bit storage. Layers peft runs that our ops do not cover
-    (embeddings, convs, bitsandbytes 8-bit, DoRA, lora_bias, other tuners) keep peft's forward; one ``logging``
+    ``peftkern.lora_linear_4bit`` over the base's 4-bit storage; DoRA layers (``use_dora=True``) run
+    ``peftkern.dora_linear``. Layers peft runs that our ops do not cover (embeddings, convs, bitsandbytes 8-bit,
+    DoRA over 4-bit, lora_bias, other tuners) keep peft's forward; one ``logging``
     line (logger ``"peftkern"``, INFO) says how many run fused and why the others do not, and :func:`fused_layers` lists
     them. Call it again after ``add_adapter`` targets new modules; converted layers stay converted.
 

@@ -12,9 +12,11 @@ checkpointing) stays peft's code and gives peft's result. The alternative, our o
 forward is a few dozen lines and cannot drift from peft outside the one computation it replaces.
 
 The forward runs ``peftkern.lora_linear`` when the layer is in a state the op computes exactly: one active
-adapter, not merged, adapters enabled, a plain ``nn.Linear`` base without hooks, no LoRA variant (DoRA,
-aLoRA, ...), no ``lora_bias``, no ``fan_in_fan_out``, dropout an ``nn.Dropout`` or ``nn.Identity``, and dtypes
-the op takes (adapters in x's dtype, or fp32 beside 16-bit x, as peft casts x to ``lora_A``'s dtype).
+adapter, not merged, adapters enabled, a plain ``nn.Linear`` base without hooks, no LoRA variant (aLoRA, ...)
+other than DoRA, no ``lora_bias``, no ``fan_in_fan_out``, dropout an ``nn.Dropout`` or ``nn.Identity``, and dtypes
+the op takes (adapters in x's dtype, or fp32 beside 16-bit x, as peft casts x to ``lora_A``'s dtype). A DoRA
+adapter runs ``peftkern.dora_linear`` with the layer's own ``lora_magnitude_vector`` Parameter, the frozen
+``||W||^2`` cached on the layer (recomputed when the weight changes, and on merge / unmerge).
 ``adapter_names=`` mixed batches run ``peftkern.multi_lora_linear`` (the adapters' A/B stacked, ranks may
 differ, ``"__base__"`` rows base only) when every named adapter is plain LoRA without active dropout.
 peft's QLoRA layer ``lora.bnb.Linear4bit`` becomes :class:`FusedLoraLinear4bit` the same way and runs
@@ -35,10 +37,17 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .backends import describe_backend
+from .nn.lora import WeightNormCache
 from .nn.lora4bit import is_linear_4bit, linear_4bit_forward
 from .nn.multi_lora import broadcast_adapter_ids
+from .ops.dora import dora_linear
 from .ops.lora import lora_linear
 from .ops.multi_lora import multi_lora_linear
+
+try:
+    from peft.tuners.lora.variants import DoraLinearVariant
+except ImportError:  # a peft without LoRA variants: DoRA layers run peft's forward
+    DoraLinearVariant = None
 
 try:  # peft defines its 4-bit LoRA layer only when bitsandbytes is installed
     from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
@@ -55,7 +64,13 @@ BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
 
 def _adapter_blocker(layer: PeftLoraLinear, adapter: str) -> str | None:
     """Why adapter ``adapter`` of ``layer`` cannot run in our ops, or None."""
-    if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
+    if _is_dora(layer, adapter):
+        magnitude = layer.lora_magnitude_vector[adapter].weight
+        if PeftLoraLinear4bit is not None and isinstance(layer, PeftLoraLinear4bit):
+            return "DoRA on a 4-bit base"
+        if magnitude.dtype != layer.lora_A[adapter].weight.dtype:
+            return "DoRA magnitude and lora_A of different dtypes"
+    elif adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
         return "DoRA" if layer.use_dora.get(adapter, False) else "a LoRA variant"
     if layer.lora_A[adapter].bias is not None or layer.lora_B[adapter].bias is not None:
         return "lora_bias"
@@ -64,6 +79,13 @@ def _adapter_blocker(layer: PeftLoraLinear, adapter: str) -> str | None:
     if layer.lora_A[adapter].weight.dtype != layer.lora_B[adapter].weight.dtype:
         return "lora_A and lora_B of different dtypes"
     return None
+
+
+def _is_dora(layer: PeftLoraLinear, adapter: str) -> bool:
+    """Whether ``adapter`` of ``layer`` is a DoRA adapter of peft's linear kind (what ``dora_linear`` computes)."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    return (DoraLinearVariant is not None and type(variant) is DoraLinearVariant
+            and layer.use_dora.get(adapter, False) and adapter in layer.lora_magnitude_vector)
 
 
 def _base_blocker(layer: PeftLoraLinear) -> str | None:
@@ -134,6 +156,21 @@ class FusedLoraLinear(PeftLoraLinear):
 
     peftkern_backend: str | None = None
 
+    def _weight_norm_sq(self) -> torch.Tensor | None:
+        """The base weight's ``||W||^2`` for DoRA, cached on the layer (see ``nn.lora.WeightNormCache``)."""
+        cache = self.__dict__.get("_peftkern_norm_cache")
+        if cache is None:
+            cache = self.__dict__["_peftkern_norm_cache"] = WeightNormCache()
+        return cache.get(self.get_base_layer().weight)
+
+    def merge(self, *args, **kwargs) -> None:
+        self.__dict__.pop("_peftkern_norm_cache", None)  # the base weight changes (the cache would notice too)
+        super().merge(*args, **kwargs)
+
+    def unmerge(self, *args, **kwargs) -> None:
+        self.__dict__.pop("_peftkern_norm_cache", None)
+        super().unmerge(*args, **kwargs)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter_names = kwargs.get("adapter_names")
         others = any(value is not None for key, value in kwargs.items() if key != "adapter_names")
@@ -156,6 +193,17 @@ class FusedLoraLinear(PeftLoraLinear):
             return None
         dropout = self.lora_dropout[adapter]
         p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
+        if _is_dora(self, adapter):
+            magnitude = self.lora_magnitude_vector[adapter].weight
+            if magnitude.device != x.device:
+                return None
+            norm_sq = self._weight_norm_sq()
+            if norm_sq is not None and torch.float64 in (x.dtype, lora_a.dtype):
+                norm_sq = norm_sq.double()
+            # peft drops out x (and recomputes the base product from it) only in training mode.
+            return dora_linear(x, base.weight, base.bias, lora_a, lora_b, magnitude, float(self.scaling[adapter]),
+                               p, self.training and dropout.training, weight_norm_sq=norm_sq,
+                               backend=self.peftkern_backend)
         return lora_linear(x, base.weight, base.bias, lora_a, lora_b, float(self.scaling[adapter]), p,
                            dropout.training, backend=self.peftkern_backend)
 
@@ -170,8 +218,8 @@ class FusedLoraLinear(PeftLoraLinear):
         for name in names:
             dropout = self.lora_dropout[name]
             active_dropout = isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training
-            if _adapter_blocker(self, name) is not None or active_dropout:
-                return None  # multi_lora_linear has no dropout
+            if _adapter_blocker(self, name) is not None or active_dropout or _is_dora(self, name):
+                return None  # multi_lora_linear has no dropout, and no DoRA (peft refuses that mix itself)
         lora_as = [self.lora_A[name].weight for name in names]
         lora_bs = [self.lora_B[name].weight for name in names]
         dtype = lora_as[0].dtype

@@ -211,8 +211,9 @@ class AdapterPool:
         for key, value in tensors.items():
             match = _KEY.match(key)
             if match is None:
+                dora = " but a DoRA magnitude" if key.endswith("lora_magnitude_vector") else ""
                 raise ValueError(
-                    f"{source}: key {key!r} is not a LoRA A/B weight (only plain LoRA is supported)"
+                    f"{source}: key {key!r} is not a LoRA A/B weight{dora} (only plain LoRA is supported)"
                 )
             module = match["module"].removeprefix(_PREFIX)
             if module not in self.layers:

@@ -20,6 +20,8 @@ __all__ = [
     "philox_uniform",
     "dropout_mask",
     "lora_linear",
+    "dora_weight_norm",
+    "dora_linear",
     "ACTIVATIONS",
     "apply_activation",
     "bottleneck_adapter",
@@ -127,6 +129,74 @@ def lora_linear(
         else:
             dropped = x2 * keep_mask.reshape(x2.shape).to(x2.dtype) / (1.0 - dropout_p)
     out = out + scaling * ((dropped @ lora_a.T) @ lora_b.T)
+    return out.reshape(*lead, weight.shape[0])
+
+
+# ---- DoRA (weight-decomposed LoRA) ---------------------------------------------------------------------------
+
+
+def dora_weight_norm(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    weight_norm_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``||W + scaling * B @ A||`` per output row [N], without the dense [N, K] matrix.
+
+    ``||W_n + s (BA)_n||^2 = ||W_n||^2 + 2 s ((W A^T) . B)_n + s^2 ((B (A A^T)) . B)_n`` (row sums of
+    elementwise products): O(N r + r^2) memory. weight [N, K], lora_a [r, K], lora_b [N, r];
+    ``weight_norm_sq`` [N] is ``||W_n||^2`` (computed when None; constant while W is frozen).
+    Computes in the promoted dtype of its inputs.
+    """
+    if weight_norm_sq is None:
+        weight_norm_sq = (weight * weight).sum(1)
+    cross = ((weight @ lora_a.T) * lora_b).sum(1)
+    square = ((lora_b @ (lora_a @ lora_a.T)) * lora_b).sum(1)
+    # Rounding can take a (near-)zero row a hair below 0; the true value is >= 0.
+    return (weight_norm_sq + 2.0 * scaling * cross + scaling * scaling * square).clamp_min(0.0).sqrt()
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA linear, exactly as ``peft`` (``use_dora=True``) computes it.
+
+    With g = magnitude / ||W + scaling * B @ A|| per output column (the norm detached: it gets no gradient,
+    DoRA paper section 4.3) and xd = dropout(x):
+      no dropout (eval, or p = 0):  ``g * (x @ W.T + scaling * (x @ A.T) @ B.T) + b``
+      dropout in training:          ``x @ W.T + b + (g - 1) * (xd @ W.T) + g * scaling * (xd @ A.T) @ B.T``
+    (peft recomputes the base product from the dropped-out x in that case). Shapes as :func:`lora_linear`;
+    magnitude [N] (peft's ``lora_magnitude_vector``). Dropout's mask as in :func:`lora_linear`.
+    Computes in the promoted dtype of its inputs; returns [..., N].
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    norm = dora_weight_norm(weight, lora_a, lora_b, scaling).detach()
+    scale = magnitude / norm
+    base = x2 @ weight.T
+    if training and dropout_p > 0.0:
+        if keep_mask is None and seed is not None:
+            keep_mask = dropout_mask(seed, tuple(x2.shape), dropout_p, device=x.device)
+        if keep_mask is None:
+            dropped = torch.nn.functional.dropout(x2, dropout_p, training=True)
+        else:
+            dropped = x2 * keep_mask.reshape(x2.shape).to(x2.dtype) / (1.0 - dropout_p)
+        out = base + (scale - 1.0) * (dropped @ weight.T) + scale * scaling * ((dropped @ lora_a.T) @ lora_b.T)
+    else:
+        out = scale * (base + scaling * ((x2 @ lora_a.T) @ lora_b.T))
+    if bias is not None:
+        out = out + bias
     return out.reshape(*lead, weight.shape[0])
 
 

@@ -214,8 +214,20 @@ def _lora_serving(act, ad):
                                  torch.ones(4), 8, ranks, backend="triton")
 
 
+def _dora(act, ad):
+    # The norm kernel, the fused forward with its column scale, dY * g with dm, and the LoRA backward on it:
+    # with and without dropout and bias, odd sizes and one row.
+    for rows, k, n, bias, dropout in [(99, 96, 80, True, 0.1), (1, 33, 17, False, 0.0)]:
+        x = _param(rows, k, dtype=act)
+        weight = _param(n, k, dtype=act)
+        b = _param(n, dtype=act) if bias else None
+        y = peftkern.dora_linear(x, weight, b, _param(16, k, dtype=ad), _param(n, 16, dtype=ad),
+                                 _param(n, dtype=ad), 0.5, dropout, backend="triton")
+        _backward(y)
+
+
 WORKLOADS = {"lora": _lora, "multi_lora": _multi_lora, "prompt": _prompts, "bottleneck": _bottleneck,
-             "lora_serving": _lora_serving}
+             "lora_serving": _lora_serving, "dora": _dora}
 
 
 def ptxas_counts(ptx: str, arch: int) -> tuple[int, int, int] | str:

@@ -577,7 +577,7 @@ POOL_CASES = [
                                   "base_model.model.k_proj.lora_B.weight": torch.randn(6, 3)}), ValueError,
      r"which this pool does not adapt"),
     (lambda pool: pool.load("b", _adapter(**{"base_model.model.q_proj.lora_magnitude_vector": torch.ones(6)})),
-     ValueError, r"is not a LoRA A/B weight"),
+     ValueError, r"is not a LoRA A/B weight but a DoRA magnitude"),
     (lambda pool: (pool.load("b", _adapter()), pool.load("c", _adapter())), ValueError, r"the pool is full"),
     (lambda pool: pool.evict("nope"), ValueError, r"adapter 'nope': not loaded"),
     (lambda pool: pool.evict(None), ValueError, r"adapter None: not loaded"),

@@ -70,6 +70,14 @@ def test_smoke_rows_follow_the_schema(smoke_run):
                 assert row is not None, (provider, mode, dropout_p)
                 assert row["ratios"]["vs_base"] > 0
                 assert ("vs_base_two_gemms" in row["ratios"]) == (mode == "full")
+    # DoRA rows: peft's DoRA layer and ours on both backends, every mode and dropout, with their ratios.
+    for provider in ("peft_dora", "dora_torch", "dora_triton"):
+        for mode in harness.MODES:
+            for dropout_p in (0.0, 0.1):
+                row = harness.find_row(lora, provider=provider, mode=mode, params={"dropout_p": dropout_p})
+                assert row is not None, (provider, mode, dropout_p)
+                assert (row["ratios"].get("vs_peft_dora", 0) > 0) == (provider != "peft_dora")
+                assert ("vs_lora" in row["ratios"]) == (provider == "dora_triton")
     copy = harness.find_row(rows, op="limits", provider="d2d_copy")
     assert copy["bandwidth_gbps"] > 0 and copy["bytes_moved"] == 2 * copy["shapes"]["bytes"]
 
@@ -92,6 +100,8 @@ def test_summary_holds_only_measured_keys(smoke_run):
     assert summary == pytest.approx(recomputed)
     # Measured from this run's rows: the LoRA and adapter timing ratios. Not measurable on CPU: peak memory.
     assert {"lora_fwd_vs_base", "lora_train_speedup_vs_peft", "lora_train_vs_base"} <= set(summary)
+    assert {"dora_train_vs_lora", "dora_train_speedup_vs_peft"} <= set(summary)
+    assert "dora_memory_ratio_vs_peft" not in summary
     assert {"adapter_train_speedup_vs_unfused", "adapter_train_vs_two_gemms"} <= set(summary)
     adapter = harness.find_rows(rows, op="adapter", mode="full")
     ours = harness.find_row(adapter, provider=bench_adapter.ours(rows))

@@ -223,7 +223,8 @@ OTHER_KEY = KEY.replace("q_proj", "k_proj")
     "corrupt, message",
     [
         (lambda p: _edit_config(p, peft_type="IA3"), r"key 'peft_type': expected 'LORA'"),
-        (lambda p: _edit_config(p, use_dora=True), r"key 'use_dora'"),
+        (lambda p: _edit_config(p, use_dora=True),
+         r"missing tensor '.*q_proj\.lora_magnitude_vector'|key 'use_dora': is True, but .* use_dora=False"),
         (lambda p: _edit_config(p, bias="all"), r"key 'bias': 'all' is not supported"),
         (lambda p: _edit_config(p, modules_to_save=["lm_head"]), r"key 'modules_to_save'"),
         (lambda p: _edit_config(p, layers_to_transform=[0]), r"key 'layers_to_transform'"),

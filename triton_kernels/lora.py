@@ -86,18 +86,21 @@ def _lora_shrink_kernel(
     tl.store(S + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
-@autotune(gemm_configs(wide=True), ["M_BUCKET", "N", "K", "R", "HAS_BIAS", "BASE_FP32", "LORA_FP32", "PRECISION"])
+@autotune(gemm_configs(wide=True),
+          ["M_BUCKET", "N", "K", "R", "HAS_BIAS", "BASE_FP32", "LORA_FP32", "PRECISION", "COL_SCALE"])
 @triton.jit
 def _lora_fwd_kernel(
-    X, W, BIAS, S, B, Y,
+    X, W, BIAS, S, B, Y, SCALE,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
     HAS_BIAS: tl.constexpr, BASE_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    COL_SCALE: tl.constexpr = False,
 ):
-    """Y = X @ W.T + bias + scaling * S @ B.T, one (BLOCK_M x BLOCK_N) tile per program."""
+    """Y = X @ W.T + bias + scaling * S @ B.T, one (BLOCK_M x BLOCK_N) tile per program; with COL_SCALE,
+    Y = SCALE[col] * (X @ W.T + scaling * S @ B.T) + bias (DoRA's m / ||W + s B A||, fp32 [N])."""
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -112,6 +115,8 @@ def _lora_fwd_kernel(
     b_t = tl.load(B + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
                   mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
     acc = lowrank_dot(s * scaling, b_t, acc, LORA_FP32, PRECISION)
+    if COL_SCALE:
+        acc *= tl.load(SCALE + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
@@ -270,8 +275,10 @@ def lora_forward(
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor | None,
+    col_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (Y [M, N] in x's dtype, S [M, r] fp32). x: [M, K] (any strides); inputs already checked."""
+    """Returns (Y [M, N] in x's dtype, S [M, r] fp32). x: [M, K] (any strides); inputs already checked.
+    ``col_scale`` (fp32 [N], contiguous): Y = col_scale * (X @ W.T + scaling * S @ B.T) + b (DoRA)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -292,14 +299,14 @@ def lora_forward(
     )
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _lora_fwd_kernel[grid](
-        x, weight, bias if bias is not None else y, s, lora_b, y,
+        x, weight, bias if bias is not None else y, s, lora_b, y, col_scale if col_scale is not None else y,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         float(scaling),
         HAS_BIAS=bias is not None, BASE_FP32=dot_in_fp32(x.dtype, weight.dtype),
         LORA_FP32=dot_in_fp32(x.dtype, lora_b.dtype),
-        PRECISION=precision, BLOCK_R=block_r,
+        PRECISION=precision, BLOCK_R=block_r, COL_SCALE=col_scale is not None,
     )
     return y, s
 

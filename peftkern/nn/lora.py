@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -9,11 +10,34 @@ import torch.nn as nn
 
 from ..backends import describe_backend
 from ..ops._checks import check_finite_scalar, check_probability
+from ..ops.dora import dora_linear, weight_norm_sq
 from ..ops.lora import lora_linear
 
 __all__ = ["LoRALinear"]
 
 _INITS = ("default", "gaussian", "zeros")
+
+
+class WeightNormCache:
+    """``||W_n||^2`` of a frozen weight, recomputed when the weight changes: another tensor behind the
+    Parameter (``.data =``, FSDP unsharding, ``.to``), an in-place write (``copy_``, ``load_state_dict``:
+    the version counter moves), or :meth:`clear` (merge / unmerge / load call it)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The cached value for ``weight`` (computed on a miss); None while traced (the op computes it)."""
+        if torch.compiler.is_compiling() or type(weight) not in (torch.Tensor, nn.Parameter):
+            return None
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+        if key != self._key:
+            self._value, self._key = weight_norm_sq(weight), key
+        return self._value
 
 
 class LoRALinear(nn.Module):
@@ -22,6 +46,10 @@ class LoRALinear(nn.Module):
     Parameters: ``lora_A`` [r, in_features] and ``lora_B`` [out_features, r] (trainable), and the base
     layer's own ``weight``/``bias`` (frozen; kept as the same Parameter objects, so FSDP and optimisers
     see one copy). ``scaling`` is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA, as in ``peft``.
+
+    ``use_dora=True``: DoRA as peft computes it (``peftkern.dora_linear``), with the trainable magnitude
+    ``lora_magnitude_vector`` [out_features] (peft's name), initialised to ``||W + scaling * B A||`` per
+    output row; the layer caches the frozen ``||W||^2`` (:class:`WeightNormCache`).
     """
 
     def __init__(
@@ -34,6 +62,7 @@ class LoRALinear(nn.Module):
         init: str = "default",
         dtype: torch.dtype | None = None,
         backend: str | None = None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -55,6 +84,9 @@ class LoRALinear(nn.Module):
         self.use_rslora = bool(use_rslora)
         self.backend = backend
         self.merged = False
+        self.use_dora = bool(use_dora)
+        self._weight_norm_sq = WeightNormCache()
+        self._merged_norm: torch.Tensor | None = None  # DoRA: the column norm the merge divided by
         weight = base_layer.weight
         if dtype is None:
             # As peft's autocast_adapter_dtype: fp32 adapters beside a 16-bit base, else the base's dtype.
@@ -62,6 +94,8 @@ class LoRALinear(nn.Module):
         factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **factory))
         base_layer.requires_grad_(False)
         self.reset_lora_parameters(init)
 
@@ -74,9 +108,14 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "default",
+        use_dora: bool = False,
         **kwargs,
     ) -> LoRALinear:
-        """Wrap ``linear`` (frozen in place) with a rank-``r`` adapter."""
+        """Wrap ``linear`` (frozen in place) with a rank-``r`` adapter (DoRA with ``use_dora=True``)."""
+        if use_dora:
+            if "use_dora" not in inspect.signature(cls.__init__).parameters:
+                raise ValueError(f"use_dora: {cls.__name__} does not support DoRA yet; use plain LoRA")
+            kwargs["use_dora"] = True
         return cls(linear, r, alpha, dropout=dropout, use_rslora=use_rslora, init=init, **kwargs)
 
     @property
@@ -94,7 +133,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default") -> None:
         """``default``: A Kaiming-uniform (a=sqrt(5)), B zeros, as ``peft`` (the layer starts as the base);
-        ``gaussian``: A ~ N(0, 1/r), B zeros; ``zeros``: both zero, for weights about to be loaded."""
+        ``gaussian``: A ~ N(0, 1/r), B zeros; ``zeros``: both zero, for weights about to be loaded. DoRA's
+        magnitude becomes the column norm ``||W + scaling * B A||`` (= ``||W||`` with B = 0), as in peft."""
         if init == "default":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         elif init == "gaussian":
@@ -102,6 +142,19 @@ class LoRALinear(nn.Module):
         else:
             nn.init.zeros_(self.lora_A)
         nn.init.zeros_(self.lora_B)
+        if self.use_dora:
+            self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """DoRA: set the magnitude to the current column norm ``||W + scaling * B A||`` (the layer then
+        computes what its plain LoRA would)."""
+        self.lora_magnitude_vector.copy_(self._column_norm(self.base_layer.weight))
+
+    def _column_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||weight + scaling * B A||`` per output row (weight unmerged), fp32 or wider, dense (merge only)."""
+        merged = weight.to(torch.promote_types(weight.dtype, torch.float32)) + self.delta_weight()
+        return torch.linalg.vector_norm(merged, dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter's update to the base weight, ``scaling * B @ A`` [out, in], in fp32 or wider."""
@@ -110,11 +163,17 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the base weight (inference); ``unmerge`` undoes it."""
+        """Fold the adapter into the base weight (inference); ``unmerge`` undoes it. DoRA (as peft):
+        ``W' = (m / ||W + s B A||) * (W + s B A)`` per output row, the norm kept for ``unmerge``."""
         if self.merged:
             return
         weight, delta = self.base_layer.weight, self.delta_weight()
-        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+        merged = weight.to(delta.dtype) + delta
+        if self.use_dora:
+            self._merged_norm = torch.linalg.vector_norm(merged, dim=1)
+            merged = merged * (self.lora_magnitude_vector.to(delta.dtype) / self._merged_norm)[:, None]
+        weight.copy_(merged.to(weight.dtype))
+        self._weight_norm_sq.clear()
         self.merged = True
 
     @torch.no_grad()
@@ -122,12 +181,25 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight, delta = self.base_layer.weight, self.delta_weight()
-        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+        merged = weight.to(delta.dtype)
+        if self.use_dora:
+            merged = merged / (self.lora_magnitude_vector.to(delta.dtype) / self._merged_norm)[:, None]
+            self._merged_norm = None
+        weight.copy_((merged - delta).to(weight.dtype))
+        self._weight_norm_sq.clear()
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.use_dora:
+            weight = self.base_layer.weight
+            norm_sq = self._weight_norm_sq.get(weight)
+            if norm_sq is not None and torch.float64 in (x.dtype, self.lora_A.dtype):
+                norm_sq = norm_sq.double()  # the op's intermediates are float64 beside any float64 input
+            return dora_linear(x, weight, self.base_layer.bias, self.lora_A, self.lora_B,
+                               self.lora_magnitude_vector, self.scaling, self.dropout, self.training,
+                               weight_norm_sq=norm_sq, backend=self.backend)
         return lora_linear(
             x,
             self.base_layer.weight,
@@ -141,9 +213,11 @@ class LoRALinear(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        backend = describe_backend(self.lora_A.device, "lora_linear", self.backend)
+        op = "dora_linear" if self.use_dora else "lora_linear"
+        backend = describe_backend(self.lora_A.device, op, self.backend)
+        dora = ", dora=True" if self.use_dora else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
-            f"rslora={self.use_rslora}, merged={self.merged}, backend={backend}"
+            f"rslora={self.use_rslora}{dora}, merged={self.merged}, backend={backend}"
         )
