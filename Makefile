@@ -108,7 +108,7 @@ GPU_BUNDLE ?= .gpu-bundle
 GPU_BUNDLE_BUILD := .gpu-bundle-build
 GPU_BUNDLE_ARCHS ?= 90a;80
 GPU_CHECK_OUT ?= benchmarks/results
-GPU_CHECK_BUDGET ?= 420
+GPU_CHECK_BUDGET ?= 400
 TRITON_COMPAT_WHEELS := .triton-compat/wheels
 COMPAT_ENV := env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_COMPAT_DIR):.$${PYTHONPATH:+:$$PYTHONPATH}
 
@@ -135,7 +135,8 @@ gpu-bundle:
 		|| exit 1; \
 	compiled=$$(date +%s); \
 	$(COMPAT_ENV) $(PYTHON) benchmarks/gpu_bundle.py --pack --cache $(GPU_BUNDLE_BUILD)/triton-cache \
-		--bundle $(GPU_BUNDLE) || exit 1; \
+		--bundle $(GPU_BUNDLE) --py-include "$$($(PY312) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+		--ext-suffix "$$($(PY312) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" || exit 1; \
 	end=$$(date +%s); \
 	PEFTKERN_CUDA_ARCHS="$(GPU_BUNDLE_ARCHS)" $(COMPAT_ENV) $(PYTHON) benchmarks/gpu_bundle.py --manifest \
 		--bundle $(GPU_BUNDLE) --extra "{\"seconds\": {\"extensions\": $$((built - start)), \

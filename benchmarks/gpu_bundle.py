@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -76,6 +77,7 @@ def target_wheel() -> Path:
     return found[0]
 
 
+@functools.cache
 def target_triton_key() -> tuple[str, str]:
     """(the triton_key() the GPU machines' triton computes, why it can be trusted): this process's key with
     libtriton.so's hash replaced by the cp312 wheel's, after checking every other hashed file is identical."""
@@ -90,7 +92,9 @@ def target_triton_key() -> tuple[str, str]:
         target = _record(wheel.read("triton-3.6.0.dist-info/RECORD").decode().splitlines())
     hashed = [p for p in target if p.endswith(".py") and p.split("/")[1:2] in (["compiler"], ["backends"],
                                                                                ["language"])]
-    hashed.append("triton/runtime/cache.py")
+    # triton_key()'s frontend file; the options' libdevice (hashed by content) and the backend's ptxas version.
+    hashed += ["triton/runtime/cache.py", "triton/backends/nvidia/bin/ptxas"]
+    hashed += [p for p in target if p.startswith("triton/backends/nvidia/lib/")]
     different = [p for p in hashed if local.get(p) != target.get(p)]
     if different:
         raise SystemExit(f"gpu_bundle: the cp312 wheel's sources differ from this triton's: {different[:5]}")
@@ -145,15 +149,21 @@ def walk(only: list[str] | None, shard: tuple[int, int], log) -> dict[str, dict]
     return results
 
 
-def key_check(has, only: list[str] | None, log) -> dict:
+def key_check(has, only: list[str] | None, log, read=None) -> dict:
     """Every launch of the plan: its cache key (as triton computes it on the GPU machine) and whether
     ``has(relative path)`` finds its cache entry (group, metadata, cubin); nothing compiled."""
     from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.runtime.cache import _base32, get_cache_key
     from triton.runtime.jit import JITFunction
 
-    use_target_key()
+    try:
+        use_target_key()
+        basis = f"triton_key of the {TARGET_PYTHON} wheel"
+    except SystemExit as error:  # no wheel (a checkout without a bundle): every launch is missing anyway
+        basis = f"this triton's own triton_key ({error})"
+        log(f"key basis: {basis}")
     seen: dict[str, tuple[str, bool]] = {}
+    launchers: set[str] = set()
 
     def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
         _, _, target, backend, _ = self.device_caches[device]
@@ -167,6 +177,8 @@ def key_check(has, only: list[str] | None, log) -> dict:
         pointers = ",".join(v for v in signature.values() if str(v).startswith("*"))
         seen[folder] = (f"{name} warps={parsed.num_warps} stages={parsed.num_stages} pointers {pointers} "
                         f"{constants}", present)
+        if present and read is not None:  # the host launcher the GPU machine builds for this kernel
+            launchers.add(launcher_source(src, json.loads(read(f"{folder}/{name}.json"))))
         return None  # nothing compiled, nothing launched
 
     original = JITFunction._do_compile
@@ -175,10 +187,67 @@ def key_check(has, only: list[str] | None, log) -> dict:
         steps = walk(only, (0, 1), log)
     finally:
         JITFunction._do_compile = original
-    return {"launches": len(seen), "folders": sorted(seen),
+    return {"launches": len(seen), "key_basis": basis, "folders": sorted(seen), "launcher_sources": sorted(launchers),
             "missing": sorted(what for what, present in seen.values() if not present),
             "steps": {n: r["status"] for n, r in steps.items()},
             "step_errors": {n: r.get("error") for n, r in steps.items() if r["status"] == "error"}}
+
+
+def launcher_source(src, metadata: dict) -> str:
+    """The C source of the host launcher triton 3.6 generates for a compiled kernel (CudaLauncher)."""
+    from triton.backends.nvidia.driver import make_launcher
+
+    arg_index = lambda x: (src.fn.arg_names.index(x), ) if isinstance(x, str) else x
+    constants = {arg_index(k): v for k, v in getattr(src, "constants", {}).items()}
+    return make_launcher(constants, dict(src.signature), metadata.get("tensordesc_meta"))
+
+
+def host_modules(sources: list[str]) -> list[tuple[str, str]]:
+    """(module name, C source) of every host module the GPU machine's triton would compile: the driver's
+    cuda_utils, and one __triton_launcher per kernel signature."""
+    from triton.backends.nvidia import driver
+
+    return [("cuda_utils", (Path(driver.dirname) / "driver.c").read_text())] + \
+        [("__triton_launcher", source) for source in sources]
+
+
+def build_host_modules(cache: Path, modules: list[tuple[str, str]], py_include: str, ext_suffix: str,
+                       log) -> list[str]:
+    """Compile each host module for the GPU machines' Python into ``cache`` where triton looks for it
+    (key: sha256 of the source and the platform; file: name + that Python's EXT_SUFFIX); returns the
+    cache folders. libcuda.so.1 is linked through an empty stand-in, kept as NEEDED (--no-as-needed): the
+    driver's symbols resolve against the real one when the module is loaded there."""
+    from triton.backends.nvidia import driver
+    from triton.runtime.build import platform_key
+    from triton.runtime.cache import _base32
+
+    stub = cache.parent / "libcuda-stub"
+    stub.mkdir(parents=True, exist_ok=True)
+    if not (stub / "libcuda.so.1").is_file():
+        (stub / "empty.c").write_text("")
+        subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stub / "libcuda.so.1"),
+                        str(stub / "empty.c")], check=True)
+    folders, built = [], 0
+    for name, source in modules:
+        folder = _base32(hashlib.sha256((source + platform_key()).encode()).hexdigest())
+        target = cache / folder / f"{name}{ext_suffix}"
+        folders.append(folder)
+        if target.is_file():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            c_file = Path(tmp) / f"{name}.c"
+            c_file.write_text(source)
+            out = Path(tmp) / target.name
+            subprocess.run(["gcc", str(c_file), "-O3", "-shared", "-fPIC", "-Wno-psabi", "-o", str(out),
+                            "-Wl,--no-as-needed", "-l:libcuda.so.1", f"-L{driver.libdevice_dir}",
+                            f"-L{stub}",
+                            *[f"-I{d}" for d in driver.include_dirs], f"-I{tmp}", f"-I{py_include}"],
+                           check=True, stdout=subprocess.DEVNULL)
+            os.replace(out, target)
+        built += 1
+    log(f"host modules: {len(modules)} ({built} built now) for {ext_suffix}")
+    return folders
 
 
 def bundle_names(bundle: Path) -> set[str]:
@@ -194,9 +263,17 @@ def count_kernels(names) -> int:
     return sum(1 for name in names if name.split("/")[-1].startswith("__grp__"))
 
 
-def pack(cache: Path, bundle: Path, only: list[str] | None, log) -> dict:
-    """Pack the cache entries the plan launches (found by their keys: nothing stale) into the bundle."""
-    result = key_check(lambda rel: (cache / rel).is_file(), only, log)
+def pack(cache: Path, bundle: Path, only: list[str] | None, log, py_include: str | None,
+         ext_suffix: str | None) -> dict:
+    """Pack the cache entries the plan launches (found by their keys: nothing stale) into the bundle, with
+    the host launchers built for the GPU machines' Python when its headers are given."""
+    result = key_check(lambda rel: (cache / rel).is_file(), only, log, read=lambda rel: (cache / rel).read_text())
+    if not result["key_basis"].startswith("triton_key of the"):
+        raise SystemExit(f"gpu_bundle --pack: the GPU machines' cache keys cannot be computed: {result['key_basis']}")
+    host = []
+    if py_include and ext_suffix and not result["missing"]:
+        host = build_host_modules(cache, host_modules(result["launcher_sources"]), py_include, ext_suffix, log)
+    result["host_modules"] = len(host)
     if result["missing"]:
         return {**result, "step_errors": {**result["step_errors"], "pack": f"{len(result['missing'])} launches "
                                           "not compiled (run --compile first)"}}
@@ -207,7 +284,11 @@ def pack(cache: Path, bundle: Path, only: list[str] | None, log) -> dict:
             for path in sorted((cache / folder).iterdir()):
                 if path.suffix in (".json", ".cubin"):  # the rest (IR, source) is not read on a hit
                     tar.add(path, arcname=f"{folder}/{path.name}")
+        for folder in host:
+            for path in sorted((cache / folder).glob(f"*{ext_suffix}")):
+                tar.add(path, arcname=f"{folder}/{path.name}")
     os.replace(tmp, bundle / ARCHIVE)
+    result.pop("launcher_sources")
     return {**result, "bundle_compiles": count_kernels(bundle_names(bundle))}
 
 
@@ -287,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, default=None, help="write the result as JSON here")
     parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--py-include", default=None, help="--pack: the GPU machines' Python headers")
+    parser.add_argument("--ext-suffix", default=None, help="--pack: that Python's EXT_SUFFIX")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("gpu_bundle: unset TRITON_INTERPRET (the interpreter compiles nothing)")
@@ -326,13 +409,14 @@ def main(argv: list[str] | None = None) -> int:
         result = compile_plan(cache, args.only, shard, log)
         log(f"shard {args.shard}: {result['compiled']} compiled, {result['hits']} already there")
     elif args.pack:
-        result = pack(cache, args.bundle, args.only, log)
+        result = pack(cache, args.bundle, args.only, log, args.py_include, args.ext_suffix)
         log(f"packed {result.get('bundle_compiles', 0)} kernels of {result['launches']} distinct launches into "
             f"{args.bundle / ARCHIVE}; {len(result['missing'])} not compiled")
     elif args.keys:
         names = bundle_names(args.bundle)
         result = key_check(names.__contains__, args.only, log)
         result["bundle_compiles"] = count_kernels(names)
+        result["launcher_sources"] = len(result["launcher_sources"])
         log(f"{result['launches']} distinct launches, {len(result['missing'])} not in the bundle "
             f"({result['bundle_compiles']} kernels there)")
     else:

@@ -62,8 +62,8 @@ BENCH_DIR = REPO / "benchmarks"
 BUNDLE = REPO / ".gpu-bundle"
 STAGES = ("correctness", "bench", "sanitizer", "train", "sweep")
 # Seconds each stage may take on the GPU machine (None: whatever the run's budget leaves).
-STAGE_BOX = {"correctness": 90, "bench": 150, "sanitizer": 110, "train": 90, "sweep": None}
-DEFAULT_BUDGET = 420  # of the 8 minutes one call is boxed to: install, start-up and writing take the rest
+STAGE_BOX = {"correctness": 90, "bench": 150, "sanitizer": 130, "train": 90, "sweep": None}
+DEFAULT_BUDGET = 400  # of the 8 minutes one call is boxed to: install, start-up and writing take the rest
 MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2**20
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 # Providers the bench stage times: every baseline the summary keys need, ours; not torch_compile (inductor
@@ -548,7 +548,7 @@ def _sanitizer_step(tool: str) -> Callable[[Context], dict]:
             if sanitizer is None:
                 return {"status": "skipped", "reason": "compute-sanitizer is not on the PATH"}
             command = [sanitizer, "--tool", tool, "--error-exitcode", "9", "--print-limit", "20", *command]
-        box = 100 if ctx.mode == "gpu" else 300
+        box = 60 if ctx.mode == "gpu" else 300
         start = time.perf_counter()
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=box)
@@ -568,7 +568,7 @@ def _sanitizer_step(tool: str) -> Callable[[Context], dict]:
 
 
 for _tool in ("memcheck", "racecheck"):
-    step("sanitizer", f"sanitizer/{_tool}", 50.0)(_sanitizer_step(_tool))
+    step("sanitizer", f"sanitizer/{_tool}", 60.0)(_sanitizer_step(_tool))
 
 
 # ---- running ---------------------------------------------------------------------------------------------
@@ -864,11 +864,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="step name prefixes")
     parser.add_argument("--worker", nargs="+", default=None, help=argparse.SUPPRESS)  # the sanitizer's child
     parser.add_argument("--report", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--setup-info", type=Path, default=None, help=argparse.SUPPRESS)  # after --install
     args = parser.parse_args(argv)
 
     setup = None
-    if args.install:
+    if args.install:  # then start again, so that this process sees the editable install
         setup = install(args.bundle)
+        info = Path(tempfile.mkstemp(prefix="gpu-check-setup-", suffix=".json")[1])
+        info.write_text(json.dumps(setup, default=str))
+        argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--install"]
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv, "--setup-info", str(info)])
+    if args.setup_info:
+        setup = json.loads(args.setup_info.read_text())
     elif not args.dry and "TRITON_CACHE_DIR" not in os.environ:
         cache = unpack_cache(args.bundle)
         if cache is not None:
