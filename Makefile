@@ -103,7 +103,9 @@ perf-report-check:
 # seconds into $(GPU_CHECK_OUT)/<device>/. `make gpu-check-dry` (CPU, at most 10 minutes): the same plan on tiny
 # shapes through the interpreter, then every launch of the real run looked up in the bundle.
 .PHONY: gpu-bundle gpu-check gpu-check-dry
-PY312 ?= $(firstword $(shell command -v python3.12 2>/dev/null) $(wildcard /root/.pyenv/versions/3.12*/bin/python3.12))
+# The GPU machines' Python (3.12): the first candidate that runs (a pyenv shim may exist and not run).
+PY312 ?= $(shell for p in python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12); do \
+	$$p -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null && { command -v $$p; break; }; done)
 GPU_BUNDLE ?= .gpu-bundle
 GPU_BUNDLE_BUILD := .gpu-bundle-build
 GPU_BUNDLE_ARCHS ?= 90a;80

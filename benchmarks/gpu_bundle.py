@@ -273,6 +273,8 @@ def pack(cache: Path, bundle: Path, only: list[str] | None, log, py_include: str
     host = []
     if py_include and ext_suffix and not result["missing"]:
         host = build_host_modules(cache, host_modules(result["launcher_sources"]), py_include, ext_suffix, log)
+    elif not result["missing"]:
+        log("host launchers not prebuilt (no --py-include / --ext-suffix): the GPU machine builds them")
     result["host_modules"] = len(host)
     if result["missing"]:
         return {**result, "step_errors": {**result["step_errors"], "pack": f"{len(result['missing'])} launches "
@@ -346,6 +348,8 @@ def manifest(bundle: Path, extra: dict) -> dict:
         "cuda_archs": os.environ.get("PEFTKERN_CUDA_ARCHS", "90a;80"),
         "extensions": sorted(p.name for p in (bundle / "peftkern").glob("*.so")),
         "kernels": count_kernels(names), "kernel_names": dict(sorted(kernels.items())),
+        "host_modules": sorted({n.split("/")[-1] for n in names if n.endswith(".so")}),
+        "host_module_count": sum(1 for n in names if n.endswith(".so")),
         "plan": [s.name for s in gpu_check.PLAN],
         "size_bytes": sum(p.stat().st_size for p in files), "files": len(files), **extra,
     }

@@ -117,3 +117,20 @@ def test_quick_dry_run(tmp_path):
     statuses = {name: result["status"] for name, result in report["steps"].items()}
     assert statuses["correctness/lora/triton/s0"] == "pass", report["steps"]["correctness/lora/triton/s0"]
     assert all(status in ("pass", "skipped") for status in statuses.values()), statuses
+
+
+@pytest.mark.skipif(not list((REPO / ".triton-compat" / "wheels").glob("triton-3.6.0-cp312-*.whl"))
+                    or not (REPO / ".triton-compat" / "3.6.0" / "triton").is_dir(),
+                    reason="needs triton 3.6 and its cp312 wheel in .triton-compat/ (make gpu-bundle)")
+def test_target_key_differs_from_this_tritons_only_by_libtriton():
+    """The GPU machines' triton_key (cp312) is this triton's (cp311) with libtriton.so's hash replaced."""
+    script = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu_bundle\n"
+              "from triton.runtime.cache import triton_key\n"
+              "mine = triton_key(); target, why = gpu_bundle.target_triton_key()\n"
+              "print(mine != target, len(mine) == len(target), why)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / ".triton-compat" / "3.6.0"), str(REPO)])
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("True True ") and "sources identical" in done.stdout, done.stdout
