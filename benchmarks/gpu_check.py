@@ -524,7 +524,7 @@ def _register_benches() -> None:
         step("bench", f"bench/{op}", 30.0)(lambda ctx, op=op: run_bench(ctx, op, ["--headline"]))
     step("train", "train/e2e", 60.0)(lambda ctx: run_bench(ctx, "train", []))
     for index, (op, options) in enumerate(SWEEPS):
-        step("sweep", f"sweep/{index}-{op}", 40.0)(lambda ctx, op=op, options=options: run_bench(ctx, op, options))
+        step("sweep", f"sweep/{index}-{op}", 60.0)(lambda ctx, op=op, options=options: run_bench(ctx, op, options))
 
 
 _register_benches()
@@ -804,7 +804,7 @@ def install(bundle: Path) -> dict:
         link = REPO / "peftkern" / "triton_kernels"
         if not link.exists():
             link.symlink_to("../triton_kernels")
-        sys.path.insert(0, str(REPO))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     cache = unpack_cache(bundle)
     info["bundled_kernels"] = 0 if cache is None else relocate_cache(cache)
     if cache is not None:
