@@ -867,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--setup-info", type=Path, default=None, help=argparse.SUPPRESS)  # after --install
     args = parser.parse_args(argv)
+    args.bundle = args.bundle.resolve()  # the cache's groups name absolute paths
 
     setup = None
     if args.install:  # then start again, so that this process sees the editable install
