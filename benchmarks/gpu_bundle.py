@@ -15,7 +15,10 @@ sha256 of its Python sources and of libtriton.so), the kernel's source, the spec
 dtypes; pointers 16-byte aligned or not; integers == 1 or divisible by 16), constexprs, the options
 (warps, stages, target arch) and the backend (ptxas version, sm_90). The plan's steps run here in *walk*
 mode: the same code at the same shapes and dtypes on CPU tensors (fresh tensors are 16-byte aligned here as
-on the GPU), so the launches are the same launches. One part differs by construction: libtriton.so of the
+on the GPU), so the launches are the same launches. Random values differ (CPU and CUDA generators), which
+does not matter: no launch argument depends on tensor values, since ours read no device value on the host
+on CUDA (``host_syncs`` 0 in benchmarks/results/static/ops.json; the walk takes CUDA's defaults).
+One part differs by construction: libtriton.so of the
 cp312 wheel (the GPU machines' Python) is not that of the cp311 one this process runs, so the key is
 computed with the cp312 wheel's libtriton hash, read from its RECORD after checking that every hashed
 Python source is byte-identical in both wheels. Triton also stores absolute paths in its cache groups:
