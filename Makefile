@@ -94,3 +94,62 @@ perf-report:
 # Seconds: whether the committed report was made from the current kernel and op sources (exit 1 if not).
 perf-report-check:
 	$(PYTHON) benchmarks/perf_report.py --check
+
+# ---- the GPU check that fits one short window (benchmarks/gpu_check.py, benchmarks/gpu_bundle.py) ----------
+# `make gpu-bundle` (CPU, at most 30 minutes on 2 cores) writes .gpu-bundle/ (git-ignored, carried to the GPU
+# machine): peftkern._C and _cpu for the GPU machines' Python (3.12) built with this machine's nvcc, every Triton
+# kernel the check launches compiled for sm_90 by triton 3.6.0 (their cache, packed), manifest.json.
+# `make gpu-check` (GPU machine) installs from it without building and runs every stage within GPU_CHECK_BUDGET
+# seconds into $(GPU_CHECK_OUT)/<device>/. `make gpu-check-dry` (CPU, at most 10 minutes): the same plan on tiny
+# shapes through the interpreter, then every launch of the real run looked up in the bundle.
+.PHONY: gpu-bundle gpu-check gpu-check-dry
+# The GPU machines' Python (3.12): the first candidate that runs (a pyenv shim may exist and not run).
+PY312 ?= $(shell for p in python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12); do \
+	$$p -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null && { command -v $$p; break; }; done)
+GPU_BUNDLE ?= .gpu-bundle
+GPU_BUNDLE_BUILD := .gpu-bundle-build
+GPU_BUNDLE_ARCHS ?= 90a;80
+GPU_CHECK_OUT ?= benchmarks/results
+GPU_CHECK_BUDGET ?= 400
+TRITON_COMPAT_WHEELS := .triton-compat/wheels
+COMPAT_ENV := env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_COMPAT_DIR):.$${PYTHONPATH:+:$$PYTHONPATH}
+
+gpu-bundle:
+	@test -n "$(PY312)" || { echo "gpu-bundle: no python3.12 found (set PY312=/path/to/python3.12)"; exit 1; }
+	@start=$$(date +%s); \
+	test -d $(TRITON_COMPAT_DIR)/triton || \
+		$(PIP) install --no-deps --target $(TRITON_COMPAT_DIR) "triton==$(TRITON_COMPAT)" || exit 1; \
+	ls $(TRITON_COMPAT_WHEELS)/triton-$(TRITON_COMPAT)-cp312-*.whl >/dev/null 2>&1 || \
+		$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+			--platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 -d $(TRITON_COMPAT_WHEELS) \
+			"triton==$(TRITON_COMPAT)" || exit 1; \
+	test -x $(GPU_BUNDLE_BUILD)/venv312/bin/python || { $(PY312) -m venv $(GPU_BUNDLE_BUILD)/venv312 && \
+		$(GPU_BUNDLE_BUILD)/venv312/bin/python -m pip install -q pybind11 setuptools wheel ninja; } || exit 1; \
+	echo "gpu-bundle: building peftkern._C for Python 3.12, sm $(GPU_BUNDLE_ARCHS)"; \
+	PEFTKERN_CUDA_ARCHS="$(GPU_BUNDLE_ARCHS)" MAX_JOBS=2 $(GPU_BUNDLE_BUILD)/venv312/bin/python setup.py -q \
+		build_ext --build-lib $(GPU_BUNDLE_BUILD)/lib --build-temp $(GPU_BUNDLE_BUILD)/temp || exit 1; \
+	built=$$(date +%s); \
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/peftkern && \
+	cp $(GPU_BUNDLE_BUILD)/lib/peftkern/*.so $(GPU_BUNDLE)/peftkern/ && \
+	strip --strip-debug $(GPU_BUNDLE)/peftkern/*.so || exit 1; \
+	echo "gpu-bundle: compiling the check's Triton kernels for sm_90 with triton $(TRITON_COMPAT)"; \
+	$(COMPAT_ENV) $(PYTHON) benchmarks/gpu_bundle.py --compile --jobs 2 --cache $(GPU_BUNDLE_BUILD)/triton-cache \
+		|| exit 1; \
+	compiled=$$(date +%s); \
+	$(COMPAT_ENV) $(PYTHON) benchmarks/gpu_bundle.py --pack --cache $(GPU_BUNDLE_BUILD)/triton-cache \
+		--bundle $(GPU_BUNDLE) --py-include "$$($(PY312) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+		--ext-suffix "$$($(PY312) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" || exit 1; \
+	end=$$(date +%s); \
+	PEFTKERN_CUDA_ARCHS="$(GPU_BUNDLE_ARCHS)" $(COMPAT_ENV) $(PYTHON) benchmarks/gpu_bundle.py --manifest \
+		--bundle $(GPU_BUNDLE) --extra "{\"seconds\": {\"extensions\": $$((built - start)), \
+		\"triton\": $$((compiled - built)), \"pack\": $$((end - compiled)), \"total\": $$((end - start))}}" || exit 1; \
+	du -sh $(GPU_BUNDLE); echo "gpu-bundle: $$((end - start)) s"
+
+# On the GPU machine, from a copy of the checkout with .gpu-bundle/ beside it (RESULTS.md: one device call).
+gpu-check:
+	PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/gpu_check.py --install --bundle $(GPU_BUNDLE) \
+		--out $(GPU_CHECK_OUT) --budget $(GPU_CHECK_BUDGET)
+
+gpu-check-dry:
+	PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/gpu_check.py --dry --bundle $(GPU_BUNDLE) \
+		--out $${TMPDIR:-/tmp}/peftkern-gpu-check-dry
