@@ -242,6 +242,21 @@ def _linear_4bit(weight: torch.Tensor, dtype: torch.dtype):
     return layer.to(weight.device)
 
 
+def _unfused_4bit(base, lora_a, lora_b, scaling, dropout_p, dtype):
+    """bitsandbytes' dequantize_4bit of the base weight in ``dtype`` (every call), F.linear, then the PEFT-style
+    low-rank branch (copies of lora_a and lora_b, trainable): (forward(x), the adapter weights)."""
+    import bitsandbytes.functional as bnb_functional
+
+    dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
+    a, b = (t.detach().clone().requires_grad_(True) for t in (lora_a, lora_b))
+
+    def forward(x):
+        dense = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+        return F.linear(x, dense) + F.linear(F.linear(dropout(x), a), b) * scaling
+
+    return forward, [a, b]
+
+
 def _peft_layer_4bit(base, lora_a, lora_b, alpha, dropout_p):
     try:
         from peft import LoraConfig
@@ -296,16 +311,8 @@ def _run_case_4bit(bench: harness.Bench, tokens: int, hidden: int, rank: int, dr
         return (lambda: layer(x)), [x, *grads]
 
     def build_unfused():
-        import bitsandbytes.functional as bnb_functional
-
-        dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
-        a, b = (t.detach().clone().requires_grad_(True) for t in (lora_a, lora_b))
-
-        def forward():
-            dense = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
-            return F.linear(x, dense) + F.linear(F.linear(dropout(x), a), b) * scaling
-
-        return forward, [x, a, b]
+        forward, grads = _unfused_4bit(base, lora_a.detach(), lora_b.detach(), scaling, dropout_p, dtype)
+        return (lambda: forward(x)), [x, *grads]
 
     def build_ours(backend: str):
         def build():
