@@ -14,6 +14,13 @@ DoRA rows (the same shapes, a magnitude vector m [hidden] moved off its initial 
   dora_triton     peftkern.dora_linear(..., backend="triton")
   ratios: vs_peft_dora, and for dora_triton vs_lora (over the triton LoRA row of the same case)
 
+QLoRA rows (op "lora", params ``quant_type="nf4"``, double-quantized absmax, blocksize 64, bf16 compute dtype),
+at rank 16 (and the smoke case) unless ``--no-4bit``; W is bitsandbytes' 4-bit storage of the same weight:
+  peft_4bit           peft.tuners.lora.bnb.Linear4bit over bitsandbytes.nn.Linear4bit (peft + bitsandbytes)
+  torch_unfused_4bit  bitsandbytes.functional.dequantize_4bit, F.linear, then the unfused LoRA branch
+  torch_4bit          peftkern.lora_linear_4bit(..., backend="torch") (dequantize for the matmul, never kept)
+  triton_4bit         peftkern.lora_linear_4bit(..., backend="triton") (W decoded inside the GEMM main loops)
+
 Sweep: tokens {1024, 4096, 8192, 16384} x hidden {4096, 8192} x rank {8, 16, 64} x dropout {0, 0.1},
 bf16 activations, weights and adapters. ``--smoke``: one tiny case on CPU (Triton through its
 interpreter; torch.compile left out unless ``--smoke-compile``, its CPU compile alone takes minutes).
@@ -55,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", default=None, help="comma-separated subset of the ranks")
     parser.add_argument("--dropout", default=None, help="comma-separated subset of the dropout values")
     parser.add_argument("--smoke-compile", action="store_true", help="time torch.compile in --smoke too")
+    parser.add_argument("--no-4bit", action="store_true", help="leave out the QLoRA (bitsandbytes 4-bit) rows")
 
 
 def cases(bench: harness.Bench) -> list[tuple[int, int, int, float]]:
@@ -124,7 +132,11 @@ def run(bench: harness.Bench) -> None:
             timed_base = (tokens, hidden)
             _run_base(bench, tokens, hidden)
         _run_case(bench, tokens, hidden, rank, dropout_p)
+        if (bench.smoke or rank == QLORA_RANK) and not getattr(bench.options, "no_4bit", False):
+            _run_case_4bit(bench, tokens, hidden, rank, dropout_p)
     bench.add_ratios("base")
+    bench.add_ratios("peft_4bit", providers=_QLORA_PROVIDERS)
+    bench.add_ratios("torch_unfused_4bit", providers=_QLORA_PROVIDERS)
     bench.add_ratios("base_two_gemms", providers=_LORA_PROVIDERS, modes=("full",))
     bench.add_ratios("torch_unfused", providers=_LORA_PROVIDERS)
     bench.add_ratios("peft", providers=_LORA_PROVIDERS)
@@ -260,6 +272,120 @@ _LORA_PROVIDERS = ("torch_unfused", "peft", "torch_compile", "triton", "cuda")
 _DORA_PROVIDERS = ("dora_torch", "dora_triton")
 
 
+# ---- QLoRA: the same case over bitsandbytes' 4-bit storage of W ------------------------------------------------
+
+QLORA_RANK = 16
+# bitsandbytes' AVX-512 CPU kernel (0.50) reads absmax per row when a row is shorter than a block: the smoke case's
+# hidden 32 would make peft + bitsandbytes compute a wrong output on the CPU, so its QLoRA rows use 64.
+QLORA_SMOKE_HIDDEN = 64
+_QLORA_PROVIDERS = ("peft_4bit", "torch_unfused_4bit", "torch_4bit", "triton_4bit")
+
+
+def _linear_4bit(weight: torch.Tensor, dtype: torch.dtype):
+    """bitsandbytes.nn.Linear4bit holding ``weight`` as NF4 (double-quantized absmax, blocksize 64), computing in
+    ``dtype``: quantized by bitsandbytes itself when moved to the device."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise harness.ProviderUnavailable(f"bitsandbytes is not importable: {error}") from error
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype, compress_statistics=True,
+                              quant_type="nf4")
+    layer.load_state_dict({"weight": weight.detach().float().cpu()})
+    return layer.to(weight.device)
+
+
+def _unfused_4bit(base, lora_a, lora_b, scaling, dropout_p, dtype):
+    """bitsandbytes' dequantize_4bit of the base weight in ``dtype`` (every call), F.linear, then the PEFT-style
+    low-rank branch (copies of lora_a and lora_b, trainable): (forward(x), the adapter weights)."""
+    import bitsandbytes.functional as bnb_functional
+
+    dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
+    a, b = (t.detach().clone().requires_grad_(True) for t in (lora_a, lora_b))
+
+    def forward(x):
+        dense = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+        return F.linear(x, dense) + F.linear(F.linear(dropout(x), a), b) * scaling
+
+    return forward, [a, b]
+
+
+def _peft_layer_4bit(base, lora_a, lora_b, alpha, dropout_p):
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    except ImportError as error:
+        raise harness.ProviderUnavailable(f"peft's bitsandbytes layer is not importable: {error}") from error
+    rank = lora_a.shape[0]
+    kwargs = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout_p}
+    if "config" in inspect.signature(PeftLinear4bit.__init__).parameters:
+        kwargs["config"] = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout_p)
+    layer = PeftLinear4bit(base, "default", **kwargs)
+    adapters = [layer.lora_A["default"], layer.lora_B["default"]]
+    for module, value in zip(adapters, (lora_a, lora_b)):
+        module.to(device=value.device, dtype=value.dtype)
+        with torch.no_grad():
+            module.weight.copy_(value)
+    layer.train()
+    return layer, [module.weight for module in adapters]
+
+
+def _run_case_4bit(bench: harness.Bench, tokens: int, hidden: int, rank: int, dropout_p: float) -> None:
+    import peftkern
+    from peftkern import reference
+    from peftkern.backends import triton_interpreting
+
+    device, dtype = bench.device, torch.bfloat16
+    hidden = QLORA_SMOKE_HIDDEN if bench.smoke else hidden
+    shapes, params = {"tokens": tokens, "hidden": hidden, "rank": rank}, {"dropout_p": dropout_p, "quant_type": "nf4"}
+    alpha = ALPHA_OVER_RANK * rank
+    scaling = alpha / rank
+    x, weight, lora_a, lora_b = _inputs(device, tokens, hidden, rank, dtype)
+    try:
+        base = _linear_4bit(weight, dtype)
+    except harness.ProviderUnavailable as error:
+        for provider in _QLORA_PROVIDERS:
+            bench.skip(provider, str(error), shapes)
+        return
+    del weight  # only the 4-bit storage from here on
+    weight4 = peftkern.Weight4bit.from_bnb(base.weight)
+    expected = None
+    if dropout_p == 0.0:
+        dense = reference.dequantize_4bit(weight4.packed, weight4.absmax, "nf4", weight4.blocksize, weight4.shape,
+                                          weight4.dtype, nested_absmax=weight4.nested_absmax,
+                                          nested_code=weight4.nested_code, nested_blocksize=weight4.nested_blocksize,
+                                          offset=weight4.offset).float()
+        fp32 = [t.detach().float() for t in (x, lora_a, lora_b)]
+        expected = reference.lora_linear(fp32[0], dense, None, fp32[1], fp32[2], scaling)
+        del dense, fp32
+
+    def build_peft():
+        layer, grads = _peft_layer_4bit(base, lora_a.detach(), lora_b.detach(), alpha, dropout_p)
+        return (lambda: layer(x)), [x, *grads]
+
+    def build_unfused():
+        forward, grads = _unfused_4bit(base, lora_a.detach(), lora_b.detach(), scaling, dropout_p, dtype)
+        return (lambda: forward(x)), [x, *grads]
+
+    def build_ours(backend: str):
+        def build():
+            if backend == "triton" and device.type != "cuda" and not triton_interpreting():
+                raise harness.ProviderUnavailable("triton needs a GPU or TRITON_INTERPRET=1")
+            forward = lambda: peftkern.lora_linear_4bit(x, weight4, None, lora_a, lora_b, scaling, dropout_p, True,
+                                                        compute_dtype=dtype, backend=backend)
+            return forward, [x, lora_a, lora_b]
+
+        return build
+
+    for provider, build in (
+        ("peft_4bit", build_peft),
+        ("torch_unfused_4bit", build_unfused),
+        ("torch_4bit", build_ours("torch")),
+        ("triton_4bit", build_ours("triton")),
+    ):
+        bench.time_provider(provider, build, shapes, dtype, params, expected=expected, tolerance=CHECK_TOLERANCE)
+
+
 def ours(rows: list[dict]) -> str:
     """The backend peftkern picks for lora_linear on CUDA tensors, where it was measured."""
     from peftkern.backends import DEFAULT_CUDA_BACKEND, DEFAULT_CUDA_BACKEND_PER_OP
@@ -279,6 +405,9 @@ def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
     def sel(provider: str, mode: str, dropout_p: float | None = None) -> dict:
         if provider in ("base", "base_two_gemms"):
             return {"provider": provider, "mode": mode, "shapes": base_shapes}
+        if provider in _QLORA_PROVIDERS:
+            qlora_shapes = {**shapes, "hidden": QLORA_SMOKE_HIDDEN} if smoke else shapes
+            return {"provider": provider, "mode": mode, "shapes": qlora_shapes, "params": {"dropout_p": dropout_p}}
         return {"provider": provider, "mode": mode, "shapes": shapes, "params": {"dropout_p": dropout_p}}
 
     return harness.drop_missing({
@@ -302,6 +431,16 @@ def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
         ),
         "dora_memory_ratio_vs_peft": harness.ratio_of(
             rows, sel("dora_triton", "full", 0.1), sel("peft_dora", "full", 0.1), field="peak_mem_bytes"
+        ),
+        # QLoRA (rank 16; the smoke case in --smoke): the fused 4-bit kernels against peft + bitsandbytes.
+        "qlora_train_speedup_vs_peft": harness.ratio_of(
+            rows, sel("peft_4bit", "full", 0.1), sel("triton_4bit", "full", 0.1)
+        ),
+        "qlora_fwd_speedup_vs_peft": harness.ratio_of(
+            rows, sel("peft_4bit", "forward", 0.0), sel("triton_4bit", "forward", 0.0)
+        ),
+        "qlora_memory_ratio_vs_peft": harness.ratio_of(
+            rows, sel("triton_4bit", "full", 0.1), sel("peft_4bit", "full", 0.1), field="peak_mem_bytes"
         ),
     })
 

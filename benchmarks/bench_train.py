@@ -9,6 +9,11 @@ memory above the resident model (GPU), and the loss curve; the ``peftkern`` row 
 loss stays within 1% of peft's at every step. The two use different dropout random streams (torch's and
 peftkern's Philox), so the curves agree statistically, not bit for bit.
 
+QLoRA variant (providers ``peft_qlora`` and ``peftkern_qlora``, unless ``--no-qlora``): the same model with every
+decoder linear layer in bitsandbytes 4-bit (NF4, double-quantized absmax, bf16 compute dtype; lm_head kept, as
+transformers' ``BitsAndBytesConfig(load_in_4bit=True)`` keeps it), LoRA on the same layers; peft + bitsandbytes
+against ``from_peft`` (backend triton on a GPU, the default elsewhere).
+
     python3 benchmarks/bench_train.py                  # GPU
     python3 benchmarks/bench_train.py --smoke --out /tmp/bench
     python3 benchmarks/bench_train.py --device cpu     # CPU: peft vs from_peft, interleaved (see cpu_compare)
@@ -43,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 50; 4 in --smoke)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="untimed first steps (default 5; 1)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step")
+    parser.add_argument("--no-qlora", action="store_true", help="leave out the QLoRA (4-bit base) variant")
 
 
 def _from_peft():
@@ -86,6 +92,38 @@ def build_peft_model(config: dict, device: torch.device, dtype: torch.dtype, dro
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, lora)
+
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_qlora_model(config: dict, device: torch.device, dtype: torch.dtype, dropout_p: float = DROPOUT_P):
+    """:func:`build_peft_model`'s Llama with its decoder linear layers quantized by bitsandbytes (NF4, double
+    quant, ``dtype`` compute) before peft wraps them: peft's QLoRA layers (``lora.bnb.Linear4bit``)."""
+    try:
+        import bitsandbytes as bnb
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise harness.ProviderUnavailable(f"bitsandbytes and peft are needed: {error}") from error
+    model = build_peft_model(config, torch.device("cpu"), dtype, dropout_p).base_model.unload()
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if name not in LINEAR_NAMES:
+                    continue
+                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                              compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+                quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
+                                                     compress_statistics=True, quant_type="nf4")
+                if linear.bias is not None:
+                    quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+                setattr(parent, name, quantized)
+    model = model.to(device)  # quantizes
+    model.is_loaded_in_4bit = True  # what transformers sets, and what makes peft pick its bitsandbytes layers
+    torch.manual_seed(SEED)
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout_p, target_modules=list(LINEAR_NAMES),
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
 
 
 def train(model, batches: torch.Tensor, warmup_steps: int, device: torch.device) -> dict:
@@ -137,16 +175,21 @@ def run(bench: harness.Bench) -> None:
     tokens_per_step = config["batch"] * config["seq"]
 
     results: dict[str, dict] = {}
-    for provider in ("peft", "peftkern"):
+    qlora = () if getattr(opts, "no_qlora", False) else ("peft_qlora", "peftkern_qlora")
+    for provider in ("peft", "peftkern", *qlora):
         if not bench.wants(provider):
             continue
         try:
-            convert = _from_peft() if provider == "peftkern" else None
-            model = build_peft_model(config, device, dtype)
+            convert = _from_peft() if provider.startswith("peftkern") else None
+            model = (build_qlora_model if provider in qlora else build_peft_model)(config, device, dtype)
         except harness.ProviderUnavailable as error:
             bench.skip(provider, str(error))
             continue
-        if convert is not None:
+        if convert is not None and provider == "peftkern_qlora":
+            # The fused 4-bit kernels on a GPU (lora_linear_4bit's default backend there is still torch).
+            converted = convert(model, backend="triton" if device.type == "cuda" else None)
+            model = converted if converted is not None else model
+        elif convert is not None:
             converted = convert(model)
             model = converted if converted is not None else model  # in place or returned: either works
         result = train(model, batches, warmup, device)
@@ -159,8 +202,9 @@ def run(bench: harness.Bench) -> None:
             "tokens_per_s": tokens_per_step * len(result["seconds"]) / sum(result["seconds"]),
             "losses": result["losses"],
         }
-        if provider == "peftkern" and "peft" in results:
-            reference = results["peft"]["losses"]
+        twin = {"peftkern": "peft", "peftkern_qlora": "peft_qlora"}.get(provider)
+        if twin in results:
+            reference = results[twin]["losses"]
             rel = [abs(a - b) / abs(b) for a, b in zip(result["losses"], reference)]
             metrics["loss_max_rel_diff_vs_peft"] = max(rel)
             metrics["loss_curves_agree"] = max(rel) <= LOSS_RTOL
@@ -175,6 +219,7 @@ def run(bench: harness.Bench) -> None:
             result["peak_mem_bytes"], metrics=metrics,
         ))
     bench.add_ratios("peft", providers=("peftkern",))
+    bench.add_ratios("peft_qlora", providers=("peftkern_qlora",))
 
 
 def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
@@ -184,6 +229,10 @@ def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
     return harness.drop_missing({
         "train_e2e_speedup_vs_peft": harness.ratio_of(rows, ours, peft, field="metrics.tokens_per_s"),
         "train_e2e_memory_ratio_vs_peft": harness.ratio_of(rows, ours, peft, field="peak_mem_bytes"),
+        "qlora_e2e_speedup_vs_peft": harness.ratio_of(rows, {"provider": "peftkern_qlora"},
+                                                      {"provider": "peft_qlora"}, field="metrics.tokens_per_s"),
+        "qlora_e2e_memory_ratio_vs_peft": harness.ratio_of(rows, {"provider": "peftkern_qlora"},
+                                                           {"provider": "peft_qlora"}, field="peak_mem_bytes"),
     })
 
 

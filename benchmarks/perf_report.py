@@ -424,9 +424,11 @@ class Call:
     """One op call of ops.json: ``run()`` returns (outputs, the forward's tensor inputs); with ``train``
     the outputs get a backward. ``params``: the weights (left out of the saved bytes)."""
 
-    def __init__(self, op: str, shape: dict, provider: str, run: Callable, train: bool) -> None:
+    def __init__(self, op: str, shape: dict, provider: str, run: Callable, train: bool,
+                 backend: str | None = None) -> None:
         self.op, self.shape, self.provider, self.run, self.train = op, shape, provider, run, train
         self.params: list[torch.Tensor] = []
+        self.backend = backend  # ours on this backend rather than the op's default on CUDA tensors
 
 
 def _with_params(calls: list[Call], params) -> list[Call]:
@@ -613,11 +615,52 @@ def serving_calls(act, ad, key: str) -> list[Call]:
     return _with_params(calls, [*lora_a, *lora_b])
 
 
+def _weight_4bit(hidden: int):
+    """A [hidden, hidden] NF4 weight in bitsandbytes' storage (double-quantized absmax, blocksize 64) built directly:
+    the kernels' work depends on the layout, never on the values (bitsandbytes' CPU quantizer takes seconds)."""
+    blocks = hidden * hidden // 64
+    return peftkern.Weight4bit(torch.randint(0, 256, (hidden * hidden // 2,), dtype=torch.uint8),
+                               torch.randint(0, 256, (blocks,), dtype=torch.uint8), (hidden, hidden), "nf4", 64,
+                               BF16, torch.rand(blocks // 256), torch.linspace(-1, 1, 256), 256, torch.tensor(0.1))
+
+
+def lora4bit_calls(act, ad, decode: bool, dropout_p: float, providers: bool) -> list[Call]:
+    """lora_linear_4bit at bench_lora's QLoRA rows (NF4, double quant, blocksize 64, compute dtype = x's): ours on
+    triton (the fused kernels; the op's default on CUDA is still its torch backend, whose dropout mask on these
+    CPU stand-in tensors would be drawn by the CPU reference, not by the GPU's kernel), and, with ``providers``,
+    peft + bitsandbytes and bitsandbytes' dequantize + the unfused LoRA branch over bitsandbytes' own storage."""
+    import bench_lora
+
+    tokens = 64 if decode else bench_lora.HEADLINE["tokens"]
+    hidden, rank = bench_lora.HEADLINE["hidden"], bench_lora.QLORA_RANK
+    shape = {"tokens": tokens, "hidden": hidden, "rank": rank, "dropout_p": dropout_p, "quant_type": "nf4"}
+    x = _leaf(tokens, hidden, dtype=act, grad=True)
+    base = bench_lora._linear_4bit(_leaf(hidden, hidden, dtype=F32), act) if providers else None
+    weight = peftkern.Weight4bit.from_bnb(base.weight) if providers else _weight_4bit(hidden)
+    lora_a, lora_b = _leaf(rank, hidden, dtype=ad, grad=True), _leaf(hidden, rank, dtype=ad, grad=True)
+    alpha = bench_lora.ALPHA_OVER_RANK * rank
+    stored = [weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code]  # W's bytes, in the floor
+    calls = [Call("lora_linear_4bit", shape, "ours", lambda: (peftkern.lora_linear_4bit(
+        x, weight, None, lora_a, lora_b, alpha / rank, dropout_p, compute_dtype=act), [x, *stored, lora_a, lora_b]),
+        True, backend="triton")]
+    params = [lora_a, lora_b, *stored]
+    if providers:
+        unfused, unfused_params = bench_lora._unfused_4bit(base, lora_a, lora_b, alpha / rank, dropout_p, act)
+        layer, _ = bench_lora._peft_layer_4bit(base, lora_a.detach(), lora_b.detach(), alpha, dropout_p)
+        calls += [Call("lora_linear_4bit", shape, "torch_unfused",
+                       lambda: (unfused(x), [x, *stored, *unfused_params]), True),
+                  Call("lora_linear_4bit", shape, "peft", lambda: (layer(x), [x, *stored, lora_a, lora_b]), True)]
+        params += [*unfused_params, *layer.parameters()]
+    return _with_params(calls, params)
+
+
 # The ops' calls, in groups (the units the compile phase spreads over processes).
 GROUPS: dict[str, Callable[..., list[Call]]] = {
     "lora": lambda act, ad, providers: [c for decode, p in [(False, 0.0), (False, 0.1), (True, 0.0)]
                                         for c in lora_calls(act, ad, decode, p, providers)],
     "dora": lambda act, ad, providers: [c for p in (0.0, 0.1) for c in dora_calls(act, ad, p, providers)],
+    "lora4bit": lambda act, ad, providers: [c for decode, p in [(False, 0.0), (False, 0.1), (True, 0.0)]
+                                            for c in lora4bit_calls(act, ad, decode, p, providers)],
     "multi_lora": lambda act, ad, providers: [c for key in ("decode", "decode64", "prefill")
                                               for c in multi_lora_calls(act, ad, key, providers)],
     "serving": lambda act, ad, providers: [c for key in ("decode1", "decode64", "prefill")
@@ -650,7 +693,9 @@ def _tally(names: list[str]) -> dict[str, int]:
 def measure_call(call: Call, record: Callable, first_config: bool, arch: int = 90) -> list[dict]:
     """The call's forward (and backward) rows; the FLOPs of ours from the torch backend running the same call
     (Triton kernels' FLOPs are not counted)."""
-    backend = resolve_backend(torch.device("cuda"), call.op) if call.provider.startswith("ours") else None
+    backend = None
+    if call.provider.startswith("ours"):
+        backend = call.backend or resolve_backend(torch.device("cuda"), call.op)
     context = lambda: use_backend(backend) if backend else contextlib.nullcontext()
     torch.manual_seed(0)
     saved: list[torch.Tensor] = []

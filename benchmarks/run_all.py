@@ -53,6 +53,12 @@ TARGETS: dict[str, tuple[str, float]] = {
     "adapter_train_vs_two_gemms": ("<=", 1.1),
     "train_e2e_speedup_vs_peft": (">=", 1.3),
     "train_e2e_memory_ratio_vs_peft": ("<", 1.0),
+    # issue 21 (QLoRA): one layer's train step and the whole model's against peft + bitsandbytes.
+    "qlora_train_speedup_vs_peft": (">=", 1.5),
+    "qlora_fwd_speedup_vs_peft": (">=", 1.0),
+    "qlora_memory_ratio_vs_peft": ("<=", 1.0),
+    "qlora_e2e_speedup_vs_peft": (">=", 1.5),
+    "qlora_e2e_memory_ratio_vs_peft": ("<=", 1.0),
 }
 
 

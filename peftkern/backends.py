@@ -24,7 +24,8 @@ DEFAULT_CUDA_BACKEND = "triton"
 DEFAULT_CUDA_BACKEND_PER_OP: dict[str, str] = {
     # The CUDA C++ bottleneck kernels have not been timed on a GPU yet: Triton until a benchmark says otherwise.
     "bottleneck_adapter": "triton",
-    # No fused 4-bit kernel yet: the torch backend (dequantize + matmul) is the only one.
+    # The fused 4-bit Triton kernels (decode in the GEMM main loop) are not timed on a GPU yet against the torch
+    # backend (dequantize once per call + cuBLAS): torch until benchmarks/bench_lora.py's 4-bit rows say otherwise.
     "lora_linear_4bit": "torch",
 }
 

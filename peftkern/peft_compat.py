@@ -20,8 +20,9 @@ adapter runs ``peftkern.dora_linear`` with the layer's own ``lora_magnitude_vect
 ``adapter_names=`` mixed batches run ``peftkern.multi_lora_linear`` (the adapters' A/B stacked, ranks may
 differ, ``"__base__"`` rows base only) when every named adapter is plain LoRA without active dropout.
 peft's QLoRA layer ``lora.bnb.Linear4bit`` becomes :class:`FusedLoraLinear4bit` the same way and runs
-``peftkern.lora_linear_4bit`` under the same rules, its base a quantized ``bnb.nn.Linear4bit`` in the standard
-layout (not yet repacked by bitsandbytes' CPU inference path); ``adapter_names=`` batches run peft's forward there.
+``peftkern.lora_linear_4bit`` under the same rules (torch or triton backend; cuda has no 4-bit kernel yet), its
+base a quantized ``bnb.nn.Linear4bit`` in the standard layout (not yet repacked by bitsandbytes' CPU inference
+path); ``adapter_names=`` batches run peft's forward there.
 In any other state the layer calls peft's own ``forward``. peft is imported here, so only ``from_peft``
 imports this module: peft stays an optional dependency of peftkern.
 """
@@ -100,8 +101,8 @@ def _base_blocker(layer: PeftLoraLinear) -> str | None:
         if getattr(state, "packing_format_for_cpu", False):
             # Linear4bit's first eval-mode CPU forward without grad repacks the weight for its own kernel.
             return "4-bit weight in bitsandbytes' CPU inference layout (packing_format_for_cpu)"
-        if getattr(layer, "peftkern_backend", None) not in (None, "torch"):
-            return f"no {layer.peftkern_backend} kernel for 4-bit layers yet"
+        if getattr(layer, "peftkern_backend", None) == "cuda":
+            return "no cuda kernel for 4-bit layers yet"
     elif type(base) is not nn.Linear:
         return f"base layer {type(base).__name__}"
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
@@ -265,8 +266,8 @@ if PeftLoraLinear4bit is not None:
                 return None
             if lora_a.dtype not in (x.dtype, torch.float32) or torch.is_autocast_enabled(x.device.type):
                 return None  # peft casts x to the adapters' dtype: exact for these two only
-            if describe_backend(x.device, "lora_linear_4bit", self.peftkern_backend) != "torch":
-                return None  # use_backend / PEFTKERN_BACKEND chose a backend with no 4-bit kernel yet
+            if describe_backend(x.device, "lora_linear_4bit", self.peftkern_backend) not in ("torch", "triton"):
+                return None  # use_backend / PEFTKERN_BACKEND chose cuda (no 4-bit kernel yet), or one that can't run
             dropout = self.lora_dropout[adapter]
             p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
             return linear_4bit_forward(self.get_base_layer(), x, lora_a, lora_b, float(self.scaling[adapter]), p,

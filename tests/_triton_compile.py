@@ -226,8 +226,31 @@ def _dora(act, ad):
         _backward(y)
 
 
-WORKLOADS = {"lora": _lora, "multi_lora": _multi_lora, "prompt": _prompts, "bottleneck": _bottleneck,
-             "lora_serving": _lora_serving, "dora": _dora}
+def _lora4bit(act, ad):
+    # bitsandbytes' storage built by hand (the layout is all the kernels see): (rows, in, out, blocksize, double
+    # quant, dropout, compute dtype): the common case (K even, row-aligned blocks), odd sizes (blocks across rows,
+    # K odd, one row), and a base GEMM in another dtype than x's.
+    from peftkern.ops.lora4bit import Weight4bit
+
+    for rows, k, n, blocksize, nested, dropout, compute in [(99, 128, 80, 64, True, 0.1, None),
+                                                            (1, 33, 17, 32, False, 0.0, None),
+                                                            (40, 64, 48, 64, False, 0.0, torch.float32)]:
+        blocks = -(-n * k // blocksize)
+        packed = torch.randint(0, 256, (-(-n * k // 2),), dtype=torch.uint8)
+        if nested:
+            weight = Weight4bit(packed, torch.randint(0, 256, (blocks,), dtype=torch.uint8), (n, k), "nf4",
+                                blocksize, act, torch.rand(-(-blocks // 256)), torch.linspace(-1, 1, 256), 256,
+                                torch.tensor(0.1))
+        else:
+            weight = Weight4bit(packed, torch.rand(blocks), (n, k), "fp4", blocksize, act)
+        x = _param(rows, k, dtype=act)
+        y = peftkern.lora_linear_4bit(x, weight, _param(n, dtype=compute or act), _param(16, k, dtype=ad),
+                                      _param(n, 16, dtype=ad), 0.5, dropout, compute_dtype=compute, backend="triton")
+        _backward(y)
+
+
+WORKLOADS = {"lora": _lora, "lora4bit": _lora4bit, "multi_lora": _multi_lora, "prompt": _prompts,
+             "bottleneck": _bottleneck, "lora_serving": _lora_serving, "dora": _dora}
 
 
 def ptxas_counts(ptx: str, arch: int) -> tuple[int, int, int] | str:

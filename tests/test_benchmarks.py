@@ -7,6 +7,7 @@ These tests check the harness, never performance: CPU smoke timings are not GPU 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -392,7 +393,12 @@ def test_train_compares_loss_curves(monkeypatch):
     assert len(ours["metrics"]["losses"]) == len(peft["metrics"]["losses"]) == 3
     assert ours["metrics"]["loss_curves_agree"] is True and bench.errors == []
     assert ours["ratios"]["vs_peft"] > 0
-    assert set(bench_train.summarize(bench.rows, True)) == {"train_e2e_speedup_vs_peft"}  # no memory on CPU
+    expected = {"train_e2e_speedup_vs_peft"}  # no memory on CPU
+    if importlib.util.find_spec("bitsandbytes") is not None:  # the QLoRA variant: peft + bitsandbytes vs from_peft
+        ours = harness.find_row(bench.rows, provider="peftkern_qlora")
+        assert len(ours["metrics"]["losses"]) == 3 and ours["metrics"]["loss_curves_agree"] is True
+        expected.add("qlora_e2e_speedup_vs_peft")
+    assert set(bench_train.summarize(bench.rows, True)) == expected
 
 
 def _row(bench, provider, mode, shapes, params, median, peak=None):

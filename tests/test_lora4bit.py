@@ -15,6 +15,7 @@ from _models import count_fused_calls, tiny_llama, token_batch
 
 import peftkern
 from peftkern import reference
+from peftkern.backends import triton_interpreting
 from peftkern.ops.lora4bit import Weight4bit, lora_linear_4bit
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -190,8 +191,11 @@ def test_bad_inputs_are_named():
         lora_linear_4bit(x, weight, bias.double(), lora_a, lora_b)
     with pytest.raises(ValueError, match="lora_b: expected shape"):
         lora_linear_4bit(x, weight, bias, lora_a, lora_b[:-1])
-    with pytest.raises(ValueError, match="backend 'triton' has no kernel for this op yet"):
-        lora_linear_4bit(x, weight, bias, lora_a, lora_b, backend="triton")
+    with pytest.raises(ValueError, match="backend 'cuda'"):
+        lora_linear_4bit(x, weight, bias, lora_a, lora_b, backend="cuda")
+    if triton_interpreting():
+        with pytest.raises(TypeError, match="x has dtype torch.float64, which backend 'triton' does not support"):
+            lora_linear_4bit(x.double(), weight, None, lora_a.double(), lora_b.double(), backend="triton")
 
 
 # ---- LoRALinear4bit ------------------------------------------------------------------------------------------
@@ -292,27 +296,38 @@ def _assert_no_dense_weight(model):
         assert not dense, name
 
 
-@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double_quant"])
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+LLAMA_CASES = [(quant_type, double_quant, compute_dtype, "torch") for quant_type, double_quant, compute_dtype
+               in itertools.product(["nf4", "fp4"], [False, True], [torch.float32, torch.bfloat16])]
+# The Triton kernels under the interpreter (slow): both quant types, double quant on and off, both compute dtypes.
+LLAMA_CASES += [("nf4", True, torch.float32, "triton"), ("fp4", False, torch.bfloat16, "triton")]
+
+
+@pytest.mark.parametrize(("quant_type", "double_quant", "compute_dtype", "backend"), LLAMA_CASES,
+                         ids=lambda value: str(value).replace("torch.", ""))
 def test_from_peft_on_a_transformers_4bit_llama_matches_peft(llama_dir, monkeypatch, quant_type, double_quant,
-                                                             compute_dtype):
+                                                             compute_dtype, backend):
+    if backend == "triton" and not triton_interpreting():
+        pytest.skip("CPU tensors reach Triton only through its interpreter")
     theirs = _qlora(llama_dir, quant_type, double_quant, compute_dtype)
-    ours = peftkern.from_peft(_qlora(llama_dir, quant_type, double_quant, compute_dtype))
+    ours = peftkern.from_peft(_qlora(llama_dir, quant_type, double_quant, compute_dtype), backend=backend)
     assert len(peftkern.fused_layers(ours)) == LINEAR_LAYERS
     _assert_no_dense_weight(ours)
     calls = count_fused_calls(monkeypatch, "linear_4bit_forward")
     ids = token_batch()
     ours_out, theirs_out = ours(input_ids=ids, labels=ids), theirs(input_ids=ids, labels=ids)
     assert calls[0] == LINEAR_LAYERS
-    scale = 1 if compute_dtype == torch.float32 else 4  # bf16 GEMMs inside: fp32 sums in another order
-    assert_close(ours_out.logits, theirs_out.logits, "logits", scale=scale)
+    # bf16 GEMMs inside, or the kernels' own: fp32 sums in another order than torch's.
+    scale = 1 if compute_dtype == torch.float32 and backend == "torch" else 4
+    # The kernels' bf16 base GEMMs sum in another order than torch's, so a bf16 rounding of a base output (which
+    # bitsandbytes' F.linear makes) can land one bf16 step away: compared at bf16's tolerance there.
+    tol_dtype = torch.bfloat16 if backend == "triton" and compute_dtype == torch.bfloat16 else torch.float32
+    assert_close(ours_out.logits, theirs_out.logits, "logits", dtype=tol_dtype, scale=scale)
     ours_out.loss.backward()
     theirs_out.loss.backward()
     ours_grads, theirs_grads = _grads(ours), _grads(theirs)
     assert sorted(ours_grads) == sorted(theirs_grads) and len(ours_grads) == 2 * LINEAR_LAYERS
     for name, grad in theirs_grads.items():
-        assert_close(ours_grads[name], grad, name, scale=10 * scale, dtype=torch.float32)
+        assert_close(ours_grads[name], grad, name, scale=10 * scale, dtype=tol_dtype)
 
 
 def test_qlora_trains_saves_and_peft_reloads(llama_dir, tmp_path):
@@ -448,8 +463,9 @@ def test_peft_merge_and_unload_of_a_converted_4bit_model_is_peft_s(llama_dir):
         assert torch.equal(merged_ours.train()(input_ids=ids).logits, merged_theirs.train()(input_ids=ids).logits)
 
 
-def test_kernel_backends_leave_4bit_layers_to_peft(llama_dir, monkeypatch):
-    """No Triton/CUDA kernel for 4-bit yet: a converted layer asked for one runs peft's forward, saying why."""
+def test_cuda_backend_leaves_4bit_layers_to_peft(llama_dir, monkeypatch):
+    """No CUDA C++ kernel for 4-bit yet: a converted layer asked for one runs peft's forward, saying why; asked
+    for triton, it runs the Triton kernels (through the interpreter on CPU), else peft's forward."""
     theirs = _qlora(llama_dir, "nf4", True, torch.float32)
     ids = token_batch()
     with torch.no_grad():
@@ -463,9 +479,134 @@ def test_kernel_backends_leave_4bit_layers_to_peft(llama_dir, monkeypatch):
     ours = peftkern.from_peft(ours)  # back to the default backend
     assert len(peftkern.fused_layers(ours)) == LINEAR_LAYERS
     calls = count_fused_calls(monkeypatch, "linear_4bit_forward")
-    with torch.no_grad(), peftkern.use_backend("triton"):
+    with torch.no_grad(), peftkern.use_backend("cuda"):
         assert torch.equal(ours(input_ids=ids).logits, expected)
     assert calls[0] == 0
     with torch.no_grad():
         ours(input_ids=ids)
     assert calls[0] == LINEAR_LAYERS
+    with torch.no_grad(), peftkern.use_backend("triton"):
+        assert_close(ours(input_ids=ids).logits, expected, "logits", scale=4)
+    assert calls[0] == (2 if triton_interpreting() else 1) * LINEAR_LAYERS
+
+
+# ---- the Triton kernels (the interpreter on CPU) ------------------------------------------------------------
+
+needs_triton = pytest.mark.skipif(not triton_interpreting() and not torch.cuda.is_available(),
+                                  reason="CPU tensors reach Triton only through its interpreter")
+
+
+@needs_triton
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double_quant"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_triton_kernels_decode_bitsandbytes_weights_bit_exactly(monkeypatch, quant_type, nested):
+    """x = I gives y = W.T and dY = I gives dX = W (zero adapters, fp32 sums of one product): the tiles the kernels
+    decode in their main loops equal the reference's dense weight bit for bit, for every storage layout they
+    handle (K even or odd, blocks within or across rows, one scale per tile row or per element: the last case
+    with 64-wide tiles over blocks of 32)."""
+    import triton
+
+    from peftkern.triton_kernels import lora4bit
+
+    generator = torch.Generator().manual_seed(7)
+    cases = [(64, (24, 128), torch.float32), (32, (17, 33), torch.float16), (128, (24, 80), torch.bfloat16),
+             (4096, (9, 50), torch.float32), (32, (12, 64), torch.bfloat16), (32, (12, 64), "wide")]
+    for blocksize, (N, K), dtype in cases:
+        if dtype == "wide":
+            wide = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP": 4}, num_warps=1)]
+            for kernel in (lora4bit._lora4bit_fwd_kernel, lora4bit._lora4bit_bwd_dx_kernel):
+                monkeypatch.setattr(kernel, "configs", wide)
+            dtype = torch.float16
+        weight = _weight4bit(*_quantize(torch.randn(N, K, generator=generator).to(dtype), quant_type, blocksize,
+                                        nested))
+        dense = _reference_dense(weight, dtype)
+        lora_a, lora_b = torch.zeros(2, K, dtype=dtype), torch.zeros(N, 2, dtype=dtype)
+        eye = torch.eye(K, dtype=dtype, requires_grad=True)
+        y = lora_linear_4bit(eye, weight, None, lora_a, lora_b, backend="triton")
+        assert torch.equal(y, dense.T), (blocksize, N, K, dtype)
+        x = torch.zeros(N, K, dtype=dtype, requires_grad=True)
+        lora_linear_4bit(x, weight, None, lora_a, lora_b, backend="triton").backward(torch.eye(N, dtype=dtype))
+        assert torch.equal(x.grad, dense), (blocksize, N, K, dtype)
+
+
+TRITON_OP_CASES = [  # (dtype, adapter dtype, dropout, quant type, double quant, blocksize)
+    (torch.float32, "same", 0.0, "nf4", True, 64),
+    (torch.float32, "same", 0.25, "fp4", False, 128),
+    (torch.float16, "same", 0.25, "nf4", False, 64),
+    (torch.float16, "fp32", 0.0, "fp4", True, 64),
+    (torch.bfloat16, "same", 0.0, "fp4", True, 128),
+    (torch.bfloat16, "fp32", 0.25, "nf4", True, 64),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize(("dtype", "adapter_dtype", "dropout_p", "quant_type", "nested", "blocksize"),
+                         TRITON_OP_CASES, ids=lambda value: str(value).replace("torch.", ""))
+def test_triton_op_matches_the_reference(dtype, adapter_dtype, dropout_p, quant_type, nested, blocksize):
+    adapter = dtype if adapter_dtype == "same" else torch.float32
+    x, weight, bias, lora_a, lora_b = _op_inputs(dtype, adapter, quant_type, nested, M=12, K=128, N=40)
+    if blocksize != 64:
+        weight = _weight4bit(*_quantize(_reference_dense(weight, dtype), quant_type, blocksize, nested))
+    y = lora_linear_4bit(x, weight, bias, lora_a, lora_b, 0.7, dropout_p, seed=11, backend="triton")
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x64, a64, b64 = (cast(t, torch.float64, True) for t in (x, lora_a, lora_b))
+    keep = reference.dropout_mask(11, (x.numel() // x.shape[-1], x.shape[-1]), dropout_p)
+    expected = reference.lora_linear(x64, _reference_dense(weight, dtype).double(), bias.double(), a64, b64, 0.7,
+                                     dropout_p, keep_mask=keep)
+    expected.backward(grad.double())
+    assert_close(y, expected, "y", dtype=dtype)
+    assert_close(x.grad, x64.grad, "dx", dtype=dtype)
+    assert_close(lora_a.grad, a64.grad, "dA", dtype=dtype, scale=4)
+    assert_close(lora_b.grad, b64.grad, "dB", dtype=dtype, scale=4)
+
+
+@needs_triton
+def test_triton_odd_sizes_strides_and_empty_batches_match_the_torch_backend():
+    """Odd K (rows not starting on a byte), blocks across rows, one row, M = 0, a transposed x, leading dims,
+    dropout: the same outputs and gradients as the torch backend (the same masks)."""
+    generator = torch.Generator().manual_seed(3)
+    for M, K, N, blocksize, transposed in [(7, 33, 17, 32, False), (1, 17, 5, 64, False), (0, 64, 16, 64, False),
+                                           (9, 48, 24, 64, True)]:
+        weight = _weight4bit(*_quantize(torch.randn(N, K, generator=generator), "nf4", blocksize, True))
+        base_x = torch.randn(K, M, generator=generator).T if transposed else torch.randn(M, K, generator=generator)
+        lora_a = torch.randn(3, K, generator=generator)
+        lora_b = torch.randn(N, 3, generator=generator)
+        bias = torch.randn(N, generator=generator)
+        results = []
+        for backend in ("torch", "triton"):
+            x, a, b = (t.detach().clone().requires_grad_() for t in (base_x, lora_a, lora_b))
+            x_view = x.T.unsqueeze(0).transpose(1, 2) if transposed else x.reshape(1, M, K)  # leading dims
+            y = lora_linear_4bit(x_view, weight, bias, a, b, 0.5, 0.3, seed=4, backend=backend)
+            y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+            results.append((y, x.grad, a.grad, b.grad))
+        for name, ours, theirs in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
+            assert_close(ours, theirs, f"{name} (M={M}, K={K}, N={N})", scale=2)
+
+
+@needs_triton
+@pytest.mark.parametrize(("x_dtype", "compute_dtype"),
+                         [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                          (torch.float16, torch.float32)], ids=str)
+def test_triton_compute_dtype_runs_the_base_as_bitsandbytes_does(x_dtype, compute_dtype):
+    """x in one dtype, the base GEMM in another (x cast to it, the product rounded to it, then to x's dtype)."""
+    x, weight, _, lora_a, lora_b = _op_inputs(x_dtype, torch.float32, K=64, N=24)
+    bias = torch.randn(24).to(compute_dtype)
+    y = lora_linear_4bit(x, weight, bias, lora_a, lora_b, 0.5, compute_dtype=compute_dtype, backend="triton")
+    y.backward(torch.ones_like(y))
+    dx, da = x.grad, lora_a.grad
+    x.grad = lora_a.grad = lora_b.grad = None
+    expected = lora_linear_4bit(x, weight, bias, lora_a, lora_b, 0.5, compute_dtype=compute_dtype, backend="torch")
+    expected.backward(torch.ones_like(expected))
+    low = torch.bfloat16 if torch.bfloat16 in (x_dtype, compute_dtype) else torch.float16
+    assert_close(y, expected, "y", dtype=low)
+    assert_close(dx, x.grad, "dx", dtype=low)
+    assert_close(da, lora_a.grad, "dA", dtype=low)
+
+
+@needs_triton
+def test_triton_opcheck():
+    x, weight, bias, lora_a, lora_b = _op_inputs(torch.float32, torch.float32, nested=True, M=4, K=64, N=24)
+    args = list(_op_args(x, weight, bias, lora_a, lora_b, torch.tensor([3], dtype=torch.int64), torch.float32))
+    args[-1] = "triton"
+    torch.library.opcheck(torch.ops.peftkern.lora_linear_4bit.default, tuple(args))

@@ -5,7 +5,9 @@ The base weight stays in bitsandbytes' storage (:class:`Weight4bit`: packed nibb
 double-quantized). The torch backend dequantizes it for the one matmul that needs it and drops it: the dense
 weight is never saved for backward (backward dequantizes again) and never stored on a layer. The low-rank
 part, the dropout stream and the saved [M, r] intermediate are ``lora_linear``'s (the same code).
-The Triton kernel, dequantizing inside the GEMM main loop, does not exist yet: backends other than torch raise.
+The triton backend (``triton_kernels/lora4bit.py``) decodes tiles of the packed weight inside its GEMM main loops
+(forward and dX), so no dense weight is ever written; a double-quantized absmax is expanded to float32 first (one
+float per block, computed per call, never kept). The cuda backend has no 4-bit kernel yet and raises.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..backends import resolve_backend
 from ._checks import (
     INDEX_DTYPES,
     autocast_inputs,
+    check_backend_dtypes,
     check_finite_scalar,
     check_probability,
     check_same_device,
@@ -107,7 +110,8 @@ def _dequantize(in_features, packed, absmax, nested_absmax, nested_code, offset,
     quant_type, blocksize, nested_blocksize, out_features, weight_dtype, base_dtype = meta
     numel = out_features * in_features
     data = packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)
-    values = _pair_table(quant_type, data.device)[data.reshape(-1).int()].reshape(-1)
+    # index_select: the same bytes as advanced indexing, 2.6x faster on the CPU (1M elements, one thread)
+    values = _pair_table(quant_type, data.device).index_select(0, data.reshape(-1).int()).reshape(-1)
     if nested_absmax is not None:  # [blocks] values: the reference's few operations are cheap
         absmax = reference.dequantize_4bit_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
     if numel % blocksize == 0:
@@ -119,12 +123,33 @@ def _dequantize(in_features, packed, absmax, nested_absmax, nested_code, offset,
 
 def _no_kernel(backend: str) -> ValueError:
     return ValueError(
-        f"{OP}: backend {backend!r} has no kernel for this op yet (the fused 4-bit GEMM is not written); "
-        "use backend 'torch' (bitsandbytes' weight dequantized for the matmul, never kept)"
+        f"{OP}: backend {backend!r} has no kernel for this op yet; use backend 'triton' (the fused 4-bit GEMM) "
+        "or 'torch' (bitsandbytes' weight dequantized for the matmul, never kept)"
     )
 
 
+def _kernel_storage(packed, absmax, nested_absmax, nested_code, offset, meta):
+    """(packed bytes as contiguous uint8, absmax as float32 [blocks]): what the Triton kernels read. A
+    double-quantized absmax is expanded here, once per call (N * K / blocksize floats, dropped after the call)."""
+    nested_blocksize = meta[2]
+    data = packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)
+    if nested_absmax is not None:
+        absmax = reference.dequantize_4bit_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+    return data.reshape(-1).contiguous(), absmax.reshape(-1).float().contiguous()
+
+
+def _kernel_meta(meta):
+    quant_type, blocksize, _, out_features, weight_dtype, base_dtype = meta
+    return quant_type, blocksize, out_features, weight_dtype, base_dtype
+
+
 def _forward_impl(x, quant, bias, lora_a, lora_b, scaling, dropout_p, seed, meta, backend):
+    if backend == "triton":
+        from ..triton_kernels.lora4bit import lora4bit_forward
+
+        bias = None if bias is None else bias.contiguous()
+        return lora4bit_forward(x, *_kernel_storage(*quant, meta), bias, lora_a, lora_b, scaling, dropout_p, seed,
+                                *_kernel_meta(meta))
     if backend != "torch":
         raise _no_kernel(backend)
     weight = _dequantize(x.shape[1], *quant, meta)
@@ -132,6 +157,11 @@ def _forward_impl(x, quant, bias, lora_a, lora_b, scaling, dropout_p, seed, meta
 
 
 def _backward_impl(grad_y, x, quant, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx, meta, backend):
+    if backend == "triton":
+        from ..triton_kernels.lora4bit import lora4bit_backward
+
+        return lora4bit_backward(grad_y, x, *_kernel_storage(*quant, meta), lora_a, lora_b, s, scaling, dropout_p,
+                                 seed, need_dx, *_kernel_meta(meta))
     if backend != "torch":
         raise _no_kernel(backend)
     weight = _dequantize(x.shape[1], *quant, meta) if need_dx else None
@@ -352,7 +382,8 @@ def lora_linear_4bit(
             Under ``torch.autocast`` x, the bias and the base GEMM take the autocast dtype.
             The low-rank part reads x itself, exactly as :func:`peftkern.lora_linear` (adapters in x's dtype or
             fp32; the same dropout stream: equal seeds drop equal elements).
-        backend: only "torch" exists for this op so far (the others raise ``ValueError``).
+        backend: "torch" (dequantize for the matmul) or "triton" (the packed weight decoded inside the fused
+            GEMMs; fp16, bf16, fp32); "cuda" has no kernel for this op yet and raises ``ValueError``.
     Returns:
         [..., N] in x's dtype. Gradients flow to x, lora_a, lora_b (and bias if it requires grad); the 4-bit
         weight is frozen and its dense form is never kept (backward dequantizes again).
@@ -379,8 +410,9 @@ def lora_linear_4bit(
     scaling = check_finite_scalar("scaling", scaling)
     dropout_p = check_probability("dropout_p", dropout_p)
     name = resolve_backend(x.device, OP, backend)
-    if name != "torch":
+    if name == "cuda":
         raise _no_kernel(name)
+    check_backend_dtypes(OP, name, x=x, bias=bias, lora_a=lora_a, lora_b=lora_b)
     dropout_p, seed_tensor = dropout_seed(x, dropout_p, training, seed)
 
     lead = x.shape[:-1]
