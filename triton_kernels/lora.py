@@ -103,15 +103,17 @@ def _lora_fwd_kernel(
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    acc = gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                      stride_xm, stride_xk, stride_wn, stride_wk, BASE_FP32, PRECISION, BLOCK_K)
-    # Epilogue: the rank-r expand, one [BLOCK_M, r] x [r, BLOCK_N] product accumulated into the base tile.
+    # The rank-r expand, one [BLOCK_M, r] x [r, BLOCK_N] product, first: it is the base loop's initial
+    # accumulator, so its operands (and, with fp32 adapters, their TF32 splits) are dead before the loop
+    # and never live beside the loaded tiles (after the loop, the 128 x 256 config spilled: ptxas -v, sm_90).
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
     s = tl.load(S + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
     b_t = tl.load(B + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
                   mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    acc = lowrank_dot(s * scaling, b_t, acc, LORA_FP32, PRECISION)
+    acc = lowrank_dot(s * scaling, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
+    acc = gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc,
+                      stride_xm, stride_xk, stride_wn, stride_wk, BASE_FP32, PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
