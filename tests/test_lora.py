@@ -198,22 +198,30 @@ def test_unseeded_dropout_follows_torch_manual_seed():
     assert torch.equal(first, second)
 
 
-def test_philox_stream_matches_triton_rand():
+def test_philox_stream_matches_triton_rand_and_randint4x():
     triton = pytest.importorskip("triton")
     if DEVICE == "cpu" and not triton_interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
     import triton.language as tl
 
     @triton.jit
-    def draw(OUT, SEED, base, BLOCK: tl.constexpr):
+    def draw(OUT, WORDS, SEED, base, BLOCK: tl.constexpr):
         offsets = base + tl.arange(0, BLOCK).to(tl.int64)
         tl.store(OUT + tl.arange(0, BLOCK), tl.rand(tl.load(SEED), offsets))
+        w0, w1, w2, w3 = tl.randint4x(tl.load(SEED), offsets)
+        at = WORDS + tl.arange(0, BLOCK) * 4
+        tl.store(at, w0.to(tl.int64))
+        tl.store(at + 1, w1.to(tl.int64))
+        tl.store(at + 2, w2.to(tl.int64))
+        tl.store(at + 3, w3.to(tl.int64))
 
     for seed, base in [(0, 0), (12345, 2**31 - 40), (2**40 + 7, 2**33 + 3), (2**62 - 1, 5)]:
         out = torch.empty(64, device=DEVICE)
-        draw[(1,)](out, torch.tensor([seed], device=DEVICE), base, BLOCK=64)
-        expected = reference.philox_uniform(seed, torch.arange(64, dtype=torch.int64, device=DEVICE) + base)
-        assert torch.equal(out, expected), (seed, base)
+        words = torch.empty(64, 4, device=DEVICE, dtype=torch.int64)
+        draw[(1,)](out, words, torch.tensor([seed], device=DEVICE), base, BLOCK=64)
+        offsets = torch.arange(64, dtype=torch.int64, device=DEVICE) + base
+        assert torch.equal(out, reference.philox_uniform(seed, offsets)), (seed, base)
+        assert torch.equal(words, reference.philox_words(seed, offsets)), (seed, base)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -351,8 +359,7 @@ def test_offsets_past_2_31_elements(backend):
     lora_b = torch.randn(N, r, device="cuda")
     y = peftkern.lora_linear(x, weight, None, lora_a, lora_b, 1.0, 0.1, seed=5, backend=backend)
     tail = slice(M - 96, M)
-    offsets = torch.arange((M - 96) * K, M * K, device="cuda", dtype=torch.int64).reshape(96, K)
-    mask = reference.philox_uniform(5, offsets) >= 0.1
+    mask = reference.dropout_mask(5, (96, K), 0.1, device="cuda", first_row=M - 96)
     expected = reference.lora_linear(
         x[tail].double(), weight.double(), None, lora_a.double(), lora_b.double(), 1.0, 0.1, keep_mask=mask
     )

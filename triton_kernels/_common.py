@@ -165,15 +165,41 @@ def lowrank_dot(s, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, rows, cols, n_cols, p_drop):
-    """Dropout keep-mask (bool) for the tile (rows x cols) of a row-major [*, n_cols] matrix.
+def _dropout_groups(rows, n_cols):
+    """Philox calls per row of a [*, n_cols] mask, and the first call of each row (int64 rows, [BLOCK_M, 1])."""
+    groups_per_row = (n_cols + 3) // 4
+    return rows.to(tl.int64)[:, None] * groups_per_row
 
-    Counter = row * n_cols + col in int64: the stream of ``peftkern.reference.dropout_mask``. Callers
-    multiply by the mask (exact in any dtype, and NaN stays NaN as in torch) and apply 1/(1-p) to the
-    fp32 accumulator, so the 16-bit operands are never rounded twice.
+
+@triton.jit
+def dropout_keep(seed, rows, cols, n_cols, p_drop):
+    """Dropout keep-mask (bool) for the tile (rows x cols) of a row-major [*, n_cols] matrix, any columns.
+
+    ``peftkern.reference.dropout_mask``: element (i, j) is decided by word j % 4 of the Philox call at
+    counter i * ceil(n_cols / 4) + j // 4. This general form draws a call per element; kernels whose tile
+    starts at a multiple of 4 use :func:`dropout_keep_tile`, a call per 4 elements. Callers multiply by the
+    mask (exact in any dtype, and NaN stays NaN as in torch) and apply 1/(1-p) to the fp32 accumulator, so
+    the 16-bit operands are never rounded twice.
     """
-    offsets = rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :]
-    return tl.rand(seed, offsets) >= p_drop
+    cols = cols.to(tl.int64)[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, _dropout_groups(rows, n_cols) + cols // 4)
+    word = cols % 4
+    bits = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+    return tl.uint_to_uniform_float(bits) >= p_drop
+
+
+@triton.jit
+def dropout_keep_tile(seed, rows, col0, n_cols, p_drop, BLOCK_N: tl.constexpr):
+    """The keep-mask of :func:`dropout_keep` for columns [col0, col0 + BLOCK_N), col0 a multiple of 4 (every
+    tile start here): one Philox call per 4 elements, its four words spread over neighbouring columns."""
+    first = _dropout_groups(rows, n_cols) + col0 // 4  # col0 < n_cols: int32 is enough
+    w0, w1, w2, w3 = tl.randint4x(seed, first + tl.arange(0, BLOCK_N // 4)[None, :])
+    k0 = tl.uint_to_uniform_float(w0) >= p_drop
+    k1 = tl.uint_to_uniform_float(w1) >= p_drop
+    k2 = tl.uint_to_uniform_float(w2) >= p_drop
+    k3 = tl.uint_to_uniform_float(w3) >= p_drop
+    # interleave(a, b) = a0 b0 a1 b1 ...: so this is k0 k1 k2 k3 of call 0, then of call 1, ...
+    return tl.interleave(tl.interleave(k0, k2), tl.interleave(k1, k3))
 
 
 @triton.jit

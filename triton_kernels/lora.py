@@ -25,7 +25,7 @@ from ._common import (
     apply_keep,
     autotune,
     dot_in_fp32,
-    dropout_keep,
+    dropout_keep_tile,
     fp32_precision,
     gemm_configs,
     gemm_k_loop,
@@ -77,7 +77,7 @@ def _lora_shrink_kernel(
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = apply_keep(x, dropout_keep(seed, rows, cols, K, p_drop))
+            x = apply_keep(x, dropout_keep_tile(seed, rows, k0, K, p_drop, BLOCK_K))
         a_t = tl.load(A + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
         acc = mma(x, a_t, acc, DOT_FP32, PRECISION)
@@ -205,7 +205,7 @@ def _lora_bwd_dx_kernel(
         # bits are dead before the loop, so one [BLOCK_M, BLOCK_N] fp32 tile is live at a time (computed
         # after the loop, the two tiles and the mask spilled kilobytes per thread: ptxas -v, sm_90).
         acc = apply_keep(lowrank_dot(ds, a, acc, LORA_FP32, PRECISION),
-                         dropout_keep(tl.load(SEED), rows, cols, K, p_drop)) * inv_keep
+                         dropout_keep_tile(tl.load(SEED), rows, tile_k * BLOCK_N, K, p_drop, BLOCK_N)) * inv_keep
     # dY @ W: the reduction runs over N, W~[n, k] = W[n, k].
     acc = gemm_k_loop(DY, W, rows, row_ok, cols, col_ok, N, acc, stride_dym, stride_dyn, stride_wk, stride_wn,
                       BASE_FP32, PRECISION, BLOCK_K)
@@ -242,7 +242,7 @@ def _lora_bwd_da_kernel(
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = apply_keep(x, dropout_keep(seed, rows, cols, K, p_drop))
+            x = apply_keep(x, dropout_keep_tile(seed, rows, tile_k * BLOCK_K, K, p_drop, BLOCK_K))
         ds = tl.load(DS + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         acc = lowrank_dot(tl.trans(ds), x, acc, LORA_FP32, PRECISION)
     if HAS_DROPOUT:
