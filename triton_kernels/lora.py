@@ -233,18 +233,16 @@ def _lora_bwd_dx_kernel(
     ds = tl.load(DS + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
     a = tl.load(A + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                 mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The (masked) low-rank part first, as the base loop's initial accumulator: it, its TF32 pieces (fp32
+    # adapters) and the mask's random bits are dead before the loop, so one [BLOCK_M, BLOCK_N] fp32 tile is
+    # live at a time (computed after the loop, the two tiles and the mask spilled kilobytes per thread:
+    # ptxas -v, sm_90).
+    acc = lowrank_dot(ds, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
     if HAS_DROPOUT:
-        # The masked low-rank part first, as the base loop's initial accumulator: it and the mask's random
-        # bits are dead before the loop, so one [BLOCK_M, BLOCK_N] fp32 tile is live at a time (computed
-        # after the loop, the two tiles and the mask spilled kilobytes per thread: ptxas -v, sm_90).
-        acc = apply_keep(lowrank_dot(ds, a, acc, LORA_FP32, PRECISION),
-                         dropout_keep_tile(tl.load(SEED), rows, tile_k * BLOCK_N, K, p_drop, BLOCK_N)) * inv_keep
+        acc = apply_keep(acc, dropout_keep_tile(tl.load(SEED), rows, tile_k * BLOCK_N, K, p_drop, BLOCK_N)) * inv_keep
     # dY @ W: the reduction runs over N, W~[n, k] = W[n, k].
     acc = gemm_k_loop(DY, W, rows, row_ok, cols, col_ok, N, acc, stride_dym, stride_dyn, stride_wk, stride_wn,
                       BASE_FP32, PRECISION, BLOCK_K)
-    if not HAS_DROPOUT:
-        acc = lowrank_dot(ds, a, acc, LORA_FP32, PRECISION)
     tl.store(DX + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
