@@ -21,9 +21,11 @@ at rank 16 (and the smoke case) unless ``--no-4bit``; W is bitsandbytes' 4-bit s
   torch_4bit          peftkern.lora_linear_4bit(..., backend="torch") (dequantize for the matmul, never kept)
   triton_4bit         peftkern.lora_linear_4bit(..., backend="triton") (W decoded inside the GEMM main loops)
 
-Sweep: tokens {1024, 4096, 8192, 16384} x hidden {4096, 8192} x rank {8, 16, 64} x dropout {0, 0.1},
-bf16 activations, weights and adapters. ``--smoke``: one tiny case on CPU (Triton through its
-interpreter; torch.compile left out unless ``--smoke-compile``, its CPU compile alone takes minutes).
+Sweep: tokens {1024, 4096, 8192, 16384} x hidden {4096, 8192} x rank {8, 16, 64} x dropout {0, 0.1} x
+adapters {fp32 (peft's default beside a bf16 model), bf16}, bf16 activations and weights. With fp32 adapters
+the PEFT-style providers cast x to the adapters' dtype for the low-rank path and the sum back, as peft does.
+``--smoke``: one tiny shape on CPU (Triton through its interpreter; torch.compile left out unless
+``--smoke-compile``, its CPU compile alone takes minutes).
 
     python3 benchmarks/bench_lora.py                     # the full sweep (GPU)
     python3 benchmarks/bench_lora.py --headline          # 8192 x 4096 x r16 only
@@ -46,6 +48,7 @@ TOKENS = (1024, 4096, 8192, 16384)
 HIDDEN = (4096, 8192)
 RANKS = (8, 16, 64)
 DROPOUTS = (0.0, 0.1)
+ADAPTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEADLINE = {"tokens": 8192, "hidden": 4096, "rank": 16}
 SMOKE = {"tokens": 32, "hidden": 32, "rank": 8}
 ALPHA_OVER_RANK = 2.0  # lora_alpha = 2 * r, a common choice; the scaling value does not change the timing
@@ -61,23 +64,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", default=None, help="comma-separated subset of the hidden sizes")
     parser.add_argument("--rank", default=None, help="comma-separated subset of the ranks")
     parser.add_argument("--dropout", default=None, help="comma-separated subset of the dropout values")
+    parser.add_argument("--adapters", default=None, help="comma-separated subset of the adapter dtypes (fp32,bf16)")
     parser.add_argument("--smoke-compile", action="store_true", help="time torch.compile in --smoke too")
     parser.add_argument("--no-4bit", action="store_true", help="leave out the QLoRA (bitsandbytes 4-bit) rows")
 
 
-def cases(bench: harness.Bench) -> list[tuple[int, int, int, float]]:
-    """(tokens, hidden, rank, dropout_p) in run order: all ranks and dropouts of one (tokens, hidden)
-    together, so that its base rows serve them all."""
+def cases(bench: harness.Bench) -> list[tuple[int, int, int, float, str]]:
+    """(tokens, hidden, rank, dropout_p, adapters) in run order: all ranks, dropouts and adapter dtypes of one
+    (tokens, hidden) together, so that its base rows serve them all."""
+    adapters = harness.pick(getattr(bench.options, "adapters", None), tuple(ADAPTER_DTYPES), str)
     if bench.smoke:
-        return [(SMOKE["tokens"], SMOKE["hidden"], SMOKE["rank"], p) for p in DROPOUTS]
+        return [(SMOKE["tokens"], SMOKE["hidden"], SMOKE["rank"], p, a) for p in DROPOUTS for a in adapters]
     opts = bench.options
     if getattr(opts, "headline", False):
-        return [(HEADLINE["tokens"], HEADLINE["hidden"], HEADLINE["rank"], p) for p in DROPOUTS]
+        return [(HEADLINE["tokens"], HEADLINE["hidden"], HEADLINE["rank"], p, a) for p in DROPOUTS for a in adapters]
     tokens = harness.pick(getattr(opts, "tokens", None), TOKENS, int)
     hidden = harness.pick(getattr(opts, "hidden", None), HIDDEN, int)
     ranks = harness.pick(getattr(opts, "rank", None), RANKS, int)
     dropouts = harness.pick(getattr(opts, "dropout", None), DROPOUTS, float)
-    return list(itertools.product(tokens, hidden, ranks, dropouts))
+    return list(itertools.product(tokens, hidden, ranks, dropouts, adapters))
 
 
 def _unfused(weight, lora_a, lora_b, scaling, dropout_p):
@@ -93,7 +98,10 @@ def _unfused(weight, lora_a, lora_b, scaling, dropout_p):
     dropout.train()
 
     def forward(x):
-        return F.linear(x, weight) + up(down(dropout(x))) * scaling
+        if lora_a.dtype == x.dtype:
+            return F.linear(x, weight) + up(down(dropout(x))) * scaling
+        # fp32 adapters beside bf16 x, as peft computes: x cast to the adapters' dtype, the sum cast back.
+        return (F.linear(x, weight) + up(down(dropout(x).to(lora_a.dtype))) * scaling).to(x.dtype)
 
     return forward, [down.weight, up.weight]
 
@@ -113,6 +121,10 @@ def _peft_layer(weight, lora_a, lora_b, alpha, dropout_p, magnitude=None):
         kwargs["config"] = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout_p, use_dora=dora)
     layer = PeftLinear(base, "default", **kwargs)
     layer.to(device=weight.device)
+    # peft moves a new adapter to the base layer's dtype; fp32 adapters (what peft's LoraModel keeps beside a
+    # bf16 model, autocast_adapter_dtype=True) are cast back up.
+    layer.lora_A["default"].to(lora_a.dtype)
+    layer.lora_B["default"].to(lora_b.dtype)
     grads = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(lora_a)
@@ -127,12 +139,13 @@ def _peft_layer(weight, lora_a, lora_b, alpha, dropout_p, magnitude=None):
 def run(bench: harness.Bench) -> None:
     torch.manual_seed(0)
     timed_base = None
-    for tokens, hidden, rank, dropout_p in cases(bench):
+    for tokens, hidden, rank, dropout_p, adapters in cases(bench):
         if timed_base != (tokens, hidden):  # the base does not depend on rank or dropout: time it once
             timed_base = (tokens, hidden)
             _run_base(bench, tokens, hidden)
-        _run_case(bench, tokens, hidden, rank, dropout_p)
-        if (bench.smoke or rank == QLORA_RANK) and not getattr(bench.options, "no_4bit", False):
+        _run_case(bench, tokens, hidden, rank, dropout_p, adapters)
+        # QLoRA rows once per case (bf16 adapters, as their inputs), at rank 16 (and the smoke case)
+        if adapters == "bf16" and (bench.smoke or rank == QLORA_RANK) and not getattr(bench.options, "no_4bit", False):
             _run_case_4bit(bench, tokens, hidden, rank, dropout_p)
     bench.add_ratios("base")
     bench.add_ratios("peft_4bit", providers=_QLORA_PROVIDERS)
@@ -144,16 +157,19 @@ def run(bench: harness.Bench) -> None:
     bench.add_ratios("triton", name="vs_lora", providers=("dora_triton",))
 
 
-def _inputs(device: torch.device, tokens: int, hidden: int, rank: int, dtype: torch.dtype):
-    """x [tokens, hidden] (requires grad), frozen W [hidden, hidden], A [rank, hidden], B [hidden, rank].
+def _inputs(device: torch.device, tokens: int, hidden: int, rank: int, dtype: torch.dtype,
+            adapter_dtype: torch.dtype | None = None):
+    """x [tokens, hidden] (requires grad), frozen W [hidden, hidden], A [rank, hidden], B [hidden, rank]
+    (in ``adapter_dtype``, default ``dtype``).
 
     Scaled so that the base output has unit variance and the low-rank term (times the scaling) a standard
     deviation of about 0.3: small beside the base, as a trained adapter's, yet far above bf16 rounding,
     so that the output check catches a provider that drops or mis-scales it."""
     x = torch.randn(tokens, hidden, device=device, dtype=dtype).requires_grad_(True)
     weight = torch.randn(hidden, hidden, device=device, dtype=dtype) / hidden**0.5
-    lora_a = (torch.randn(rank, hidden, device=device, dtype=dtype) / hidden**0.5).requires_grad_(True)
-    lora_b = torch.randn(hidden, rank, device=device, dtype=dtype) * (0.3 / ALPHA_OVER_RANK / rank**0.5)
+    adapter_dtype = adapter_dtype or dtype
+    lora_a = (torch.randn(rank, hidden, device=device, dtype=adapter_dtype) / hidden**0.5).requires_grad_(True)
+    lora_b = torch.randn(hidden, rank, device=device, dtype=adapter_dtype) * (0.3 / ALPHA_OVER_RANK / rank**0.5)
     lora_b.requires_grad_(True)
     return x, weight, lora_a, lora_b
 
@@ -171,16 +187,25 @@ def _run_base(bench: harness.Bench, tokens: int, hidden: int) -> None:
             bench.fail("base_two_gemms", error, shapes, {})
 
 
-def _run_case(bench: harness.Bench, tokens: int, hidden: int, rank: int, dropout_p: float) -> None:
+def _mixed_reference(x, weight, lora_a, lora_b, scaling, dropout_p):
+    """reference.lora_linear's formula with the low-rank path in the adapters' dtype (fp32 adapters beside
+    bf16 x: the reference itself multiplies in one dtype)."""
+    dropped = F.dropout(x, dropout_p, training=True).to(lora_a.dtype)
+    return (F.linear(x, weight) + scaling * ((dropped @ lora_a.T) @ lora_b.T)).to(x.dtype)
+
+
+def _run_case(bench: harness.Bench, tokens: int, hidden: int, rank: int, dropout_p: float,
+              adapters: str = "bf16") -> None:
     import peftkern
     from peftkern import reference
     from peftkern.backends import cuda_backend_available, cuda_backend_status, triton_interpreting
 
     device, dtype = bench.device, torch.bfloat16
-    shapes, params = {"tokens": tokens, "hidden": hidden, "rank": rank}, {"dropout_p": dropout_p}
+    shapes = {"tokens": tokens, "hidden": hidden, "rank": rank}
+    params = {"dropout_p": dropout_p, "adapter_dtype": adapters}
     alpha = ALPHA_OVER_RANK * rank
     scaling = alpha / rank
-    x, weight, lora_a, lora_b = _inputs(device, tokens, hidden, rank, dtype)
+    x, weight, lora_a, lora_b = _inputs(device, tokens, hidden, rank, dtype, ADAPTER_DTYPES[adapters])
     expected = None
     if dropout_p == 0.0:  # deterministic: every provider's output is checked before it is timed
         fp32 = [t.detach().float() for t in (x, weight, lora_a, lora_b)]
@@ -201,8 +226,12 @@ def _run_case(bench: harness.Bench, tokens: int, hidden: int, rank: int, dropout
                 "left out of --smoke on CPU (inductor's CPU compile takes minutes); add --smoke-compile"
             )
         torch._dynamo.reset()  # one static-shape compile per case, never a silent eager fallback
-        compiled = torch.compile(reference.lora_linear, fullgraph=True)
-        forward = lambda: compiled(x, weight, None, lora_a, lora_b, scaling, dropout_p, True)
+        if lora_a.dtype == x.dtype:
+            compiled = torch.compile(reference.lora_linear, fullgraph=True)
+            forward = lambda: compiled(x, weight, None, lora_a, lora_b, scaling, dropout_p, True)
+        else:
+            compiled = torch.compile(_mixed_reference, fullgraph=True)
+            forward = lambda: compiled(x, weight, lora_a, lora_b, scaling, dropout_p)
         return forward, [x, lora_a, lora_b]
 
     def build_ours(backend: str):
@@ -337,7 +366,8 @@ def _run_case_4bit(bench: harness.Bench, tokens: int, hidden: int, rank: int, dr
 
     device, dtype = bench.device, torch.bfloat16
     hidden = QLORA_SMOKE_HIDDEN if bench.smoke else hidden
-    shapes, params = {"tokens": tokens, "hidden": hidden, "rank": rank}, {"dropout_p": dropout_p, "quant_type": "nf4"}
+    shapes = {"tokens": tokens, "hidden": hidden, "rank": rank}
+    params = {"dropout_p": dropout_p, "adapter_dtype": "bf16", "quant_type": "nf4"}
     alpha = ALPHA_OVER_RANK * rank
     scaling = alpha / rank
     x, weight, lora_a, lora_b = _inputs(device, tokens, hidden, rank, dtype)
@@ -396,53 +426,64 @@ def ours(rows: list[dict]) -> str:
 
 
 def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
-    """issue 8's LoRA keys, at the headline shape (the smoke case in --smoke), from this run's rows."""
+    """issue 8's LoRA keys, at the headline shape (the smoke case in --smoke), from this run's rows: with fp32
+    adapters (peft's default beside a bf16 model; issue 18's goals), and the same keys with bf16 adapters
+    suffixed ``_bf16_adapters``."""
     shapes = SMOKE if smoke else HEADLINE
     base_shapes = {"tokens": shapes["tokens"], "hidden": shapes["hidden"]}
     rows = harness.find_rows(rows, op=OP, dtype="bfloat16")
     ours_provider = ours(rows)
+    summary = {}
+    for adapters, suffix in (("fp32", ""), ("bf16", "_bf16_adapters")):
 
-    def sel(provider: str, mode: str, dropout_p: float | None = None) -> dict:
-        if provider in ("base", "base_two_gemms"):
-            return {"provider": provider, "mode": mode, "shapes": base_shapes}
-        if provider in _QLORA_PROVIDERS:
-            qlora_shapes = {**shapes, "hidden": QLORA_SMOKE_HIDDEN} if smoke else shapes
-            return {"provider": provider, "mode": mode, "shapes": qlora_shapes, "params": {"dropout_p": dropout_p}}
-        return {"provider": provider, "mode": mode, "shapes": shapes, "params": {"dropout_p": dropout_p}}
+        def sel(provider: str, mode: str, dropout_p: float | None = None, adapters: str = adapters) -> dict:
+            if provider in ("base", "base_two_gemms"):
+                return {"provider": provider, "mode": mode, "shapes": base_shapes}
+            if provider in _QLORA_PROVIDERS:
+                qlora_shapes = {**shapes, "hidden": QLORA_SMOKE_HIDDEN} if smoke else shapes
+                return {"provider": provider, "mode": mode, "shapes": qlora_shapes,
+                        "params": {"dropout_p": dropout_p, "adapter_dtype": "bf16"}}
+            return {"provider": provider, "mode": mode, "shapes": shapes,
+                    "params": {"dropout_p": dropout_p, "adapter_dtype": adapters}}
 
-    return harness.drop_missing({
-        "lora_fwd_vs_base": harness.ratio_of(
-            rows, sel(ours_provider, "forward", 0.0), sel("base", "forward")
-        ),
-        "lora_train_speedup_vs_peft": harness.ratio_of(
-            rows, sel("torch_unfused", "full", 0.1), sel(ours_provider, "full", 0.1)
-        ),
-        "lora_train_vs_base": harness.ratio_of(
-            rows, sel(ours_provider, "full", 0.1), sel("base_two_gemms", "full")
-        ),
-        "lora_memory_ratio_vs_peft": harness.ratio_of(
-            rows, sel(ours_provider, "full", 0.1), sel("torch_unfused", "full", 0.1), field="peak_mem_bytes"
-        ),
-        "dora_train_vs_lora": harness.ratio_of(
-            rows, sel("dora_triton", "full", 0.1), sel(ours_provider, "full", 0.1)
-        ),
-        "dora_train_speedup_vs_peft": harness.ratio_of(
-            rows, sel("peft_dora", "full", 0.1), sel("dora_triton", "full", 0.1)
-        ),
-        "dora_memory_ratio_vs_peft": harness.ratio_of(
-            rows, sel("dora_triton", "full", 0.1), sel("peft_dora", "full", 0.1), field="peak_mem_bytes"
-        ),
-        # QLoRA (rank 16; the smoke case in --smoke): the fused 4-bit kernels against peft + bitsandbytes.
-        "qlora_train_speedup_vs_peft": harness.ratio_of(
-            rows, sel("peft_4bit", "full", 0.1), sel("triton_4bit", "full", 0.1)
-        ),
-        "qlora_fwd_speedup_vs_peft": harness.ratio_of(
-            rows, sel("peft_4bit", "forward", 0.0), sel("triton_4bit", "forward", 0.0)
-        ),
-        "qlora_memory_ratio_vs_peft": harness.ratio_of(
-            rows, sel("triton_4bit", "full", 0.1), sel("peft_4bit", "full", 0.1), field="peak_mem_bytes"
-        ),
-    })
+        summary |= {
+            f"lora_fwd_vs_base{suffix}": harness.ratio_of(
+                rows, sel(ours_provider, "forward", 0.0), sel("base", "forward")
+            ),
+            f"lora_train_speedup_vs_peft{suffix}": harness.ratio_of(
+                rows, sel("torch_unfused", "full", 0.1), sel(ours_provider, "full", 0.1)
+            ),
+            f"lora_train_vs_base{suffix}": harness.ratio_of(
+                rows, sel(ours_provider, "full", 0.1), sel("base_two_gemms", "full")
+            ),
+            f"lora_memory_ratio_vs_peft{suffix}": harness.ratio_of(
+                rows, sel(ours_provider, "full", 0.1), sel("torch_unfused", "full", 0.1), field="peak_mem_bytes"
+            ),
+        }
+        if adapters == "fp32":  # DoRA against our LoRA and peft's DoRA, both with peft's default fp32 adapters
+            summary |= {
+                "dora_train_vs_lora": harness.ratio_of(
+                    rows, sel("dora_triton", "full", 0.1), sel(ours_provider, "full", 0.1)
+                ),
+                "dora_train_speedup_vs_peft": harness.ratio_of(
+                    rows, sel("peft_dora", "full", 0.1), sel("dora_triton", "full", 0.1)
+                ),
+                "dora_memory_ratio_vs_peft": harness.ratio_of(
+                    rows, sel("dora_triton", "full", 0.1), sel("peft_dora", "full", 0.1), field="peak_mem_bytes"
+                ),
+                # QLoRA (rank 16, bf16 adapters; the smoke case in --smoke): the fused 4-bit kernels against
+                # peft + bitsandbytes.
+                "qlora_train_speedup_vs_peft": harness.ratio_of(
+                    rows, sel("peft_4bit", "full", 0.1), sel("triton_4bit", "full", 0.1)
+                ),
+                "qlora_fwd_speedup_vs_peft": harness.ratio_of(
+                    rows, sel("peft_4bit", "forward", 0.0), sel("triton_4bit", "forward", 0.0)
+                ),
+                "qlora_memory_ratio_vs_peft": harness.ratio_of(
+                    rows, sel("triton_4bit", "full", 0.1), sel("peft_4bit", "full", 0.1), field="peak_mem_bytes"
+                ),
+            }
+    return harness.drop_missing(summary)
 
 
 if __name__ == "__main__":

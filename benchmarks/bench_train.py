@@ -2,10 +2,12 @@
 
 A Llama-shaped model built from a ``transformers`` config with random weights (hidden 2048, 16 layers,
 sequence 2048, bf16; no downloads), LoRA rank 16 / alpha 32 on every linear layer (``all-linear``),
-dropout 0.1, AdamW over the adapter parameters. Both providers start from identical weights (same seed,
-same device), see the same token batches, and take ``--steps`` steps (50). Rows (mode ``full``: forward,
-backward and optimizer step) give the median step time with its 20/80 quantiles, tokens/s, the peak
-memory above the resident model (GPU), and the loss curve; the ``peftkern`` row also says whether its
+AdamW over the adapter parameters, in four variants: dropout {0.1, 0} x adapters {fp32 (peft's default beside
+a bf16 model, ``autocast_adapter_dtype=True``), bf16} (``--dropout``, ``--adapters`` pick a subset; --smoke
+runs dropout 0.1 with fp32 adapters and dropout 0 with bf16 ones). Both providers start from identical
+weights (same seed, same device), see the same token batches, and take ``--steps`` steps (50). Rows (mode
+``full``: forward, backward and optimizer step) give the median step time with its 20/80 quantiles,
+tokens/s, the peak memory above the resident model (GPU), and the loss curve; the ``peftkern`` row also says whether its
 loss stays within 1% of peft's at every step. The two use different dropout random streams (torch's and
 peftkern's Philox), so the curves agree statistically, not bit for bit.
 
@@ -41,6 +43,9 @@ FULL = {
 }
 SMOKE = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "vocab": 128, "seq": 32, "batch": 2}
 RANK, ALPHA, DROPOUT_P, LR, SEED = 16, 32, 0.1, 2e-4, 0
+# (dropout_p, adapter dtype): the headline first (the summary's), then the variants that show each fix.
+VARIANTS = [(0.1, "fp32"), (0.0, "fp32"), (0.1, "bf16"), (0.0, "bf16")]
+SMOKE_VARIANTS = [(0.1, "fp32"), (0.0, "bf16")]
 LOSS_RTOL = 0.01  # issue 8: the two loss curves agree within 1% per step
 
 
@@ -49,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=None, help="untimed first steps (default 5; 1)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step")
     parser.add_argument("--no-qlora", action="store_true", help="leave out the QLoRA (4-bit base) variant")
+    parser.add_argument("--dropout", default=None, help="comma-separated subset of the dropout values (0.1,0)")
+    parser.add_argument("--adapters", default=None, help="comma-separated subset of the adapter dtypes (fp32,bf16)")
 
 
 def _from_peft():
@@ -67,9 +74,11 @@ def _from_peft():
     return convert
 
 
-def build_peft_model(config: dict, device: torch.device, dtype: torch.dtype, dropout_p: float = DROPOUT_P):
-    """A randomly initialised LlamaForCausalLM wrapped by peft's get_peft_model (LoRA on all linears).
-    Initialised on ``device`` under a fixed seed, so two calls give identical weights."""
+def build_peft_model(config: dict, device: torch.device, dtype: torch.dtype, dropout_p: float = DROPOUT_P,
+                     adapters: str = "fp32"):
+    """A randomly initialised LlamaForCausalLM wrapped by peft's get_peft_model (LoRA on all linears), with
+    fp32 adapters (peft's default) or adapters in the model's dtype (``adapters="bf16"``). Initialised on
+    ``device`` under a fixed seed, so two calls give identical weights."""
     try:
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -91,7 +100,7 @@ def build_peft_model(config: dict, device: torch.device, dtype: torch.dtype, dro
             r=RANK, lora_alpha=ALPHA, lora_dropout=dropout_p, target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, lora)
+        return get_peft_model(model, lora, autocast_adapter_dtype=adapters == "fp32")
 
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -168,20 +177,35 @@ def run(bench: harness.Bench) -> None:
     warmup = getattr(opts, "warmup_steps", None)
     warmup = min(warmup if warmup is not None else (1 if bench.smoke else 5), steps - 1)
     shapes = {k: config[k] for k in ("hidden", "layers", "seq", "batch", "vocab")} | {"rank": RANK}
-    params = {"dropout_p": DROPOUT_P, "lr": LR, "steps": steps, "warmup_steps": warmup}
     generator = torch.Generator().manual_seed(SEED)
     batches = torch.randint(0, config["vocab"], (steps, config["batch"], config["seq"]), generator=generator)
     batches = batches.to(device)
-    tokens_per_step = config["batch"] * config["seq"]
+    dropouts = harness.pick(getattr(opts, "dropout", None), (0.1, 0.0), float)
+    adapter_dtypes = harness.pick(getattr(opts, "adapters", None), ("fp32", "bf16"), str)
+    for dropout_p, adapters in SMOKE_VARIANTS if bench.smoke else VARIANTS:
+        if dropout_p in dropouts and adapters in adapter_dtypes:
+            params = {"dropout_p": dropout_p, "adapter_dtype": adapters, "lr": LR, "steps": steps,
+                      "warmup_steps": warmup}
+            _run_variant(bench, config, batches, shapes, params, warmup, device, dtype)
+    bench.add_ratios("peft", providers=("peftkern",))
+    bench.add_ratios("peft_qlora", providers=("peftkern_qlora",))
 
+
+def _run_variant(bench, config, batches, shapes, params, warmup, device, dtype) -> None:
+    tokens_per_step = config["batch"] * config["seq"]
     results: dict[str, dict] = {}
-    qlora = () if getattr(opts, "no_qlora", False) else ("peft_qlora", "peftkern_qlora")
+    # The QLoRA pair in the headline variant only (dropout 0.1; its adapters are peft's default for 4-bit)
+    headline = (params["dropout_p"], params["adapter_dtype"]) == VARIANTS[0]
+    qlora = ("peft_qlora", "peftkern_qlora") if headline and not getattr(bench.options, "no_qlora", False) else ()
     for provider in ("peft", "peftkern", *qlora):
         if not bench.wants(provider):
             continue
         try:
             convert = _from_peft() if provider.startswith("peftkern") else None
-            model = (build_qlora_model if provider in qlora else build_peft_model)(config, device, dtype)
+            if provider in qlora:
+                model = build_qlora_model(config, device, dtype, params["dropout_p"])
+            else:
+                model = build_peft_model(config, device, dtype, params["dropout_p"], params["adapter_dtype"])
         except harness.ProviderUnavailable as error:
             bench.skip(provider, str(error))
             continue
@@ -218,14 +242,13 @@ def run(bench: harness.Bench) -> None:
             provider, "full", shapes, dtype, params, _quantiles_ms(result["seconds"]),
             result["peak_mem_bytes"], metrics=metrics,
         ))
-    bench.add_ratios("peft", providers=("peftkern",))
-    bench.add_ratios("peft_qlora", providers=("peftkern_qlora",))
 
 
 def summarize(rows: list[dict], smoke: bool) -> dict[str, float]:
-    """issue 8's end-to-end keys from this run's rows."""
+    """issue 8's end-to-end keys from this run's rows: the headline variant (dropout 0.1, fp32 adapters)."""
+    headline = {"dropout_p": VARIANTS[0][0], "adapter_dtype": VARIANTS[0][1]}
     rows = harness.find_rows(rows, op=OP, mode="full")
-    ours, peft = {"provider": "peftkern"}, {"provider": "peft"}
+    ours, peft = {"provider": "peftkern", "params": headline}, {"provider": "peft", "params": headline}
     return harness.drop_missing({
         "train_e2e_speedup_vs_peft": harness.ratio_of(rows, ours, peft, field="metrics.tokens_per_s"),
         "train_e2e_memory_ratio_vs_peft": harness.ratio_of(rows, ours, peft, field="peak_mem_bytes"),

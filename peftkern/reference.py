@@ -4,9 +4,10 @@ Readable and slow; runs on any device and dtype. Tests run it in float64 on the 
 backend against it. Imports nothing of ours.
 
 Dropout randomness is part of the spec: every backend draws its keep-mask from the same counter-based
-stream, Philox-4x32-10 keyed by a 64-bit seed and counted by the element's flat index, exactly as
-``triton.language.rand(seed, offset)`` with an int64 offset draws it. So a mask can be regenerated in
-the backward pass from the seed alone, and all backends agree element for element.
+stream, Philox-4x32-10 keyed by a 64-bit seed, exactly as ``triton.language.randint4x(seed, offset)``
+with an int64 offset draws it; each call's four output words decide four neighbouring elements of a row
+(see :func:`dropout_mask`). So a mask can be regenerated in the backward pass from the seed alone, and all
+backends agree element for element.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "philox_words",
+    "uniform_from_words",
     "philox_uniform",
+    "DROPOUT_WORDS",
     "dropout_mask",
     "lora_linear",
     "dora_weight_norm",
@@ -54,13 +58,11 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (product >> 32) & _MASK32, product & _MASK32
 
 
-def philox_uniform(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Uniform float32 draws in [0, 1) for each int64 counter in ``offsets`` (any shape).
-
-    Bit-exact with ``tl.rand(seed, offsets)`` for int64 offsets: counter (lo32(offset), hi32(offset), 0, 0),
-    key (lo32(seed), hi32(seed)), ten Philox rounds, the first output word mapped to float.
-    ``seed`` is a Python int or a 0-d/1-element integer tensor (kept on the device: no host sync).
-    """
+def philox_words(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The four Philox-4x32-10 output words [..., 4] (uint32 values held in int64) for each int64 counter in
+    ``offsets`` (any shape): counter (lo32(offset), hi32(offset), 0, 0), key (lo32(seed), hi32(seed)), ten
+    rounds; bit-exact with ``tl.randint4x(seed, offsets)``. ``seed`` is a Python int or a 0-d/1-element
+    integer tensor (kept on the device: no host sync)."""
     offsets = offsets.to(torch.int64)
     if isinstance(seed, torch.Tensor):
         seed = seed.reshape(()).to(device=offsets.device, dtype=torch.int64)
@@ -76,23 +78,47 @@ def philox_uniform(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Ten
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    # Reinterpret as int32 and fold negatives onto [0, 2**31): x < 0 -> ~x.
-    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    return torch.stack((c0, c1, c2, c3), dim=-1)
+
+
+def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
+    """Philox words (uint32 values in int64) to float32 uniforms in [0, 1), as ``tl.uint_to_uniform_float``:
+    read as int32, negatives folded onto [0, 2**31) (x < 0 -> ~x), times the largest scale below 2**-31."""
+    signed = torch.where(words >= 2**31, words - 2**32, words)
     folded = torch.where(signed < 0, -signed - 1, signed)
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def dropout_mask(seed: int | torch.Tensor, shape: tuple[int, int], p: float, device=None) -> torch.Tensor:
+def philox_uniform(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 draws in [0, 1) for each int64 counter in ``offsets`` (any shape), from the first of
+    its four words: bit-exact with ``tl.rand(seed, offsets)`` for int64 offsets."""
+    return uniform_from_words(philox_words(seed, offsets)[..., 0])
+
+
+# Keep decisions per Philox call: one per output word.
+DROPOUT_WORDS = 4
+
+
+def dropout_mask(
+    seed: int | torch.Tensor, shape: tuple[int, int], p: float, device=None, first_row: int = 0
+) -> torch.Tensor:
     """Keep-mask [rows, cols] (bool) of inverted dropout with drop probability ``p``.
 
-    Element (i, j) of a row-major [rows, cols] matrix is kept when its draw at counter ``i * cols + j`` is
-    at least ``p``; kept values are scaled by ``1 / (1 - p)`` by the caller.
+    Each row is cut into groups of 4 columns (the last one padded): element (i, j) is decided by word
+    ``j % 4`` of the Philox call at counter ``i * ceil(cols / 4) + j // 4``, kept when that word's uniform
+    draw (:func:`uniform_from_words`) is at least ``p``; kept values are scaled by ``1 / (1 - p)`` by the
+    caller. One Philox call decides four elements, and a kernel's tile of columns starting at a multiple of
+    4 needs only its own calls. ``first_row``: the mask of rows [first_row, first_row + rows) of a taller
+    matrix with the same columns.
     """
     rows, cols = shape
     if device is None and isinstance(seed, torch.Tensor):
         device = seed.device
-    offsets = torch.arange(rows * cols, dtype=torch.int64, device=device).reshape(rows, cols)
-    return philox_uniform(seed, offsets) >= p
+    groups = -(-cols // DROPOUT_WORDS)
+    row_ids = torch.arange(first_row, first_row + rows, dtype=torch.int64, device=device)
+    counters = row_ids[:, None] * groups + torch.arange(groups, dtype=torch.int64, device=device)[None, :]
+    uniform = uniform_from_words(philox_words(seed, counters)).reshape(rows, groups * DROPOUT_WORDS)
+    return uniform[:, :cols] >= p
 
 
 def lora_linear(

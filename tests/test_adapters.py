@@ -47,26 +47,36 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 2) -> None:
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_layer_with_layer_norm_matches_reference(backend):
-    layer = peftkern.BottleneckAdapter(24, reduction_factor=4, activation="gelu", scaling=0.5, num_adapters=2,
-                                       layer_norm=True, backend=backend)
+@pytest.mark.parametrize("seqs, seq_len, num_adapters", [(2, 5, 2), (4, 8, 2), (3, 4, 1)],
+                         ids=["gathered", "folded", "one adapter"])
+def test_layer_with_layer_norm_matches_reference(backend, seqs, seq_len, num_adapters):
+    # 10 rows beside 2 adapters x 6 bottleneck: each row's LN affine gathered; 32 rows: folded into the down
+    # projection; one adapter: always folded. Outputs and every parameter's gradient against float64.
+    layer = peftkern.BottleneckAdapter(24, reduction_factor=4, activation="gelu", scaling=0.5,
+                                       num_adapters=num_adapters, layer_norm=True, backend=backend)
     with torch.no_grad():
         for param in layer.parameters():
             param.normal_()
-    x = torch.randn(2, 5, 24)
-    ids = torch.tensor([1, -1])  # one id per sequence
+    x = torch.randn(seqs, seq_len, 24)
+    ids = torch.tensor([1, -1, 0, 1][:seqs]) if num_adapters == 2 else None  # one id per sequence
     out = layer(x, ids)
-    row_ids = ids[:, None].expand(2, 5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    row_ids = ids[:, None].expand(seqs, seq_len) if ids is not None else None
+    params64 = {name: p.detach().double().requires_grad_() for name, p in layer.named_parameters()}
     x64 = x.double()
     normed = F.layer_norm(x64, (24,), eps=layer.eps)
-    safe = row_ids.clamp(min=0)
-    normed = normed * layer.ln_weight.double()[safe] + layer.ln_bias.double()[safe]
-    expected = reference.bottleneck_adapter(
-        normed, layer.down_weight.double(), layer.down_bias.double(), layer.up_weight.double(),
-        layer.up_bias.double(), "gelu", 0.5, residual=x64, adapter_ids=row_ids,
-    )
+    safe = row_ids.clamp(min=0) if ids is not None else 0
+    normed = normed * params64["ln_weight"][safe] + params64["ln_bias"][safe]
+    weights = [params64[n] if ids is not None else params64[n][0]
+               for n in ("down_weight", "down_bias", "up_weight", "up_bias")]
+    expected = reference.bottleneck_adapter(normed, *weights, "gelu", 0.5, residual=x64, adapter_ids=row_ids)
+    expected.backward(grad.double())
     assert_close(out, expected, "y", scale=2.0)
-    assert torch.equal(out[1], x[1])  # id -1: the sequence passes through
+    for name, param in layer.named_parameters():
+        assert_close(param.grad, params64[name].grad, f"d{name}", scale=4.0)
+    if ids is not None:
+        assert torch.equal(out[1], x[1])  # id -1: the sequence passes through
 
 
 def test_layer_needs_ids_with_several_adapters():

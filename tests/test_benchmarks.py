@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -66,16 +67,18 @@ def test_smoke_rows_follow_the_schema(smoke_run):
     assert {row["mode"] for row in lora} == set(harness.MODES)
     for provider in ("torch_unfused", "triton"):
         for mode in harness.MODES:
-            for dropout_p in (0.0, 0.1):
-                row = harness.find_row(lora, provider=provider, mode=mode, params={"dropout_p": dropout_p})
-                assert row is not None, (provider, mode, dropout_p)
+            for dropout_p, adapters in itertools.product((0.0, 0.1), ("fp32", "bf16")):
+                row = harness.find_row(lora, provider=provider, mode=mode,
+                                       params={"dropout_p": dropout_p, "adapter_dtype": adapters})
+                assert row is not None, (provider, mode, dropout_p, adapters)
                 assert row["ratios"]["vs_base"] > 0
                 assert ("vs_base_two_gemms" in row["ratios"]) == (mode == "full")
     # DoRA rows: peft's DoRA layer and ours on both backends, every mode and dropout, with their ratios.
     for provider in ("peft_dora", "dora_torch", "dora_triton"):
         for mode in harness.MODES:
             for dropout_p in (0.0, 0.1):
-                row = harness.find_row(lora, provider=provider, mode=mode, params={"dropout_p": dropout_p})
+                row = harness.find_row(lora, provider=provider, mode=mode,
+                                       params={"dropout_p": dropout_p, "adapter_dtype": "fp32"})
                 assert row is not None, (provider, mode, dropout_p)
                 assert (row["ratios"].get("vs_peft_dora", 0) > 0) == (provider != "peft_dora")
                 assert ("vs_lora" in row["ratios"]) == (provider == "dora_triton")
@@ -100,7 +103,8 @@ def test_summary_holds_only_measured_keys(smoke_run):
         recomputed.update(module.summarize(rows, True))
     assert summary == pytest.approx(recomputed)
     # Measured from this run's rows: the LoRA and adapter timing ratios. Not measurable on CPU: peak memory.
-    assert {"lora_fwd_vs_base", "lora_train_speedup_vs_peft", "lora_train_vs_base"} <= set(summary)
+    lora_keys = {"lora_fwd_vs_base", "lora_train_speedup_vs_peft", "lora_train_vs_base"}
+    assert lora_keys | {f"{key}_bf16_adapters" for key in lora_keys} <= set(summary)
     assert {"dora_train_vs_lora", "dora_train_speedup_vs_peft"} <= set(summary)
     assert "dora_memory_ratio_vs_peft" not in summary
     assert {"adapter_train_speedup_vs_unfused", "adapter_train_vs_two_gemms"} <= set(summary)
@@ -109,7 +113,7 @@ def test_summary_holds_only_measured_keys(smoke_run):
     assert summary["adapter_train_speedup_vs_unfused"] == pytest.approx(
         harness.find_row(adapter, provider="torch_unfused")["median_ms"] / ours["median_ms"])
     assert summary["adapter_train_vs_two_gemms"] == pytest.approx(ours["ratios"]["vs_two_gemms"])
-    assert "lora_memory_ratio_vs_peft" not in summary
+    assert "lora_memory_ratio_vs_peft" not in summary and "lora_memory_ratio_vs_peft_bf16_adapters" not in summary
     multi_lora_keys = {key for key in run_all.TARGETS if key.startswith("multi_lora")}
     assert multi_lora_keys <= set(summary)  # peft is installed: its mixed batch is measured too
     decode64 = harness.find_row(rows, op="multi_lora", provider=bench_multi_lora.ours(rows), mode="forward",
@@ -121,7 +125,7 @@ def test_summary_holds_only_measured_keys(smoke_run):
     ours_prompt = harness.find_row(prompt, provider=bench_prompt.ours(rows))
     assert summary["prompt_concat_speedup"] == pytest.approx(1 / ours_prompt["ratios"]["vs_peft_style"])
     assert summary["prompt_concat_bandwidth_fraction"] == ours_prompt["ratios"]["bandwidth_fraction"]
-    has_ours = harness.find_row(rows, op="train", provider="peftkern") is not None
+    has_ours = harness.find_rows(rows, op="train", provider="peftkern") != []
     assert ("train_e2e_speedup_vs_peft" in summary) == has_ours
     manifest = json.loads((smoke_run / "run.json").read_text())
     assert manifest["errors"] == [] and manifest["env"]["smoke"] is True
@@ -388,11 +392,14 @@ def test_train_compares_loss_curves(monkeypatch):
         bench_train.run(bench)
     finally:
         torch.set_num_threads(threads)
-    ours = harness.find_row(bench.rows, provider="peftkern")
-    peft = harness.find_row(bench.rows, provider="peft")
-    assert len(ours["metrics"]["losses"]) == len(peft["metrics"]["losses"]) == 3
-    assert ours["metrics"]["loss_curves_agree"] is True and bench.errors == []
-    assert ours["ratios"]["vs_peft"] > 0
+    assert bench.errors == []
+    for dropout_p, adapters in bench_train.SMOKE_VARIANTS:  # both axes: dropout 0.1 / 0, fp32 / bf16 adapters
+        params = {"dropout_p": dropout_p, "adapter_dtype": adapters}
+        ours = harness.find_row(bench.rows, provider="peftkern", params=params)
+        peft = harness.find_row(bench.rows, provider="peft", params=params)
+        assert len(ours["metrics"]["losses"]) == len(peft["metrics"]["losses"]) == 3
+        assert ours["metrics"]["loss_curves_agree"] is True
+        assert ours["ratios"]["vs_peft"] == pytest.approx(ours["median_ms"] / peft["median_ms"])
     expected = {"train_e2e_speedup_vs_peft"}  # no memory on CPU
     if importlib.util.find_spec("bitsandbytes") is not None:  # the QLoRA variant: peft + bitsandbytes vs from_peft
         ours = harness.find_row(bench.rows, provider="peftkern_qlora")

@@ -69,6 +69,59 @@ def test_fp32_adapters_with_16bit_activations(backend, dtype):
     assert inputs[3].grad.dtype == torch.float32 and inputs[0].grad.dtype == dtype
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_adapters_keep_fp32_accuracy_on_tensor_cores(dtype):
+    """With TF32 off (conftest), the fp32 adapter products run in TF32 pieces (two or three tensor-core
+    products) and the adapter gradients keep fp32's tolerance; one TF32 product would miss it ~100-fold
+    (benchmarks/fp32_accuracy.py)."""
+    x, weight, _, lora_a, lora_b = make_inputs(64, 256, 128, 16, dtype, adapter_dtype=torch.float32, bias=False)
+    y = peftkern.lora_linear(x, weight, None, lora_a, lora_b, 2.0, backend="triton")
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    leaves = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b)]
+    reference.lora_linear(leaves[0], weight.double(), None, leaves[1], leaves[2], 2.0).backward(grad.double())
+    assert_close(lora_a.grad, leaves[1].grad, "dA", torch.float32)
+    assert_close(lora_b.grad, leaves[2].grad, "dB", torch.float32)
+
+
+def _split_kernel():
+    """A kernel storing ``_common._tf32_split`` of a tile (built on first use: Triton resolves the helper among
+    this module's globals)."""
+    import triton
+    import triton.language as tl
+
+    from peftkern.triton_kernels import _common
+
+    globals()["_tf32_split"] = _common._tf32_split
+
+    @triton.jit
+    def split_kernel(V, HEAD, TAIL, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        head, tail = _tf32_split(tl.load(V + offsets))  # noqa: F821 (set just above)
+        tl.store(HEAD + offsets, head)
+        tl.store(TAIL + offsets, tail)
+
+    return split_kernel
+
+
+@pytest.mark.skipif(DEVICE != "cuda" and not triton_interpreting(), reason="needs Triton (a GPU or the interpreter)")
+def test_tf32_split_is_exact_and_on_the_tf32_grid():
+    """``_common._tf32_split``: both parts on TF32's grid (13 low bits zero, so the tensor cores' conversion
+    is exact), the head v truncated, the tail under 2**-10 |v|, head + tail within 2**-21 |v| of v (one TF32
+    rounding would be 2**-11)."""
+    torch.manual_seed(0)
+    v = torch.cat([torch.randn(200) * 10.0 ** torch.randint(-30, 30, (200,)), torch.tensor([0.0, -0.0, 1.0, -3.5])])
+    v = torch.nn.functional.pad(v, (0, 256 - v.numel())).to(DEVICE)
+    head, tail = torch.empty_like(v), torch.empty_like(v)
+    _split_kernel()[(1,)](v, head, tail, BLOCK=256)
+    assert torch.equal(head, (v.view(torch.int32) & ~0x1FFF).view(torch.float32))
+    assert ((head.double() + tail.double() - v.double()).abs() <= v.double().abs() * 2.0**-21).all()
+    for part in (head, tail):
+        assert not (part.view(torch.int32) & 0x1FFF).any()
+    assert (tail.abs() <= v.abs() * 2.0**-10).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_weight_and_bias_get_gradients_only_when_asked(backend):
     x, weight, bias, lora_a, lora_b = make_inputs(9, 20, 12, 4, torch.float32)
@@ -145,22 +198,30 @@ def test_unseeded_dropout_follows_torch_manual_seed():
     assert torch.equal(first, second)
 
 
-def test_philox_stream_matches_triton_rand():
+def test_philox_stream_matches_triton_rand_and_randint4x():
     triton = pytest.importorskip("triton")
     if DEVICE == "cpu" and not triton_interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
     import triton.language as tl
 
     @triton.jit
-    def draw(OUT, SEED, base, BLOCK: tl.constexpr):
+    def draw(OUT, WORDS, SEED, base, BLOCK: tl.constexpr):
         offsets = base + tl.arange(0, BLOCK).to(tl.int64)
         tl.store(OUT + tl.arange(0, BLOCK), tl.rand(tl.load(SEED), offsets))
+        w0, w1, w2, w3 = tl.randint4x(tl.load(SEED), offsets)
+        at = WORDS + tl.arange(0, BLOCK) * 4
+        tl.store(at, w0.to(tl.int64))
+        tl.store(at + 1, w1.to(tl.int64))
+        tl.store(at + 2, w2.to(tl.int64))
+        tl.store(at + 3, w3.to(tl.int64))
 
     for seed, base in [(0, 0), (12345, 2**31 - 40), (2**40 + 7, 2**33 + 3), (2**62 - 1, 5)]:
         out = torch.empty(64, device=DEVICE)
-        draw[(1,)](out, torch.tensor([seed], device=DEVICE), base, BLOCK=64)
-        expected = reference.philox_uniform(seed, torch.arange(64, dtype=torch.int64, device=DEVICE) + base)
-        assert torch.equal(out, expected), (seed, base)
+        words = torch.empty(64, 4, device=DEVICE, dtype=torch.int64)
+        draw[(1,)](out, words, torch.tensor([seed], device=DEVICE), base, BLOCK=64)
+        offsets = torch.arange(64, dtype=torch.int64, device=DEVICE) + base
+        assert torch.equal(out, reference.philox_uniform(seed, offsets)), (seed, base)
+        assert torch.equal(words, reference.philox_words(seed, offsets)), (seed, base)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -298,8 +359,7 @@ def test_offsets_past_2_31_elements(backend):
     lora_b = torch.randn(N, r, device="cuda")
     y = peftkern.lora_linear(x, weight, None, lora_a, lora_b, 1.0, 0.1, seed=5, backend=backend)
     tail = slice(M - 96, M)
-    offsets = torch.arange((M - 96) * K, M * K, device="cuda", dtype=torch.int64).reshape(96, K)
-    mask = reference.philox_uniform(5, offsets) >= 0.1
+    mask = reference.dropout_mask(5, (96, K), 0.1, device="cuda", first_row=M - 96)
     expected = reference.lora_linear(
         x[tail].double(), weight.double(), None, lora_a.double(), lora_b.double(), 1.0, 0.1, keep_mask=mask
     )

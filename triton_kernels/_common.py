@@ -28,8 +28,16 @@ def dot_in_fp32(*dtypes: torch.dtype) -> bool:
 
 
 def fp32_precision() -> str:
-    """``tl.dot`` input precision for fp32 operands: follows ``torch.backends.cuda.matmul.allow_tf32``."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """``tl.dot`` input precision for fp32 operands (fp32 adapters, fp32 intermediates, fp32 activations).
+
+    Always on the tensor cores. By default ``"tf32x3"``: each fp32 operand is split into a TF32 head and a
+    TF32 tail and three TF32 products are summed, which keeps about 22 of fp32's 24 significand bits (what
+    ``input_precision="ieee"`` would give, but on FMA units, several times slower and with 255 registers
+    per thread). A 16-bit operand upcast to fp32 is exact in TF32, so its tail is zero. When the user asks
+    for the faster rounding (``torch.backends.cuda.matmul.allow_tf32 = True``, as for torch's own fp32
+    matmuls), one plain TF32 product (10 significand bits).
+    """
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def gemm_configs(wide: bool = False) -> list[triton.Config]:
@@ -79,10 +87,44 @@ def rank_block(rank: int) -> int:
 
 
 @triton.jit
+def _tf32_split(v):
+    """(head, tail) of an fp32 tile, both on TF32's grid (so the tensor cores' own conversion of either is
+    exact): head is v truncated to TF32's 10 stored significand bits, tail the rest (under 2**-10 |v|)
+    rounded to nearest on that grid, so that head + tail is within 2**-21 |v| of v."""
+    bits = v.to(tl.uint32, bitcast=True)
+    head = (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
+    tail = ((v - head).to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000
+    return head, tail.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def dot_fp32(a, b, acc, PRECISION: tl.constexpr):
+    """acc += a @ b in fp32 on the tensor cores, at fp32-level accuracy unless PRECISION is "tf32".
+
+    PRECISION "tf32x3" (the default, see :func:`fp32_precision`): when one operand is 16-bit it is exact in
+    TF32, so only the fp32 operand is split and two TF32 products suffice (the 16-bit tile is never split
+    and stays small in registers); with two fp32 operands, Triton's own three-product tf32x3.
+    """
+    if PRECISION == "tf32x3":
+        if a.dtype != tl.float32:
+            b_head, b_tail = _tf32_split(b.to(tl.float32))
+            a32 = a.to(tl.float32)
+            acc = tl.dot(a32, b_tail, acc, input_precision="tf32")
+            return tl.dot(a32, b_head, acc, input_precision="tf32")
+        if b.dtype != tl.float32:
+            a_head, a_tail = _tf32_split(a)
+            b32 = b.to(tl.float32)
+            acc = tl.dot(a_tail, b32, acc, input_precision="tf32")
+            return tl.dot(a_head, b32, acc, input_precision="tf32")
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def mma(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += a @ b with an fp32 accumulator; operands upcast to fp32 when DOT_FP32, else b cast to a's type."""
+    """acc += a @ b with an fp32 accumulator: in fp32 (:func:`dot_fp32`) when DOT_FP32, else b cast to a's
+    type."""
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        return dot_fp32(a, b, acc, PRECISION)
     return tl.dot(a, b.to(a.dtype), acc)
 
 
@@ -115,23 +157,49 @@ def lowrank_dot(s, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
     With 16-bit activations and adapters (not DOT_FP32) ``s`` is rounded to b's dtype so the product runs
     on the tensor cores in the accumulator's own layout, as peft's 16-bit layers round their intermediate;
-    an fp32 product would run on the FMA units and hold a second copy of the tile in another layout.
+    an fp32 product would hold a second copy of the tile in another layout.
     """
     if DOT_FP32:
-        return tl.dot(s.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        return dot_fp32(s, b, acc, PRECISION)
     return tl.dot(s.to(b.dtype), b, acc)
 
 
 @triton.jit
-def dropout_keep(seed, rows, cols, n_cols, p_drop):
-    """Dropout keep-mask (bool) for the tile (rows x cols) of a row-major [*, n_cols] matrix.
+def _dropout_groups(rows, n_cols):
+    """Philox calls per row of a [*, n_cols] mask, and the first call of each row (int64 rows, [BLOCK_M, 1])."""
+    groups_per_row = (n_cols + 3) // 4
+    return rows.to(tl.int64)[:, None] * groups_per_row
 
-    Counter = row * n_cols + col in int64: the stream of ``peftkern.reference.dropout_mask``. Callers
-    multiply by the mask (exact in any dtype, and NaN stays NaN as in torch) and apply 1/(1-p) to the
-    fp32 accumulator, so the 16-bit operands are never rounded twice.
+
+@triton.jit
+def dropout_keep(seed, rows, cols, n_cols, p_drop):
+    """Dropout keep-mask (bool) for the tile (rows x cols) of a row-major [*, n_cols] matrix, any columns.
+
+    ``peftkern.reference.dropout_mask``: element (i, j) is decided by word j % 4 of the Philox call at
+    counter i * ceil(n_cols / 4) + j // 4. This general form draws a call per element; kernels whose tile
+    starts at a multiple of 4 use :func:`dropout_keep_tile`, a call per 4 elements. Callers multiply by the
+    mask (exact in any dtype, and NaN stays NaN as in torch) and apply 1/(1-p) to the fp32 accumulator, so
+    the 16-bit operands are never rounded twice.
     """
-    offsets = rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :]
-    return tl.rand(seed, offsets) >= p_drop
+    cols = cols.to(tl.int64)[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, _dropout_groups(rows, n_cols) + cols // 4)
+    word = cols % 4
+    bits = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+    return tl.uint_to_uniform_float(bits) >= p_drop
+
+
+@triton.jit
+def dropout_keep_tile(seed, rows, col0, n_cols, p_drop, BLOCK_N: tl.constexpr):
+    """The keep-mask of :func:`dropout_keep` for columns [col0, col0 + BLOCK_N), col0 a multiple of 4 (every
+    tile start here): one Philox call per 4 elements, its four words spread over neighbouring columns."""
+    first = _dropout_groups(rows, n_cols) + col0 // 4  # col0 < n_cols: int32 is enough
+    w0, w1, w2, w3 = tl.randint4x(seed, first + tl.arange(0, BLOCK_N // 4)[None, :])
+    k0 = tl.uint_to_uniform_float(w0) >= p_drop
+    k1 = tl.uint_to_uniform_float(w1) >= p_drop
+    k2 = tl.uint_to_uniform_float(w2) >= p_drop
+    k3 = tl.uint_to_uniform_float(w3) >= p_drop
+    # interleave(a, b) = a0 b0 a1 b1 ...: so this is k0 k1 k2 k3 of call 0, then of call 1, ...
+    return tl.interleave(tl.interleave(k0, k2), tl.interleave(k1, k3))
 
 
 @triton.jit

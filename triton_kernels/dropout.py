@@ -1,7 +1,8 @@
 """The dropout keep-mask alone, for the torch backend on CUDA tensors (the fused kernels draw it inline).
 
-``keep[i] = tl.rand(seed, i) >= p`` over a row-major [rows, cols] matrix: the stream of
-``peftkern.reference.dropout_mask``, so the torch backend's masks equal the fused kernels' bit for bit.
+The mask of ``peftkern.reference.dropout_mask`` over a row-major [rows, cols] matrix, drawn with the fused
+kernels' own helper (``_common.dropout_keep_tile``: one Philox call per 4 elements), so the torch backend's
+masks equal the fused kernels' bit for bit.
 """
 
 from __future__ import annotations
@@ -10,20 +11,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dropout_keep
+from ._common import dropout_keep_tile, interpreting
 
 __all__ = ["dropout_keep_mask"]
 
-BLOCK = 1024
-
 
 @triton.jit
-def _dropout_keep_mask_kernel(SEED, KEEP, numel, p_drop, BLOCK: tl.constexpr):
-    # One row of `numel` columns: the counter is the flat index, as dropout_keep computes it.
-    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    rows = tl.zeros((1,), dtype=tl.int64)
-    keep = dropout_keep(tl.load(SEED), rows, cols, numel, p_drop)
-    tl.store(KEEP + cols[None, :], keep.to(KEEP.dtype.element_ty), mask=cols[None, :] < numel)
+def _dropout_keep_mask_kernel(SEED, KEEP, rows_total, cols_total, p_drop,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = tl.program_id(1).to(tl.int64) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
+    keep = dropout_keep_tile(tl.load(SEED), rows, col0, cols_total, p_drop, BLOCK_N)
+    tl.store(KEEP + rows[:, None] * cols_total + cols[None, :], keep.to(KEEP.dtype.element_ty),
+             mask=(rows < rows_total)[:, None] & (cols < cols_total)[None, :])
 
 
 def dropout_keep_mask(
@@ -33,7 +34,8 @@ def dropout_keep_mask(
     tensor (read by the kernel: no host sync)."""
     rows, cols = shape
     keep = torch.empty((rows, cols), dtype=dtype, device=seed.device)
-    numel = rows * cols
-    if numel:
-        _dropout_keep_mask_kernel[(triton.cdiv(numel, BLOCK),)](seed, keep, numel, float(p), BLOCK=BLOCK)
+    if rows * cols:
+        block_m, block_n = (4, 32) if interpreting() else (8, 256)
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
+        _dropout_keep_mask_kernel[grid](seed, keep, rows, cols, float(p), BLOCK_M=block_m, BLOCK_N=block_n)
     return keep

@@ -3,11 +3,13 @@
 Forward, two launches:
   shrink   S = dropout(X) @ A.T                      [M, r] fp32, the only saved intermediate
   fused    Y = X @ W.T + b + scaling * S @ B.T       the rank-r expand rides in the base GEMM's epilogue
-Backward, three launches (and cuBLAS for dW, db when the frozen weight does require grad):
-  dy       dS = scaling * dY @ B, dB = scaling * dY.T @ S     from one read of dY
+Backward, four launches (and cuBLAS for dW, db when the frozen weight does require grad):
+  dy       partial dS = dY @ B and dB = dY.T @ S                from one read of dY
+  reduce   dS = scaling * sum(partial dS), dB = scaling * sum(partial dB)   in a fixed order: deterministic
   dx       dX = dY @ W + (dS @ A) * mask / (1 - p)            the mask regenerated from the seed
-  da       dA = dS.T @ (X * mask / (1 - p))
-Partial sums over row chunks go to small fp32 workspaces reduced in a fixed order: deterministic.
+  da       dA = dS.T @ (X * mask / (1 - p))                   summed over all rows in registers
+No memset, sum, scale or cast runs around them: every partial is written once and reduced by a kernel, and
+the gradients leave the kernels in the adapters' dtype.
 The products with S or dS (``_common.lowrank_dot``; the fused and dx expands accumulate straight into the
 base tile) run on tensor cores in the activation dtype when activations and adapters are 16-bit, S or dS
 rounded to it as peft's own layers round their intermediate, and in fp32 otherwise; S stays fp32.
@@ -25,7 +27,7 @@ from ._common import (
     apply_keep,
     autotune,
     dot_in_fp32,
-    dropout_keep,
+    dropout_keep_tile,
     fp32_precision,
     gemm_configs,
     gemm_k_loop,
@@ -47,6 +49,9 @@ def _row_block() -> int:
 
 def _col_block() -> int:
     return 16 if interpreting() else 128
+
+
+_DY_WARPS = 8
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -77,7 +82,7 @@ def _lora_shrink_kernel(
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = apply_keep(x, dropout_keep(seed, rows, cols, K, p_drop))
+            x = apply_keep(x, dropout_keep_tile(seed, rows, k0, K, p_drop, BLOCK_K))
         a_t = tl.load(A + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
         acc = mma(x, a_t, acc, DOT_FP32, PRECISION)
@@ -106,15 +111,17 @@ def _lora_fwd_kernel(
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    acc = gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                      stride_xm, stride_xk, stride_wn, stride_wk, BASE_FP32, PRECISION, BLOCK_K)
-    # Epilogue: the rank-r expand, one [BLOCK_M, r] x [r, BLOCK_N] product accumulated into the base tile.
+    # The rank-r expand, one [BLOCK_M, r] x [r, BLOCK_N] product, first: it is the base loop's initial
+    # accumulator, so its operands (and, with fp32 adapters, their TF32 splits) are dead before the loop
+    # and never live beside the loaded tiles (after the loop, the 128 x 256 config spilled: ptxas -v, sm_90).
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
     s = tl.load(S + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
     b_t = tl.load(B + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
                   mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    acc = lowrank_dot(s * scaling, b_t, acc, LORA_FP32, PRECISION)
+    acc = lowrank_dot(s * scaling, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
+    acc = gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc,
+                      stride_xm, stride_xk, stride_wn, stride_wk, BASE_FP32, PRECISION, BLOCK_K)
     if COL_SCALE:
         acc *= tl.load(SCALE + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -131,47 +138,76 @@ def _lora_fwd_kernel(
 @triton.jit
 def _lora_bwd_dy_kernel(
     DY, B, S, DS_PART, DB_PART,
-    M, N, R, rows_per_chunk, cols_per_split,
+    M, N, R, rows_per_chunk,
     stride_dym, stride_dyn, stride_bn, stride_br,
     LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Both rank-r products of dY from one read of it.
 
-    Program (chunk, split) owns rows [chunk * rows_per_chunk, ...) and columns [split * cols_per_split, ...):
-      DS_PART[split, rows]  = dY[rows, cols] @ B[cols]       (summed over splits by the host)
-      DB_PART[chunk, cols]  = dY[rows, cols].T @ S[rows]     (summed over chunks by the host)
-    Every program writes only its own slices: no atomics.
+    Program (chunk, split) owns rows [chunk * rows_per_chunk, ...) and the BLOCK_N columns of block ``split``:
+      DS_PART[split, rows]  = dY[rows, cols] @ B[cols]       one store per row block
+      DB_PART[chunk, cols]  = dY[rows, cols].T @ S[rows]     summed in registers over the chunk, one store
+    Each workspace element is written once, by one program, and never read back here: no memset, no
+    atomics, no ordering between threads to get wrong. B's tile is loaded once per program.
     """
     chunk = tl.program_id(0)
     split = tl.program_id(1)
     row_start = chunk.to(tl.int64) * rows_per_chunk
     row_end = tl.minimum(row_start + rows_per_chunk, M)
-    col_start = split.to(tl.int64) * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, N)
+    cols = split.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
+    b = tl.load(B + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
+                mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+    db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         s = tl.load(S + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for n0 in range(col_start, col_end, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < col_end
-            dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            b = tl.load(B + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
-                        mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-            ds = mma(dy, b, ds, LORA_FP32, PRECISION)
-            db = mma(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), LORA_FP32, PRECISION)
-            db_ptrs = DB_PART + chunk.to(tl.int64) * N * R + cols[:, None] * R + ranks[None, :]
-            db_mask = col_ok[:, None] & rank_ok[None, :]
-            # The workspace starts zeroed; only this program touches this slice, so read-add-write is race-free.
-            db += tl.load(db_ptrs, mask=db_mask, other=0.0)
-            tl.store(db_ptrs, db, mask=db_mask)
+        ds = mma(dy, b, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), LORA_FP32, PRECISION)
         tl.store(DS_PART + split.to(tl.int64) * M * R + rows[:, None] * R + ranks[None, :], ds,
                  mask=row_ok[:, None] & rank_ok[None, :])
+        db = mma(tl.trans(dy), s, db, LORA_FP32, PRECISION)
+    tl.store(DB_PART + chunk.to(tl.int64) * N * R + cols[:, None] * R + ranks[None, :], db,
+             mask=col_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit
+def _lora_bwd_reduce_kernel(
+    DS_PART, DS, DB_PART, DB,
+    M, N, R, n_splits, n_chunks, row_programs, ds_part_stride, db_part_stride,
+    stride_dbn, stride_dbr,
+    scaling,
+    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The dy kernel's partial sums, in a fixed order (deterministic), scaled, in one launch:
+    programs [0, row_programs) write DS[rows] = scaling * sum_split DS_PART[split, rows] (fp32, contiguous),
+    the others DB[cols] = scaling * sum_chunk DB_PART[chunk, cols] in DB's dtype (dB, the adapter's gradient).
+    """
+    pid = tl.program_id(0)
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < R
+    if pid < row_programs:
+        rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = (rows < M)[:, None] & rank_ok[None, :]
+        offsets = rows[:, None] * R + ranks[None, :]
+        acc = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
+        for split in range(0, n_splits):
+            acc += tl.load(DS_PART + split * ds_part_stride + offsets, mask=mask, other=0.0)
+        tl.store(DS + offsets, acc * scaling, mask=mask)
+    else:
+        cols = (pid - row_programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = (cols < N)[:, None] & rank_ok[None, :]
+        offsets = cols[:, None] * R + ranks[None, :]
+        acc = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
+        for chunk in range(0, n_chunks):
+            acc += tl.load(DB_PART + chunk * db_part_stride + offsets, mask=mask, other=0.0)
+        tl.store(DB + cols[:, None] * stride_dbn + ranks[None, :] * stride_dbr,
+                 (acc * scaling).to(DB.dtype.element_ty), mask=mask)
 
 
 @autotune(
@@ -202,55 +238,51 @@ def _lora_bwd_dx_kernel(
     ds = tl.load(DS + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
     a = tl.load(A + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                 mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The (masked) low-rank part first, as the base loop's initial accumulator: it, its TF32 pieces (fp32
+    # adapters) and the mask's random bits are dead before the loop, so one [BLOCK_M, BLOCK_N] fp32 tile is
+    # live at a time (computed after the loop, the two tiles and the mask spilled kilobytes per thread:
+    # ptxas -v, sm_90).
+    acc = lowrank_dot(ds, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
     if HAS_DROPOUT:
-        # The masked low-rank part first, as the base loop's initial accumulator: it and the mask's random
-        # bits are dead before the loop, so one [BLOCK_M, BLOCK_N] fp32 tile is live at a time (computed
-        # after the loop, the two tiles and the mask spilled kilobytes per thread: ptxas -v, sm_90).
-        acc = apply_keep(lowrank_dot(ds, a, acc, LORA_FP32, PRECISION),
-                         dropout_keep(tl.load(SEED), rows, cols, K, p_drop)) * inv_keep
+        acc = apply_keep(acc, dropout_keep_tile(tl.load(SEED), rows, tile_k * BLOCK_N, K, p_drop, BLOCK_N)) * inv_keep
     # dY @ W: the reduction runs over N, W~[n, k] = W[n, k].
     acc = gemm_k_loop(DY, W, rows, row_ok, cols, col_ok, N, acc, stride_dym, stride_dyn, stride_wk, stride_wn,
                       BASE_FP32, PRECISION, BLOCK_K)
-    if not HAS_DROPOUT:
-        acc = lowrank_dot(ds, a, acc, LORA_FP32, PRECISION)
     tl.store(DX + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _lora_bwd_da_kernel(
-    X, DS, DA_PART, SEED,
-    M, K, R, rows_per_chunk,
-    stride_xm, stride_xk,
+    X, DS, DA, SEED,
+    M, K, R,
+    stride_xm, stride_xk, stride_dar, stride_dak,
     p_drop, inv_keep,
     HAS_DROPOUT: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """DA_PART[chunk, :, cols] = dS[rows].T @ (X[rows, cols] * mask / (1 - p)) over the chunk's rows."""
+    """DA[:, cols] = dS.T @ (X[:, cols] * mask / (1 - p)) over all rows, in DA's dtype: one program per
+    BLOCK_K columns, the sum over rows in registers (no partials to reduce afterwards)."""
     tile_k = tl.program_id(0)
-    chunk = tl.program_id(1)
     cols = tile_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
-    row_start = chunk.to(tl.int64) * rows_per_chunk
-    row_end = tl.minimum(row_start + rows_per_chunk, M)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < M
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = apply_keep(x, dropout_keep(seed, rows, cols, K, p_drop))
+            x = apply_keep(x, dropout_keep_tile(seed, rows, tile_k * BLOCK_K, K, p_drop, BLOCK_K))
         ds = tl.load(DS + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         acc = lowrank_dot(tl.trans(ds), x, acc, LORA_FP32, PRECISION)
     if HAS_DROPOUT:
         acc *= inv_keep
-    tl.store(DA_PART + chunk.to(tl.int64) * R * K + ranks[:, None] * K + cols[None, :], acc,
+    tl.store(DA + ranks[:, None] * stride_dar + cols[None, :] * stride_dak, acc.to(DA.dtype.element_ty),
              mask=rank_ok[:, None] & col_ok[None, :])
 
 
@@ -347,20 +379,30 @@ def lora_backward(
     lora_fp32 = dot_in_fp32(grad_y.dtype, lora_a.dtype, lora_b.dtype)
     block_m, block_n = _row_block(), _col_block()
 
-    # dS and dB from one read of dY: a grid of row chunks x column splits with fixed-order partial sums.
+    # dS and dB from one read of dY: row chunks x column blocks, partial sums in fp32 workspaces written once
+    # each, then reduced in a fixed order (deterministic) and scaled by one launch.
     n_chunks, rows_per_chunk = _chunks(M, block_m, 16)
-    n_splits, cols_per_split = _chunks(N, block_n, 8)
+    n_splits = triton.cdiv(N, block_n)
     ds_part = torch.empty((n_splits, M, R), device=device, dtype=torch.float32)
-    db_part = torch.zeros((n_chunks, N, R), device=device, dtype=torch.float32)
+    db_part = torch.empty((n_chunks, N, R), device=device, dtype=torch.float32)
     _lora_bwd_dy_kernel[(n_chunks, n_splits)](
         grad_y, lora_b, s, ds_part, db_part,
-        M, N, R, rows_per_chunk, cols_per_split,
+        M, N, R, rows_per_chunk,
         grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
         LORA_FP32=lora_fp32, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=_DY_WARPS,
     )
-    ds = ds_part.sum(0).mul_(scaling)
-    grad_b = db_part.sum(0).mul_(scaling).to(lora_b.dtype)
+    ds = torch.empty((M, R), device=device, dtype=torch.float32)
+    grad_b = torch.empty((N, R), device=device, dtype=lora_b.dtype)
+    block = _row_block()
+    row_programs = triton.cdiv(M, block)
+    _lora_bwd_reduce_kernel[(row_programs + triton.cdiv(N, block),)](
+        ds_part, ds, db_part, grad_b,
+        M, N, R, n_splits, n_chunks, row_programs, M * R, N * R,
+        grad_b.stride(0), grad_b.stride(1),
+        float(scaling),
+        BLOCK=block, BLOCK_R=block_r,
+    )
 
     if need_dx:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
@@ -375,18 +417,16 @@ def lora_backward(
             PRECISION=precision, BLOCK_R=block_r,
         )
 
-    block_k = 16 if interpreting() else 64
-    n_k_tiles = triton.cdiv(K, block_k)
-    # Enough programs to fill the device, few enough partials to keep the workspace small.
-    n_chunks, rows_per_chunk = _chunks(M, block_m, max(1, 512 // n_k_tiles))
-    da_part = torch.empty((n_chunks, R, K), device=device, dtype=torch.float32)
-    _lora_bwd_da_kernel[(n_k_tiles, n_chunks)](
-        x, ds, da_part, seed_arg,
-        M, K, R, rows_per_chunk,
-        x.stride(0), x.stride(1),
+    # dA in one pass over x: a program per column block sums over all rows in registers and writes dA in
+    # the adapter's dtype. 32-column blocks give a 4096-wide layer 128 programs.
+    block_k = 16 if interpreting() else 32
+    grad_a = torch.empty((R, K), device=device, dtype=lora_a.dtype)
+    _lora_bwd_da_kernel[(triton.cdiv(K, block_k),)](
+        x, ds, grad_a, seed_arg,
+        M, K, R,
+        x.stride(0), x.stride(1), grad_a.stride(0), grad_a.stride(1),
         p_drop, inv_keep,
         HAS_DROPOUT=has_dropout, LORA_FP32=dot_in_fp32(x.dtype, lora_a.dtype), PRECISION=precision,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
     )
-    grad_a = da_part.sum(0).to(lora_a.dtype)
     return dx, grad_a, grad_b

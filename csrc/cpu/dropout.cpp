@@ -1,11 +1,13 @@
 // peftkern._cpu: the dropout keep-mask of peftkern.reference.dropout_mask, for the torch backend on the CPU.
 //
-// Bit-exact with the reference (and with tl.rand on the GPU): element i of a row-major [rows, cols] mask is
-// kept when the first word of Philox-4x32-10 at counter (lo32(i), hi32(i), 0, 0) under key (lo32(seed),
-// hi32(seed)), read as int32, folded onto [0, 2**31) (x < 0 -> ~x), converted to float32 and scaled by
-// kUniformScale, is at least p (as float32). On x86-64 the Philox rounds run in AVX-512 or AVX2 (chosen at
-// run time), elsewhere in plain C++; the work is split over threads with the GIL released. No torch: the
-// caller passes the output's address, as peftkern._C does.
+// Bit-exact with the reference (and with the Triton and CUDA kernels): each row of a row-major [rows, cols]
+// mask is cut into groups of 4 columns; element (i, j) is decided by word j % 4 of Philox-4x32-10 at counter
+// i * ceil(cols / 4) + j // 4 = (lo32, hi32, 0, 0) under key (lo32(seed), hi32(seed)). The word, read as
+// int32, folded onto [0, 2**31) (x < 0 -> ~x), converted to float32 and scaled by kUniformScale, keeps the
+// element when at least p (as float32). The counters of a matrix are consecutive, so the rounds run over
+// blocks of consecutive counters: in AVX-512 or AVX2 on x86-64 (chosen at run time), elsewhere in plain C++;
+// the work is split over threads with the GIL released. No torch: the caller passes the output's address,
+// as peftkern._C does.
 
 #include <pybind11/pybind11.h>
 
@@ -35,7 +37,10 @@ constexpr int64_t kLanes = 32;
 // Below this many elements one thread is faster than starting others.
 constexpr int64_t kMinPerThread = 1 << 16;
 
-// words[lane] = first output word of Philox-4x32-10 at counter first + lane, for lane in [0, kLanes).
+// Keep decisions per Philox call (one per output word).
+constexpr int64_t kWords = 4;
+
+// words[lane * 4 + w] = output word w of Philox-4x32-10 at counter first + lane, for lane in [0, kLanes).
 using BlockFn = void (*)(uint32_t key0, uint32_t key1, uint64_t first, uint32_t* words);
 
 void philox_block_scalar(uint32_t key0, uint32_t key1, uint64_t first, uint32_t* words) {
@@ -53,7 +58,11 @@ void philox_block_scalar(uint32_t key0, uint32_t key1, uint64_t first, uint32_t*
       k0 += kKeyA;
       k1 += kKeyB;
     }
-    words[lane] = c0;
+    uint32_t* out = words + lane * kWords;
+    out[0] = c0;
+    out[1] = c1;
+    out[2] = c2;
+    out[3] = c3;
   }
 }
 
@@ -90,10 +99,15 @@ void philox_block_scalar(uint32_t key0, uint32_t key1, uint64_t first, uint32_t*
       k1 += kKeyB;                                                                                         \
     }                                                                                                      \
     for (int v = 0; v < kVecs; ++v) {                                                                      \
-      uint64_t lanes[LANES_PER_VEC];                                                                       \
-      std::memcpy(lanes, &c0[v], sizeof(lanes));                                                           \
+      uint64_t lanes[4][LANES_PER_VEC];                                                                    \
+      std::memcpy(lanes[0], &c0[v], sizeof(lanes[0]));                                                     \
+      std::memcpy(lanes[1], &c1[v], sizeof(lanes[1]));                                                     \
+      std::memcpy(lanes[2], &c2[v], sizeof(lanes[2]));                                                     \
+      std::memcpy(lanes[3], &c3[v], sizeof(lanes[3]));                                                     \
       for (int lane = 0; lane < (LANES_PER_VEC); ++lane) {                                                 \
-        words[v * (LANES_PER_VEC) + lane] = static_cast<uint32_t>(lanes[lane]);                            \
+        for (int w = 0; w < kWords; ++w) {                                                                 \
+          words[(v * (LANES_PER_VEC) + lane) * kWords + w] = static_cast<uint32_t>(lanes[w][lane]);        \
+        }                                                                                                  \
       }                                                                                                    \
     }                                                                                                      \
   }
@@ -116,70 +130,91 @@ BlockFn pick_block_fn() {
 
 BlockFn philox_block = pick_block_fn();
 
-// keep[i] = (uniform(first + i) >= p) ? one : 0 for i in [0, count): a bool mask (one = 1), or a 0/1 mask in a
-// floating dtype (one = 1.0's bits) so that multiplying by it needs no conversion pass.
+// Whether a Philox word keeps its element (the reference's uniform_from_words(word) >= p).
+inline bool keeps(uint32_t word, float p) {
+  const auto value = static_cast<int32_t>(word);
+  const int32_t folded = value < 0 ? ~value : value;
+  return static_cast<float>(folded) * kUniformScale >= p;
+}
+
+// The mask elements of Philox counters [first, first + count) of a mask whose rows start at counter
+// first_counter and hold `groups` counters each (cols columns): element (row, 4 * group + w) = one where
+// word w of the row's counter `group` keeps, 0 where it drops; words past the row's end decide nothing. A
+// bool mask has one = 1, a 0/1 mask in a floating dtype one = 1.0's bits, so multiplying by it needs no
+// conversion pass.
 template <typename Word>
-void keep_span(uint32_t key0, uint32_t key1, uint64_t first, int64_t count, float p, Word one, Word* keep) {
+void keep_span(uint32_t key0, uint32_t key1, uint64_t first_counter, int64_t groups, int64_t cols, int64_t first,
+               int64_t count, float p, Word one, Word* keep) {
+  int64_t row = first / groups, group = first % groups;  // of the counter at `first`
   for (int64_t base = 0; base < count; base += kLanes) {
-    uint32_t words[kLanes];
-    philox_block(key0, key1, first + static_cast<uint64_t>(base), words);
+    uint32_t words[kLanes * kWords];
+    philox_block(key0, key1, first_counter + static_cast<uint64_t>(first + base), words);
     const int64_t n = std::min(kLanes, count - base);
     for (int64_t lane = 0; lane < n; ++lane) {
-      const auto word = static_cast<int32_t>(words[lane]);
-      const int32_t folded = word < 0 ? ~word : word;
-      keep[base + lane] = static_cast<float>(folded) * kUniformScale >= p ? one : Word{0};
+      const int64_t col = group * kWords;
+      const int64_t width = std::min(kWords, cols - col);
+      Word* out = keep + row * cols + col;
+      for (int64_t w = 0; w < width; ++w) out[w] = keeps(words[lane * kWords + w], p) ? one : Word{0};
+      if (++group == groups) {
+        group = 0;
+        ++row;
+      }
     }
   }
 }
 
 template <typename Word>
-void fill_keep_mask(uint64_t seed, int64_t offset, int64_t numel, float p32, Word one, Word* keep,
+void fill_keep_mask(uint64_t seed, int64_t first_row, int64_t rows, int64_t cols, float p32, Word one, Word* keep,
                     int num_threads) {
   const auto key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
-  const int64_t most = std::max<int64_t>(1, numel / kMinPerThread);
+  const int64_t groups = (cols + kWords - 1) / kWords;
+  const int64_t counters = rows * groups;
+  const uint64_t first_counter = static_cast<uint64_t>(first_row) * static_cast<uint64_t>(groups);
+  const int64_t most = std::max<int64_t>(1, counters * kWords / kMinPerThread);
   const int64_t threads = std::clamp<int64_t>(num_threads, 1, most);
   pybind11::gil_scoped_release release;
   if (threads == 1) {
-    keep_span<Word>(key0, key1, static_cast<uint64_t>(offset), numel, p32, one, keep);
+    keep_span<Word>(key0, key1, first_counter, groups, cols, 0, counters, p32, one, keep);
     return;
   }
-  // Chunks start on block boundaries so each block's counters stay contiguous.
-  const int64_t chunk = (numel / threads + kLanes - 1) / kLanes * kLanes;
+  // Chunks of whole blocks of counters; a chunk writes only its own counters' elements.
+  const int64_t chunk = (counters / threads + kLanes - 1) / kLanes * kLanes;
   std::vector<std::thread> workers;
-  for (int64_t start = chunk; start < numel; start += chunk) {
-    const uint64_t first = static_cast<uint64_t>(offset) + static_cast<uint64_t>(start);
-    const int64_t count = std::min(chunk, numel - start);
+  for (int64_t start = chunk; start < counters; start += chunk) {
+    const int64_t count = std::min(chunk, counters - start);
     try {
-      workers.emplace_back(keep_span<Word>, key0, key1, first, count, p32, one, keep + start);
+      workers.emplace_back(keep_span<Word>, key0, key1, first_counter, groups, cols, start, count, p32, one, keep);
     } catch (const std::system_error&) {
-      keep_span<Word>(key0, key1, first, count, p32, one, keep + start);  // no thread to be had: do it here
+      keep_span<Word>(key0, key1, first_counter, groups, cols, start, count, p32, one, keep);  // no thread to be had
     }
   }
-  keep_span<Word>(key0, key1, static_cast<uint64_t>(offset), std::min(chunk, numel), p32, one, keep);
+  keep_span<Word>(key0, key1, first_counter, groups, cols, 0, std::min(chunk, counters), p32, one, keep);
   for (auto& worker : workers) worker.join();
 }
 
-// Writes the keep-mask of counters [offset, offset + numel) to out_address: elements of word_bytes (1, 2, 4
-// or 8) bytes holding one_bits where kept and 0 where dropped.
-void dropout_keep_mask(uint64_t seed, int64_t offset, int64_t numel, double p, uintptr_t out_address,
+// Writes the keep-mask of rows [first_row, first_row + rows) of a [*, cols] matrix to out_address (row-major,
+// rows x cols): elements of word_bytes (1, 2, 4 or 8) bytes holding one_bits where kept and 0 where dropped.
+void dropout_keep_mask(uint64_t seed, int64_t first_row, int64_t rows, int64_t cols, double p, uintptr_t out_address,
                        int word_bytes, uint64_t one_bits, int num_threads) {
-  if (numel < 0 || offset < 0) throw std::invalid_argument("dropout_keep_mask: numel and offset must be >= 0");
+  if (rows < 0 || cols < 0 || first_row < 0) {
+    throw std::invalid_argument("dropout_keep_mask: first_row, rows and cols must be >= 0");
+  }
   if (!(p >= 0.0 && p < 1.0)) throw std::invalid_argument("dropout_keep_mask: p must be in [0, 1)");
-  if (numel == 0) return;
+  if (rows == 0 || cols == 0) return;
   if (out_address == 0) throw std::invalid_argument("dropout_keep_mask: null output address");
   const auto p32 = static_cast<float>(p);
   switch (word_bytes) {
     case 1:
-      return fill_keep_mask<uint8_t>(seed, offset, numel, p32, static_cast<uint8_t>(one_bits),
+      return fill_keep_mask<uint8_t>(seed, first_row, rows, cols, p32, static_cast<uint8_t>(one_bits),
                                      reinterpret_cast<uint8_t*>(out_address), num_threads);
     case 2:
-      return fill_keep_mask<uint16_t>(seed, offset, numel, p32, static_cast<uint16_t>(one_bits),
+      return fill_keep_mask<uint16_t>(seed, first_row, rows, cols, p32, static_cast<uint16_t>(one_bits),
                                       reinterpret_cast<uint16_t*>(out_address), num_threads);
     case 4:
-      return fill_keep_mask<uint32_t>(seed, offset, numel, p32, static_cast<uint32_t>(one_bits),
+      return fill_keep_mask<uint32_t>(seed, first_row, rows, cols, p32, static_cast<uint32_t>(one_bits),
                                       reinterpret_cast<uint32_t*>(out_address), num_threads);
     case 8:
-      return fill_keep_mask<uint64_t>(seed, offset, numel, p32, one_bits,
+      return fill_keep_mask<uint64_t>(seed, first_row, rows, cols, p32, one_bits,
                                       reinterpret_cast<uint64_t*>(out_address), num_threads);
     default:
       throw std::invalid_argument("dropout_keep_mask: word_bytes must be 1, 2, 4 or 8, got " +
@@ -220,11 +255,12 @@ const char* simd_name() {
 
 PYBIND11_MODULE(_cpu, module) {
   module.doc() = "peftkern's CPU kernels for the torch backend (no torch linked)";
-  module.def("dropout_keep_mask", &dropout_keep_mask, pybind11::arg("seed"), pybind11::arg("offset"),
-             pybind11::arg("numel"), pybind11::arg("p"), pybind11::arg("out_address"),
+  module.def("dropout_keep_mask", &dropout_keep_mask, pybind11::arg("seed"), pybind11::arg("first_row"),
+             pybind11::arg("rows"), pybind11::arg("cols"), pybind11::arg("p"), pybind11::arg("out_address"),
              pybind11::arg("word_bytes"), pybind11::arg("one_bits"), pybind11::arg("num_threads"),
-             "Keep-mask of counters [offset, offset + numel) for seed and drop probability p: word_bytes-wide "
-             "elements, one_bits where kept, 0 where dropped.");
+             "Keep-mask of rows [first_row, first_row + rows) of a [*, cols] matrix for seed and drop "
+             "probability p (reference.dropout_mask): word_bytes-wide elements, one_bits where kept, 0 where "
+             "dropped.");
   module.def("simd", &simd_name, "The instruction set the Philox rounds run in: avx512f, avx2 or scalar.");
   module.def("use_simd", &use_simd, pybind11::arg("name"),
              "Run the Philox rounds in avx512f, avx2 or scalar (tests); raises when this CPU lacks it.");

@@ -164,16 +164,37 @@ class BottleneckAdapter(nn.Module):
         if self.layer_norm:
             # The adapter sees LN(x); the skip connection carries x itself.
             normed = F.layer_norm(x, (self.dim,), eps=self.eps)
+            rows = x.numel() // self.dim
             if ids is None:
-                scale, shift = self.ln_weight[0], self.ln_bias[0]
+                # One adapter: its LN affine folds into the down projection, down(n * g + b) =
+                # (W * g) n + (W b + d), so no [rows, dim] tensor beyond LN(x) itself.
+                weights = (*self._fold_layer_norm(0), *weights[2:])
+                inputs = normed
+            elif self.num_adapters * self.bottleneck <= rows:
+                # Several adapters, the same fold for each ([L, Bn, dim] of work, below the [rows, dim] of
+                # gathering each row's scale and shift).
+                weights = (*self._fold_layer_norm(None), *weights[2:])
+                inputs = normed
             else:
-                # Clamped only for the gather: the op itself rejects (or passes through) bad ids.
+                # Few rows (decode) beside many adapters: each row's scale and shift, gathered. Clamped only
+                # for the gather: the op itself rejects (or passes through) bad ids.
                 safe = ids.clamp(0, self.num_adapters - 1).to(torch.int64)
                 scale, shift = self.ln_weight[safe], self.ln_bias[safe]
-            inputs, residual = normed * scale.to(x.dtype) + shift.to(x.dtype), x
+                inputs = normed * scale.to(x.dtype) + shift.to(x.dtype)
+            residual = x
         return bottleneck_adapter(
             inputs, *weights, self.activation, self.scaling, residual, ids, backend=self.backend
         )
+
+    def _fold_layer_norm(self, adapter: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down weight, down bias) with the LN affine folded in: W * g and d + W b, for one adapter (index) or
+        all ([L, ...], ``adapter`` None). Differentiable: the gradients reach W, d, g and b through autograd."""
+        select = (lambda t: t[adapter]) if adapter is not None else (lambda t: t)
+        down_weight, down_bias = select(self.down_weight), select(self.down_bias)
+        scale, shift = select(self.ln_weight), select(self.ln_bias)
+        folded_weight = down_weight * scale.unsqueeze(-2)
+        folded_bias = down_bias + (down_weight @ shift.unsqueeze(-1)).squeeze(-1)
+        return folded_weight, folded_bias
 
     def extra_repr(self) -> str:
         backend = describe_backend(self.down_weight.device, "bottleneck_adapter", self.backend)

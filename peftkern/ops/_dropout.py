@@ -1,9 +1,9 @@
 """The torch backend's dropout keep-mask: ``reference.dropout_mask``'s values, computed fast.
 
 The mask is regenerated from its seed in backward, never stored, so drawing it is on the hot path twice per
-step. The reference draws Philox in int64 torch ops (about a hundred passes over [M, K]); here the CPU uses
-``peftkern._cpu`` (vectorised C++, the same bits), CUDA tensors a Triton kernel (``tl.rand``, the same bits),
-and anything else, or a build without ``peftkern._cpu``, the reference itself.
+step. The reference draws Philox in int64 torch ops (about a hundred passes over [M, K / 4]); here the CPU
+uses ``peftkern._cpu`` (vectorised C++, the same bits), CUDA tensors a Triton kernel (``tl.randint4x``, the
+same bits), and anything else, or a build without ``peftkern._cpu``, the reference itself.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def keep_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, dtype: torch
     if device.type == "cpu" and dtype in _ONE_BITS and _cpu_kernels() is not None:
         keep = torch.empty(shape, dtype=dtype)
         _cpu_kernels().dropout_keep_mask(
-            int(seed.reshape(())) & (2**64 - 1), 0, keep.numel(), float(p), keep.data_ptr(), keep.element_size(),
-            _ONE_BITS[dtype], _mask_threads(shape[0] * shape[1]),
+            int(seed.reshape(())) & (2**64 - 1), 0, shape[0], shape[1], float(p), keep.data_ptr(),
+            keep.element_size(), _ONE_BITS[dtype], _mask_threads(shape[0] * shape[1]),
         )
         return keep
     if device.type == "cuda" and _triton_available():

@@ -177,6 +177,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_a, lora_b, s, seed)
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
     ctx.mark_non_differentiable(s)
+    # s never gets a gradient: without this, autograd would fill a zero [M, r] tensor for it (a launch).
+    ctx.set_materialize_grads(False)
 
 
 def _gradients(ctx, grad_y, run_backward):
@@ -201,6 +203,8 @@ def _gradients(ctx, grad_y, run_backward):
 
 
 def _backward(ctx, grad_y, _grad_s):
+    if grad_y is None:  # y did not reach the loss (grads are not materialised: see _setup_context)
+        return (None,) * 9
     return _gradients(ctx, grad_y, torch.ops.peftkern.lora_linear_backward)
 
 

@@ -96,10 +96,10 @@ struct Strided2D {
 
 // ---- dropout: Philox-4x32-10 ------------------------------------------------------------------------------
 //
-// The stream of triton.language.rand(seed, offset) for an int64 offset, which peftkern/reference.py writes
-// out in torch: counter (lo32(offset), hi32(offset), 0, 0), key (lo32(seed), hi32(seed)), ten rounds, the
-// first output word bitcast to int32, negatives folded with ~x, times 4.6566127342e-10f. Every backend
-// draws the same mask for the same seed, so the backward regenerates it instead of storing it.
+// The stream of triton.language.randint4x(seed, offset) for an int64 offset, which peftkern/reference.py
+// writes out in torch: counter (lo32(offset), hi32(offset), 0, 0), key (lo32(seed), hi32(seed)), ten rounds;
+// each output word bitcast to int32, negatives folded with ~x, times 4.6566127342e-10f is a uniform draw.
+// Every backend draws the same mask for the same seed, so the backward regenerates it instead of storing it.
 
 constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
 constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
@@ -112,8 +112,8 @@ __host__ __device__ inline uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-// The first Philox-4x32-10 output word for counter `offset` under key `seed`.
-__host__ __device__ inline uint32_t philox_first_word(uint64_t seed, uint64_t offset) {
+// The four Philox-4x32-10 output words for counter `offset` under key `seed` (tl.randint4x).
+__host__ __device__ inline void philox_words(uint64_t seed, uint64_t offset, uint32_t words[4]) {
   uint32_t c0 = static_cast<uint32_t>(offset);
   uint32_t c1 = static_cast<uint32_t>(offset >> 32);
   uint32_t c2 = 0u;
@@ -133,22 +133,40 @@ __host__ __device__ inline uint32_t philox_first_word(uint64_t seed, uint64_t of
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return c0;
+  words[0] = c0;
+  words[1] = c1;
+  words[2] = c2;
+  words[3] = c3;
 }
 
-// Uniform float in [0, 1) for counter `offset`: bit-exact with reference.philox_uniform / tl.rand.
-__host__ __device__ inline float philox_uniform(uint64_t seed, uint64_t offset) {
-  int32_t bits = static_cast<int32_t>(philox_first_word(seed, offset));
+// The first Philox-4x32-10 output word for counter `offset` under key `seed`.
+__host__ __device__ inline uint32_t philox_first_word(uint64_t seed, uint64_t offset) {
+  uint32_t words[4];
+  philox_words(seed, offset, words);
+  return words[0];
+}
+
+// A Philox word as a uniform float in [0, 1): reference.uniform_from_words / tl.uint_to_uniform_float.
+__host__ __device__ inline float uniform_from_word(uint32_t word) {
+  int32_t bits = static_cast<int32_t>(word);
   if (bits < 0) bits = ~bits;
   // int -> float rounds to nearest (as torch's .to(float32) and Triton's cast do), then one fp32 multiply.
   return static_cast<float>(bits) * kUniformScale;
 }
 
-// Whether element (row, col) of a row-major [*, n_cols] matrix survives dropout with drop probability p:
-// its counter is row * n_cols + col (int64), the stream of reference.dropout_mask.
+// Uniform float in [0, 1) for counter `offset`: bit-exact with reference.philox_uniform / tl.rand.
+__host__ __device__ inline float philox_uniform(uint64_t seed, uint64_t offset) {
+  return uniform_from_word(philox_first_word(seed, offset));
+}
+
+// Whether element (row, col) of a row-major [*, n_cols] matrix survives dropout with drop probability p, as
+// reference.dropout_mask draws it: word col % 4 of the Philox call at counter row * ceil(n_cols / 4) + col / 4
+// (one call decides four neighbouring elements of a row).
 __host__ __device__ inline bool dropout_keep(int64_t seed, int64_t row, int64_t col, int64_t n_cols, float p) {
-  const uint64_t offset = static_cast<uint64_t>(row * n_cols + col);
-  return philox_uniform(static_cast<uint64_t>(seed), offset) >= p;
+  const int64_t groups = (n_cols + 3) / 4;
+  uint32_t words[4];
+  philox_words(static_cast<uint64_t>(seed), static_cast<uint64_t>(row * groups + col / 4), words);
+  return uniform_from_word(words[col % 4]) >= p;
 }
 
 namespace detail {
