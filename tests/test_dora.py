@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from _helpers import assert_close, make_lora_inputs
+from _helpers import assert_close, make_lora_inputs, tolerance
 from _models import tiny_llama, token_batch
 
 import peftkern
@@ -126,9 +126,20 @@ def _compare(inputs, scaling, dropout_p, training, backend, seed=99, grad_scale=
     assert y.dtype == dtype
     assert_close(y, y64, "y", dtype)
     assert_close(x.grad, leaves[0].grad, "dx", dtype)
-    for name, ours, theirs in zip(("dA", "dB", "dm"), (lora_a, lora_b, magnitude), leaves[1:]):
+    for name, ours, theirs in zip(("dA", "dB"), (lora_a, lora_b), leaves[1:3]):
         assert ours.grad.dtype == ours.dtype
         assert_close(ours.grad, theirs.grad, name, dtype, scale=grad_scale)
+    # dm[n] = sum_t dY[t, n] (Z[t, n] - b[n]) / m[n] cancels: on top of the usual tolerance, one rounding of
+    # x's dtype (Z is rounded to it) times the sum of the terms' magnitudes (a column can sum to 0.5 from
+    # terms adding up to 30).
+    assert magnitude.grad.dtype == magnitude.dtype
+    out = y64.detach() - (0.0 if bias64 is None else bias64)
+    terms = (grad.double().abs() * out.abs()).reshape(-1, out.shape[-1]).sum(0) / leaves[3].detach().abs()
+    atol, rtol = tolerance(dtype, magnitude.device)
+    expected = leaves[3].grad
+    allowed = grad_scale * (atol + rtol * expected.abs()) + torch.finfo(dtype).eps * terms
+    excess = (magnitude.grad.double() - expected).abs() - allowed
+    assert excess.numel() == 0 or excess.max() <= 0, f"dm: out of tolerance by {excess.max().item():.3g}"
 
 
 SHAPES = [(1, 17, 33, 4), (33, 40, 17, 8), (0, 16, 9, 2)]
@@ -252,7 +263,9 @@ def test_from_peft_dora_llama_matches_peft(monkeypatch, backend, mode):
     theirs.train(mode != "eval")
     ids = token_batch()
     out, ref = ours(input_ids=ids, labels=ids), theirs(input_ids=ids, labels=ids)
-    assert_close(out.logits, ref.logits, "logits")
+    # A whole model's logits: every layer's rounding adds up (at the per-op fp32 tolerance the torch backend
+    # already reaches 0.9 of it with dropout), so twice the op tolerance, as the gradients get 10x.
+    assert_close(out.logits, ref.logits, "logits", scale=2)
     out.loss.backward()
     ref.loss.backward()
     ours_params, theirs_params = _trainable(ours), _trainable(theirs)
