@@ -26,22 +26,17 @@ KERNELS = _rows("kernels.json")
 OPS = _rows("ops.json")
 CUDA_KERNELS = _rows("cuda_kernels.json")
 
-ISSUE_18_FP32 = ("issue 18: fp32 operands (fp32 adapters, or fp32 without TF32) multiply with "
-                 "tl.dot(input_precision='ieee'), which compiles to FMA, not tensor cores")
-ISSUE_18_SPILLS = ("issue 18: configs that spill (fp32 products on FMA, a Philox call per dropout element) "
-                   "are passed over only by timing")
-ISSUE_18_GLUE = "issue 18: backward glue (memset, sums, mul_) around the three backward kernels"
-ISSUE_21_SPILLS = ("issue 21 (QLoRA kernels, entered before the report holds them, from perf_report's compile of "
-                   "every config): fp32 without TF32 decodes and multiplies fp32 tiles on FMA in every config; "
-                   "the dX kernel's dropout epilogue (a Philox call per element, issue 18) and its fp32-adapter dS "
-                   "products spill in the larger tiles")
+ISSUE_18_SPILLS = ("issue 18: configs that spill on sm_90a (the bottleneck kernels' larger tiles, LoRA dX with "
+                   "dropout, fp32 activations without TF32, the fused multi-LoRA kernels beside fp32 adapters) are "
+                   "passed over only by timing (item 4: drop them)")
+ISSUE_21_SPILLS = ("issue 21: the QLoRA kernels' fp32 paths (dX's dS products beside fp32 adapters, fp32 activations) "
+                   "spill in the larger tiles")
 
 # ---- expected failures: begin (today's misses; each names the issue that fixes it)
 BF16, FP16 = "x=bf16,adapters=bf16", "x=fp16,adapters=fp16"
 FP32_ADAPTERS = ("x=bf16,adapters=fp32", "x=fp16,adapters=fp32")
 FP32, TF32 = "x=fp32,adapters=fp32", "x=fp32,adapters=fp32,tf32"  # TF32 off, on
 WITH_FP32 = (*FP32_ADAPTERS, FP32)
-BOTTLENECK = tuple(f"_bottleneck_{name}_kernel" for name in ("down", "up", "bwd_dh", "bwd_dx", "bwd_dw"))
 
 
 def _cases(cases_per_kernel: dict[str, tuple[str, ...]], reason: str, arch: str | None = None) -> dict[tuple, str]:
@@ -49,40 +44,25 @@ def _cases(cases_per_kernel: dict[str, tuple[str, ...]], reason: str, arch: str 
     return {(*prefix, kernel, case): reason for kernel, cases in cases_per_kernel.items() for case in cases}
 
 
-# (kernel, case) with a config that has no tensor-core instruction: every fp32 product runs on FMA, so
-# kernels whose every product involves an fp32 operand.
-NO_TENSOR_CORES = _cases({
-    **dict.fromkeys((*BOTTLENECK, "_lora_shrink_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_da_kernel",
-                     "_multi_lora_shrink_segment_kernel", "_multi_lora_grad_kernel"), WITH_FP32),
-    **dict.fromkeys(("_lora_fwd_kernel", "_lora_bwd_dx_kernel", "_multi_lora_fused_decode_kernel",
-                     "_multi_lora_fused_segment_kernel", "_lora4bit_fwd_kernel", "_lora4bit_bwd_dx_kernel"), (FP32,)),
-}, ISSUE_18_FP32)
-# (kernel, case) with a config whose tile products run on FMA: also the fused kernels whose base GEMM is
-# on tensor cores but whose rank-r product with fp32 adapters is not.
-FMA_PRODUCTS = {
-    **_cases(dict.fromkeys({kernel for kernel, _ in NO_TENSOR_CORES} - {"_multi_lora_fused_decode_kernel"},
-                           WITH_FP32), ISSUE_18_FP32),
-    ("_multi_lora_fused_decode_kernel", FP32): ISSUE_18_FP32,
-}
+# (kernel, case) with a config that has no tensor-core instruction (issue 18 put every fp32 product on them).
+NO_TENSOR_CORES: dict[tuple[str, str], str] = {}
+# (kernel, case) with a config whose tile products run on FMA.
+FMA_PRODUCTS: dict[tuple[str, str], str] = {}
 # (arch, kernel, case) with a config that fits in shared memory (so autotuning may pick it) and spills.
 SPILLS = _cases({
     **dict.fromkeys(("_bottleneck_down_kernel", "_bottleneck_up_kernel", "_bottleneck_bwd_dh_kernel"),
                     (BF16, FP16, *WITH_FP32)),
-    **dict.fromkeys(("_bottleneck_bwd_dx_kernel", "_bottleneck_bwd_dw_kernel", "_lora_fwd_kernel",
-                     "_lora_bwd_dy_kernel", "_lora_bwd_da_kernel", "_multi_lora_fused_segment_kernel"), WITH_FP32),
-    "_lora_bwd_dx_kernel": (BF16, FP16, *WITH_FP32, TF32), "_multi_lora_fused_decode_kernel": (FP16, FP32),
-    "_multi_lora_grad_kernel": FP32_ADAPTERS,
+    "_bottleneck_bwd_dx_kernel": WITH_FP32,
+    "_lora_bwd_dx_kernel": (BF16, FP16, *WITH_FP32), "_lora_bwd_dy_kernel": (FP32,), "_lora_fwd_kernel": (FP32,),
+    "_multi_lora_fused_decode_kernel": (FP16, FP32), "_multi_lora_fused_segment_kernel": WITH_FP32,
 }, ISSUE_18_SPILLS, arch="sm_90a") | _cases({
-    "_lora4bit_fwd_kernel": (FP32,), "_lora4bit_bwd_dx_kernel": (BF16, FP16, *WITH_FP32, TF32),
+    "_lora4bit_fwd_kernel": (FP32,), "_lora4bit_bwd_dx_kernel": (*WITH_FP32, TF32),
 }, ISSUE_21_SPILLS, arch="sm_90a")
-# ops.json shape ids
-LORA_BACKWARD = [("lora_linear", "backward", f"tokens={tokens},hidden=4096,rank=16,dropout_p=0.0")
-                 for tokens in (8192, 64)]
 # (op, mode, shape id) of ours that read device values on the host (issue 19 removed the last: check_ids is
 # off by default on CUDA tensors).
 SYNCS: dict[tuple[str, str, str], str] = {}
-# (op, mode, shape id) of ours over its launch budget.
-LAUNCHES_OVER = dict.fromkeys(LORA_BACKWARD, ISSUE_18_GLUE)
+# (op, mode, shape id) of ours over its launch budget (issue 18 brought the LoRA backward to 4).
+LAUNCHES_OVER: dict[tuple[str, str, str], str] = {}
 # (op, mode, shape id) of ours whose decode grids leave SMs idle.
 GRIDS_UNDER: dict[tuple[str, str, str], str] = {}
 # (op, mode, shape id) of ours over its bytes budget.
