@@ -274,6 +274,53 @@ def _serving_inputs(shape, dtype, device) -> Inputs:
     return Inputs(args, [], call, ref)
 
 
+def _dora_inputs(shape, dtype, device) -> Inputs:
+    """DoRA with magnitudes moved off the column norms of W (so the scale m / ||W + s B A|| is not 1)."""
+    import torch
+
+    import peftkern
+    from peftkern import reference
+
+    lora = _lora_inputs(shape, dtype, device).args
+    weight = lora["weight"]
+    magnitude = (weight.float().norm(dim=1) * (0.5 + torch.rand(weight.shape[0]).to(device))).to(dtype)
+    args = {**{k: v for k, v in lora.items() if k != "scaling"}, "magnitude": magnitude, "scaling": 0.5}
+    return Inputs(args, ["x", "lora_a", "lora_b", "magnitude"],
+                  lambda backend, a: peftkern.dora_linear(*a.values(), backend=backend),
+                  lambda a: reference.dora_linear(*a.values()))
+
+
+def _lora4bit_inputs(shape, dtype, device) -> Inputs:
+    """QLoRA over an NF4 weight with double-quantized absmax (blocksize 64) built in bitsandbytes' layout
+    (random codes: the kernels' work depends on the layout only); the reference dequantizes it."""
+    import torch
+
+    import peftkern
+    from peftkern import reference
+
+    m, k, n, r = shape["M"], shape["K"], shape["N"], shape["r"]
+    blocks = -(-n * k // 64)
+    weight = peftkern.Weight4bit(
+        torch.randint(0, 256, (-(-n * k // 2),), dtype=torch.uint8).to(device),
+        torch.randint(0, 256, (blocks,), dtype=torch.uint8).to(device), (n, k), "nf4", 64, dtype,
+        torch.rand(-(-blocks // 256)).mul_(0.05).to(device), torch.linspace(-1, 1, 256).to(device), 256,
+        torch.tensor(0.02).to(device))
+    args = {"x": _randn(m, k, dtype=dtype, device=device), "weight": weight,
+            "bias": _randn(n, dtype=dtype, device=device),
+            "lora_a": _randn(r, k, dtype=dtype, device=device, scale=k ** -0.5),
+            "lora_b": _randn(n, r, dtype=dtype, device=device, scale=r ** -0.5), "scaling": 0.5}
+
+    def ref(a):
+        w = a["weight"]
+        dense = reference.dequantize_4bit(w.packed, w.absmax, w.quant_type, w.blocksize, w.shape, w.dtype,
+                                          nested_absmax=w.nested_absmax, nested_code=w.nested_code,
+                                          nested_blocksize=w.nested_blocksize, offset=w.offset)
+        return reference.lora_linear(a["x"], dense.double(), a["bias"], a["lora_a"], a["lora_b"], a["scaling"])
+
+    return Inputs(args, ["x", "lora_a", "lora_b"],
+                  lambda backend, a: peftkern.lora_linear_4bit(*a.values(), backend=backend), ref)
+
+
 OP_CASES += [
     OpCase("lora", {"gpu": [{"M": 4096, "K": 4096, "N": 4096, "r": 16}, {"M": 333, "K": 1000, "N": 77, "r": 8}],
                     "tiny": [{"M": 16, "K": 32, "N": 16, "r": 8}, {"M": 17, "K": 33, "N": 20, "r": 4}]},
@@ -297,6 +344,13 @@ OP_CASES += [
                                     {"T": 64, "K": 4096, "N": 4096, "L": 8, "r": 16}],
                             "tiny": [{"T": 40, "K": 32, "N": 16, "L": 3, "r": 8},
                                      {"T": 5, "K": 33, "N": 17, "L": 2, "r": 4}]}, _serving_inputs),
+    # DoRA and QLoRA: Triton kernels only (the cuda backend has none of their own)
+    OpCase("dora", {"gpu": [{"M": 4096, "K": 4096, "N": 4096, "r": 16}, {"M": 333, "K": 1000, "N": 77, "r": 8}],
+                    "tiny": [{"M": 16, "K": 32, "N": 16, "r": 8}, {"M": 17, "K": 33, "N": 20, "r": 4}]},
+           _dora_inputs, backends=("triton",)),
+    OpCase("lora4bit", {"gpu": [{"M": 4096, "K": 4096, "N": 4096, "r": 16}, {"M": 333, "K": 1024, "N": 80, "r": 8}],
+                        "tiny": [{"M": 16, "K": 64, "N": 16, "r": 8}, {"M": 17, "K": 128, "N": 20, "r": 4}]},
+           _lora4bit_inputs, backends=("triton",)),
 ]
 
 
