@@ -105,14 +105,10 @@ def _op_inputs(dtype, adapter_dtype, quant_type="nf4", nested=True, M=10, K=80, 
     return x, weight, bias, lora_a, lora_b
 
 
-@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-@pytest.mark.parametrize("adapter_dtype", ["same", "fp32"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_op_matches_the_reference(quant_type, dtype, adapter_dtype, dropout_p):
-    adapter = dtype if adapter_dtype == "same" else torch.float32
-    x, weight, bias, lora_a, lora_b = _op_inputs(dtype, adapter, quant_type)
-    y = lora_linear_4bit(x, weight, bias, lora_a, lora_b, 0.7, dropout_p, seed=11)
+def _check_against_reference(x, weight, bias, lora_a, lora_b, dtype, dropout_p, backend):
+    """lora_linear_4bit (scaling 0.7, seed 11) on ``backend``: y and every gradient against the float64
+    reference over the dequantized weight, with the same dropout mask."""
+    y = lora_linear_4bit(x, weight, bias, lora_a, lora_b, 0.7, dropout_p, seed=11, backend=backend)
     grad = torch.randn_like(y)
     y.backward(grad)
     x64, a64, b64 = (cast(t, torch.float64, True) for t in (x, lora_a, lora_b))
@@ -124,6 +120,16 @@ def test_op_matches_the_reference(quant_type, dtype, adapter_dtype, dropout_p):
     assert_close(x.grad, x64.grad, "dx", dtype=dtype)
     assert_close(lora_a.grad, a64.grad, "dA", dtype=dtype, scale=4)
     assert_close(lora_b.grad, b64.grad, "dB", dtype=dtype, scale=4)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("adapter_dtype", ["same", "fp32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_op_matches_the_reference(quant_type, dtype, adapter_dtype, dropout_p):
+    adapter = dtype if adapter_dtype == "same" else torch.float32
+    x, weight, bias, lora_a, lora_b = _op_inputs(dtype, adapter, quant_type)
+    _check_against_reference(x, weight, bias, lora_a, lora_b, dtype, dropout_p, backend=None)
 
 
 def test_dropout_stream_and_gradients_are_lora_linear_s():
@@ -547,18 +553,7 @@ def test_triton_op_matches_the_reference(dtype, adapter_dtype, dropout_p, quant_
     x, weight, bias, lora_a, lora_b = _op_inputs(dtype, adapter, quant_type, nested, M=12, K=128, N=40)
     if blocksize != 64:
         weight = _weight4bit(*_quantize(_reference_dense(weight, dtype), quant_type, blocksize, nested))
-    y = lora_linear_4bit(x, weight, bias, lora_a, lora_b, 0.7, dropout_p, seed=11, backend="triton")
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    x64, a64, b64 = (cast(t, torch.float64, True) for t in (x, lora_a, lora_b))
-    keep = reference.dropout_mask(11, (x.numel() // x.shape[-1], x.shape[-1]), dropout_p)
-    expected = reference.lora_linear(x64, _reference_dense(weight, dtype).double(), bias.double(), a64, b64, 0.7,
-                                     dropout_p, keep_mask=keep)
-    expected.backward(grad.double())
-    assert_close(y, expected, "y", dtype=dtype)
-    assert_close(x.grad, x64.grad, "dx", dtype=dtype)
-    assert_close(lora_a.grad, a64.grad, "dA", dtype=dtype, scale=4)
-    assert_close(lora_b.grad, b64.grad, "dB", dtype=dtype, scale=4)
+    _check_against_reference(x, weight, bias, lora_a, lora_b, dtype, dropout_p, backend="triton")
 
 
 @needs_triton
