@@ -177,6 +177,10 @@ def _prompts(act, ad):
         embeds, _, _ = peftkern.prompt_concat(ids, _param(50, 40, dtype=act), _param(2, 5, 40, dtype=ad),
                                               torch.tensor([0, 1, 1]), *extras, backend="triton")
         _backward(embeds)
+    long_ids = torch.zeros(8, 40, dtype=torch.int64)  # a padding id over 320 positions: the chunked dEMBED
+    embeds, _, _ = peftkern.prompt_concat(long_ids, _param(50, 40, dtype=act), _param(2, 5, 40, dtype=ad),
+                                          torch.zeros(8, dtype=torch.int64), backend="triton")
+    _backward(embeds)
     kv = peftkern.prefix_kv(_param(2, 5, 2 * 2 * 2 * 8, dtype=ad), torch.tensor([1, 0, 1]), 2, 2,
                             backend="triton")
     _backward(kv)
