@@ -16,11 +16,12 @@ Backward, four launches (two when no adapter weight needs a gradient):
 With ids, the rows are grouped by adapter once per pass (a stable sort of the M ids and the groups'
 starts, torch ops on the device, no host sync, no pass over X): the row GEMMs (down, up, dh, dx) tile the
 rows in that order, gathering each tile's rows, so every tile holds one adapter's rows and runs one K loop
-however the batch mixes adapters (each group adds at most one partial tile: M // BLOCK_M + min(L + 1, M)
-row tiles, fixed by the shapes, valid for any autotuned BLOCK_M). Without ids, plain row tiles. Weight
-gradients walk each adapter's rows in the same order, split into a fixed number of chunks whose fp32
-partials are summed in a fixed order: deterministic, no atomics.
-Ids are only ever compared with 0..L-1, so no id, whatever it holds, can address memory out of bounds.
+however the batch mixes adapters (each of the L + 2 groups, ids below 0 and from L up included, adds at
+most one partial tile: M // BLOCK_M + L + 2 row tiles, fixed by the shapes, valid for any autotuned
+BLOCK_M). Without ids, plain row tiles. Weight gradients walk each adapter's rows in the same order, split
+into a fixed number of chunks whose fp32 partials are summed in a fixed order: deterministic, no atomics.
+Ids are only sorted and compared with 0..L, never used as addresses: no id, whatever it holds, can address
+memory out of bounds; rows whose id is outside [0, L) get no adapter.
 
 Shapes follow torch.nn.Linear: X [M, D], Wd [L, Bn, D], bd [L, Bn], Wu [L, D, Bn], bu [L, D].
 Any strides; offsets in int64.
