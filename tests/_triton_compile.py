@@ -177,6 +177,10 @@ def _prompts(act, ad):
         embeds, _, _ = peftkern.prompt_concat(ids, _param(50, 40, dtype=act), _param(2, 5, 40, dtype=ad),
                                               torch.tensor([0, 1, 1]), *extras, backend="triton")
         _backward(embeds)
+    long_ids = torch.zeros(8, 40, dtype=torch.int64)  # a padding id over 320 positions: the chunked dEMBED
+    embeds, _, _ = peftkern.prompt_concat(long_ids, _param(50, 40, dtype=act), _param(2, 5, 40, dtype=ad),
+                                          torch.zeros(8, dtype=torch.int64), backend="triton")
+    _backward(embeds)
     kv = peftkern.prefix_kv(_param(2, 5, 2 * 2 * 2 * 8, dtype=ad), torch.tensor([1, 0, 1]), 2, 2,
                             backend="triton")
     _backward(kv)
@@ -192,9 +196,12 @@ def _bottleneck(act, ad):
     x = _param(1, 33, dtype=act)  # one row, odd sizes
     _backward(peftkern.bottleneck_adapter(x, _param(9, 33, dtype=ad), None, _param(33, 9, dtype=ad), None,
                                           "relu", 1.0, backend="triton"))
-    x = _param(40, 48, dtype=act)
-    y = peftkern.bottleneck_adapter(x, _param(3, 24, 48, dtype=ad), None, _param(3, 48, 24, dtype=ad), None,
-                                    "silu", 1.0, _param(40, 48, dtype=act), torch.randint(-1, 3, (40,)),
+    x = _param(40, 64, dtype=act)
+    # Several adapters: a down bias (HAS_IDS with HAS_BIAS) and no up bias (HAS_IDS without); sizes that are
+    # multiples of 16 (what Triton specializes on, and what models use).
+    y = peftkern.bottleneck_adapter(x, _param(3, 32, 64, dtype=ad), _param(3, 32, dtype=ad),
+                                    _param(3, 64, 32, dtype=ad), None,
+                                    "silu", 1.0, _param(40, 64, dtype=act), torch.randint(-1, 3, (40,)),
                                     backend="triton")
     _backward(y)
 

@@ -105,6 +105,38 @@ def test_fp32_adapters_separate_residual_no_bias(backend, dtype):
     run_and_compare(inputs, dtype, backend, "silu", scaling=-0.5, adapter_ids=ids, weight_dtype=torch.float32)
 
 
+def _id_pattern(pattern, rows, num_adapters):
+    """[rows] ids laid out so that tiles of 16 rows (the interpreter's BLOCK_M) meet every case."""
+    position = torch.arange(rows)
+    if pattern == "interleaved":  # every tile holds every adapter and -1
+        return position % (num_adapters + 1) - 1
+    if pattern == "runs":  # runs of 5 in descending order: tiles straddle two or three adapters
+        return num_adapters - 1 - (position // 5) % (num_adapters + 1)
+    if pattern == "one":
+        return torch.full((rows,), num_adapters - 1)
+    if pattern == "none":
+        return torch.full((rows,), -1)
+    # "skip": adapters 0 and L - 1 only (empty groups between them), shuffled
+    ids = torch.where(position % 3 == 0, 0, num_adapters - 1)
+    return ids[torch.randperm(rows, generator=torch.Generator().manual_seed(rows))]
+
+
+@pytest.mark.parametrize("pattern, rows", [
+    ("interleaved", 33), ("interleaved", 1), ("runs", 33), ("runs", 17), ("one", 17), ("none", 17),
+    ("skip", 33),
+])
+def test_triton_rows_grouped_by_adapter_any_order(pattern, rows):
+    """The row kernels tile the rows in adapter order, one adapter per tile: every mix of ids (interleaved,
+    runs crossing tiles, one adapter, none, adapters absent between present ones), forward and every
+    gradient against the reference; rows without an adapter are their residual bit for bit."""
+    num_adapters = 4
+    inputs = make_inputs((rows,), 24, 17, num_adapters=num_adapters)
+    ids = _id_pattern(pattern, rows, num_adapters)
+    out = run_and_compare(inputs, torch.float32, "triton", "gelu", adapter_ids=ids)
+    passthrough = ids == -1
+    assert torch.equal(out[passthrough], inputs["x"].float()[passthrough])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flat_ids_for_3d_x(backend):
     lead = (2, 5)

@@ -160,6 +160,34 @@ def test_triton_backward_is_deterministic():
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_embed_grad_of_a_token_seen_many_times(dtype):
+    """A padding id filling most positions spans many chunks of the sorted order (the interpreter's chunk is
+    8 positions): its gradient sums chunk partials plus leftover rows; equal to the reference, and bit-equal
+    across runs. Other ids are short (no full chunk) or straddle chunk boundaries."""
+    from peftkern.triton_kernels.prompt import _embed_chunk
+
+    batch, length, vocab, dim = 5, 23, 9, 33
+    input_ids = torch.randint(1, vocab, (batch, length))
+    input_ids[torch.rand(batch, length) < 0.8] = 0  # ~90 of 115 positions: over 10 chunks
+    input_ids[0, :3] = 7  # a short segment
+    chunk, _ = _embed_chunk(input_ids.numel())
+    assert (input_ids == 0).sum() > 4 * chunk
+    embed = torch.randn(vocab, dim).to(dtype).requires_grad_()
+    prompts = torch.randn(2, 3, dim).to(dtype)
+    prompt_ids = torch.tensor([0, 1, 1, 0, 1])
+    grad = torch.randn(batch, 3 + length, dim).to(dtype)
+    results = []
+    for _ in range(2):
+        embed.grad = None
+        out = peftkern.prompt_concat(input_ids, embed, prompts, prompt_ids, backend="triton")
+        out.inputs_embeds.backward(grad)
+        results.append(embed.grad.clone())
+    _, _, grad_embed = _reference_grads(input_ids, embed.detach(), prompts, prompt_ids, grad)
+    assert_close(results[0], grad_embed, "dembed_weight", dtype)
+    assert torch.equal(results[0], results[1])
+
+
 def test_kernel_never_reads_out_of_bounds_ids():
     """The op rejects bad ids; the kernel, called directly with them, reads nothing and writes zeros."""
     from peftkern.triton_kernels.prompt import prompt_concat_forward

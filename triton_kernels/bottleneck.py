@@ -13,11 +13,15 @@ Backward, four launches (two when no adapter weight needs a gradient):
   dw (up)  dWu[l] = scaling * dY[rows of l].T @ act(H[rows of l]),  dbu[l] = scaling * sum dY[rows of l]
   dw (dn)  dWd[l] = dH[rows of l].T @ X[rows of l],                dbd[l] = sum dH[rows of l]
 
-Row GEMMs (down, up, dh, dx) loop over the adapters present in a row tile, each adapter's product taken
-over the rows that use it; a tile of one adapter (every single-adapter batch) costs one GEMM. Weight
-gradients walk each adapter's rows in id order (a stable sort built on the device, no host sync), split
+With ids, the rows are grouped by adapter once per pass (a stable sort of the M ids and the groups'
+starts, torch ops on the device, no host sync, no pass over X): the row GEMMs (down, up, dh, dx) tile the
+rows in that order, gathering each tile's rows, so every tile holds one adapter's rows and runs one K loop
+however the batch mixes adapters (each of the L + 2 groups, ids below 0 and from L up included, adds at
+most one partial tile: M // BLOCK_M + L + 2 row tiles, fixed by the shapes, valid for any autotuned
+BLOCK_M). Without ids, plain row tiles. Weight gradients walk each adapter's rows in the same order, split
 into a fixed number of chunks whose fp32 partials are summed in a fixed order: deterministic, no atomics.
-Ids are only ever compared with 0..L-1, so no id, whatever it holds, can address memory out of bounds.
+Ids are only sorted and compared with 0..L, never used as addresses: no id, whatever it holds, can address
+memory out of bounds; rows whose id is outside [0, L) get no adapter.
 
 Shapes follow torch.nn.Linear: X [M, D], Wd [L, Bn, D], bd [L, Bn], Wu [L, D, Bn], bu [L, D].
 Any strides; offsets in int64.
@@ -40,7 +44,6 @@ from ._common import (
     m_bucket,
     mma,
 )
-from ._segments import adapter_segments
 
 __all__ = ["ACTIVATION_CODES", "bottleneck_forward", "bottleneck_backward"]
 
@@ -104,48 +107,87 @@ def activate_grad(h, ACT: tl.constexpr):
 
 @triton.jit
 def _adapter_gemm_tile(
-    X, W, rows, row_ok, ids, cols, col_ok, K, L,
+    X, W, rows, row_ok, live, adapter, cols, col_ok, K,
     stride_xm, stride_xk, stride_wl, stride_wn, stride_wk,
     HAS_IDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc[m, n] = sum_k X[m, k] * W[ids[m], n, k] over the tile, fp32; 0 for rows with no adapter.
+    """acc[m, n] = sum_k X[rows[m], k] * W[adapter, n, k] over the tile, fp32.
 
-    Loops over the adapters 0..L-1 and multiplies only for those some row of the tile uses, with the
-    other rows masked to zero: a tile of one adapter costs one GEMM. Without ids (one adapter, every row
-    on it) a single K loop: the adapter loop and its branch would keep the compiler from pipelining the
-    loads and from holding the accumulator in the tensor cores' layout (ptxas -v: every config spilled).
+    Every tile's rows share one adapter (see :func:`_row_tile`), so a tile costs one K loop whatever the
+    batch's mix of adapters; tiles of rows with no adapter, and empty tiles, run none (zero trip count, no
+    branch around the loop, which would keep the compiler from pipelining its loads).
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_IDS:
-        for adapter in range(0, L):
-            sel = row_ok & (ids == adapter)
-            if tl.max(sel.to(tl.int32), 0) > 0:
-                w_base = W + (tl.full((), 0, tl.int64) + adapter) * stride_wl
-                acc = gemm_k_loop(X, w_base, rows, sel, cols, col_ok, K, acc, stride_xm, stride_xk,
-                                   stride_wn, stride_wk, DOT_FP32, PRECISION, BLOCK_K)
+        acc = gemm_k_loop(X, W + adapter * stride_wl, rows, row_ok, cols, col_ok, tl.where(live, K, 0), acc,
+                          stride_xm, stride_xk, stride_wn, stride_wk, DOT_FP32, PRECISION, BLOCK_K)
     else:
         acc = gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc, stride_xm, stride_xk,
-                           stride_wn, stride_wk, DOT_FP32, PRECISION, BLOCK_K)
+                          stride_wn, stride_wk, DOT_FP32, PRECISION, BLOCK_K)
     return acc
 
 
 @triton.jit
-def _row_ids(IDS, rows, row_ok, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr):
-    if HAS_IDS:
-        ids = tl.load(IDS + rows, mask=row_ok, other=-1).to(tl.int64)
-    else:
-        ids = tl.zeros((BLOCK_M,), dtype=tl.int64)
-    return ids
+def _group_start(BOUNDS, g, M, L):
+    """First sorted position of row group g in 0..L + 2 (g = L + 2: M): group 0 holds ids below 0, group
+    l + 1 adapter l, group L + 1 ids from L up; BOUNDS[l] is the first sorted position holding an id >= l."""
+    inner = tl.load(BOUNDS + tl.minimum(tl.maximum(g - 1, 0), L))
+    return tl.where(g == 0, 0, tl.where(g == L + 2, M, inner))
 
 
 @triton.jit
-def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-    """(rows, cols) of program ``pid``'s tile of an [M, N] output, in int64."""
-    tile_m, tile_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
-    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _row_tile(pid, M, N, L, ORDER, BOUNDS, n_steps, HAS_IDS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """Program ``pid``'s tile of an [M, N] output: (rows [BLOCK_M] int64, their mask, cols [BLOCK_N] int64,
+    whether the tile has rows and an adapter, that adapter clamped into [0, L)).
+
+    Without ids, row tile t is rows t * BLOCK_M + [0, BLOCK_M) of adapter 0. With ids the rows are taken in
+    id order (ORDER, a stable sort of the ids) and cut into L + 2 groups (:func:`_group_start`); group g owns
+    the row tiles from start(g) // BLOCK_M + g on, one per BLOCK_M of its rows, so no tile holds two
+    adapters and the M // BLOCK_M + L + 2 row tiles cover every group for any BLOCK_M (the autotuner's): no
+    host sync, no per-config table. A tile finds its group by a binary search over the group starts
+    (``n_steps`` = bit length of L + 1 scalar steps) and gathers its rows through ORDER; tiles past the
+    end of their group's rows (at most one per group) load and compute nothing.
+    """
+    if HAS_IDS:
+        n_row_tiles = M // BLOCK_M + L + 2
+    else:
+        n_row_tiles = tl.cdiv(M, BLOCK_M)
+    tile_m, tile_n = grouped_tile(pid, n_row_tiles, tl.cdiv(N, BLOCK_N), GROUP)
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return rows, cols
+    if HAS_IDS:
+        tile = tile_m.to(tl.int64)
+        lo = tl.full((), 0, tl.int64)  # invariant: group lo's first tile <= tile < group hi + 1's first
+        hi = tl.full((), 0, tl.int64) + L + 1
+        for _ in range(n_steps):
+            mid = (lo + hi + 1) // 2
+            up = _group_start(BOUNDS, mid, M, L) // BLOCK_M + mid <= tile
+            lo = tl.where(up, mid, lo)
+            hi = tl.where(up, hi, mid - 1)
+        seg_start = _group_start(BOUNDS, lo, M, L)
+        seg_end = _group_start(BOUNDS, lo + 1, M, L)
+        start = seg_start + (tile - seg_start // BLOCK_M - lo) * BLOCK_M
+        pos = start + tl.arange(0, BLOCK_M)
+        row_ok = pos < seg_end
+        rows = tl.load(ORDER + pos, mask=row_ok, other=0).to(tl.int64)
+        is_adapter = (lo >= 1) & (lo <= L)
+        live = is_adapter & (start < seg_end)
+        adapter = tl.where(is_adapter, lo - 1, 0)
+    else:
+        rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        live = tl.full((), 1, tl.int1)
+        adapter = tl.full((), 0, tl.int64)
+    return rows, row_ok, cols, live, adapter
+
+
+@triton.jit
+def _adapter_bias(BIAS, adapter, live, cols, col_ok, stride_bl, stride_bn):
+    """The tile's adapter's bias over ``cols`` as an fp32 [1, BLOCK_N] row (zeros when the tile has none)."""
+    # (tl.where, not ``col_ok & live``: the interpreter rejects a mask from a scalar-vector bool and.)
+    bias = tl.load(BIAS + adapter * stride_bl + cols * stride_bn, mask=tl.where(live, col_ok, False), other=0.0)
+    return bias.to(tl.float32)[None, :]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -156,27 +198,22 @@ def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.con
 @autotune(gemm_configs(), ["M_BUCKET", "NB", "K", "L", "HAS_BIAS", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"])
 @triton.jit
 def _bottleneck_down_kernel(
-    X, W, BIAS, IDS, H, A,
-    M, NB, K, L, M_BUCKET,
+    X, W, BIAS, ORDER, BOUNDS, H, A,
+    M, NB, K, L, M_BUCKET, n_steps,
     stride_xm, stride_xk, stride_wl, stride_wb, stride_wk, stride_bl, stride_bb,
     HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, ACT: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """H [M, NB] (fp32, contiguous) = X @ W[id].T + BIAS[id]; A [M, NB] (contiguous) = act(H)."""
-    rows, cols = _tile(tl.program_id(0), M, NB, BLOCK_M, BLOCK_N, GROUP)
-    row_ok = rows < M
+    rows, row_ok, cols, live, adapter = _row_tile(tl.program_id(0), M, NB, L, ORDER, BOUNDS, n_steps,
+                                                  HAS_IDS, BLOCK_M, BLOCK_N, GROUP)
     col_ok = cols < NB
-    ids = _row_ids(IDS, rows, row_ok, HAS_IDS, BLOCK_M)
-    acc = _adapter_gemm_tile(X, W, rows, row_ok, ids, cols, col_ok, K, L,
+    acc = _adapter_gemm_tile(X, W, rows, row_ok, live, adapter, cols, col_ok, K,
                              stride_xm, stride_xk, stride_wl, stride_wb, stride_wk,
                              HAS_IDS, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    active = row_ok & (ids >= 0) & (ids < L)
     if HAS_BIAS:
-        safe = tl.where(active, ids, 0)
-        bias = tl.load(BIAS + safe[:, None] * stride_bl + cols[None, :] * stride_bb,
-                       mask=active[:, None] & col_ok[None, :], other=0.0)
-        acc += bias.to(tl.float32)
+        acc += _adapter_bias(BIAS, adapter, live, cols, col_ok, stride_bl, stride_bb)
     mask = row_ok[:, None] & col_ok[None, :]
     offsets = rows[:, None] * NB + cols[None, :]
     tl.store(H + offsets, acc, mask=mask)
@@ -186,28 +223,23 @@ def _bottleneck_down_kernel(
 @autotune(gemm_configs(), ["M_BUCKET", "N", "NB", "L", "HAS_BIAS", "HAS_IDS", "DOT_FP32", "PRECISION"])
 @triton.jit
 def _bottleneck_up_kernel(
-    A, W, BIAS, IDS, RES, Y,
-    M, N, NB, L, M_BUCKET,
+    A, W, BIAS, ORDER, BOUNDS, RES, Y,
+    M, N, NB, L, M_BUCKET, n_steps,
     stride_wl, stride_wn, stride_wb, stride_bl, stride_bn, stride_rm, stride_rn, stride_ym, stride_yn,
     scaling,
     HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Y [M, N] = RES + scaling * (A @ W[id].T + BIAS[id]), A [M, NB] contiguous; no adapter: Y = RES."""
-    rows, cols = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
-    row_ok = rows < M
+    rows, row_ok, cols, live, adapter = _row_tile(tl.program_id(0), M, N, L, ORDER, BOUNDS, n_steps,
+                                                  HAS_IDS, BLOCK_M, BLOCK_N, GROUP)
     col_ok = cols < N
-    ids = _row_ids(IDS, rows, row_ok, HAS_IDS, BLOCK_M)
-    acc = _adapter_gemm_tile(A, W, rows, row_ok, ids, cols, col_ok, NB, L,
+    acc = _adapter_gemm_tile(A, W, rows, row_ok, live, adapter, cols, col_ok, NB,
                              NB, 1, stride_wl, stride_wn, stride_wb,
                              HAS_IDS, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
-        active = row_ok & (ids >= 0) & (ids < L)
-        safe = tl.where(active, ids, 0)
-        bias = tl.load(BIAS + safe[:, None] * stride_bl + cols[None, :] * stride_bn,
-                       mask=active[:, None] & col_ok[None, :], other=0.0)
-        acc += bias.to(tl.float32)
+        acc += _adapter_bias(BIAS, adapter, live, cols, col_ok, stride_bl, stride_bn)
     residual = tl.load(RES + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0)
     out = residual.to(tl.float32) + scaling * acc
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn, out.to(Y.dtype.element_ty), mask=mask)
@@ -221,20 +253,19 @@ def _bottleneck_up_kernel(
 @autotune(gemm_configs(), ["M_BUCKET", "NB", "N", "L", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"])
 @triton.jit
 def _bottleneck_bwd_dh_kernel(
-    DY, W, IDS, H, DH,
-    M, NB, N, L, M_BUCKET,
+    DY, W, ORDER, BOUNDS, H, DH,
+    M, NB, N, L, M_BUCKET, n_steps,
     stride_dym, stride_dyn, stride_wl, stride_wn, stride_wb,
     scaling,
     HAS_IDS: tl.constexpr, ACT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """DH [M, NB] (contiguous) = (scaling * DY @ W[id]) * act'(H); W is the up weight [L, N, NB]."""
-    rows, cols = _tile(tl.program_id(0), M, NB, BLOCK_M, BLOCK_N, GROUP)
-    row_ok = rows < M
+    rows, row_ok, cols, live, adapter = _row_tile(tl.program_id(0), M, NB, L, ORDER, BOUNDS, n_steps,
+                                                  HAS_IDS, BLOCK_M, BLOCK_N, GROUP)
     col_ok = cols < NB
-    ids = _row_ids(IDS, rows, row_ok, HAS_IDS, BLOCK_M)
     # The product runs over N (the model dim), with the up weight read as [L, NB, N].
-    acc = _adapter_gemm_tile(DY, W, rows, row_ok, ids, cols, col_ok, N, L,
+    acc = _adapter_gemm_tile(DY, W, rows, row_ok, live, adapter, cols, col_ok, N,
                              stride_dym, stride_dyn, stride_wl, stride_wb, stride_wn,
                              HAS_IDS, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = row_ok[:, None] & col_ok[None, :]
@@ -246,18 +277,17 @@ def _bottleneck_bwd_dh_kernel(
 @autotune(gemm_configs(), ["M_BUCKET", "K", "NB", "L", "HAS_IDS", "ADD_DY", "DOT_FP32", "PRECISION"])
 @triton.jit
 def _bottleneck_bwd_dx_kernel(
-    DH, W, IDS, DY, DX,
-    M, K, NB, L, M_BUCKET,
+    DH, W, ORDER, BOUNDS, DY, DX,
+    M, K, NB, L, M_BUCKET, n_steps,
     stride_wl, stride_wb, stride_wk, stride_dym, stride_dyk, stride_dxm, stride_dxk,
     HAS_IDS: tl.constexpr, ADD_DY: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """DX [M, K] = DH @ W[id] (+ DY when the residual is X); W is the down weight [L, NB, K]."""
-    rows, cols = _tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP)
-    row_ok = rows < M
+    rows, row_ok, cols, live, adapter = _row_tile(tl.program_id(0), M, K, L, ORDER, BOUNDS, n_steps,
+                                                  HAS_IDS, BLOCK_M, BLOCK_N, GROUP)
     col_ok = cols < K
-    ids = _row_ids(IDS, rows, row_ok, HAS_IDS, BLOCK_M)
-    acc = _adapter_gemm_tile(DH, W, rows, row_ok, ids, cols, col_ok, NB, L,
+    acc = _adapter_gemm_tile(DH, W, rows, row_ok, live, adapter, cols, col_ok, NB,
                              NB, 1, stride_wl, stride_wk, stride_wb,
                              HAS_IDS, DOT_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = row_ok[:, None] & col_ok[None, :]
@@ -335,6 +365,23 @@ def _bottleneck_bwd_dw_kernel(
 
 
 
+def _row_groups(adapter_ids: torch.Tensor | None, num_adapters: int, dummy: torch.Tensor):
+    """(ORDER [M] int64, BOUNDS [L + 1] int64, n_steps) for :func:`_row_tile` and the weight gradients: a
+    stable sort of the ids and, for l = 0..L, the first sorted position with an id >= l (adapter l's rows
+    are ORDER[BOUNDS[l]:BOUNDS[l + 1]]). Three device ops on the M ids (sort, arange, searchsorted): no
+    pass over x, no host sync. Without ids, placeholders never read."""
+    if adapter_ids is None:
+        return dummy, dummy, 0
+    sorted_ids, order = torch.sort(adapter_ids.reshape(-1), stable=True)
+    levels = torch.arange(num_adapters + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    return order, torch.searchsorted(sorted_ids, levels), (num_adapters + 1).bit_length()
+
+
+def _row_tiles(m: int, num_adapters: int, block_m: int, has_ids: bool) -> int:
+    """Row tiles of a row kernel's grid: M // BLOCK_M plus one partial tile per row group with ids."""
+    return m // block_m + num_adapters + 2 if has_ids else triton.cdiv(m, block_m)
+
+
 def _operand_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, torch.dtype]:
     """(whether the GEMMs run in fp32, the dtype of the A and dH operands)."""
     dot_fp32 = dot_in_fp32(x.dtype, weight.dtype)
@@ -366,30 +413,31 @@ def bottleneck_forward(
         return y, h
     dot_fp32, operand = _operand_dtype(x, down_weight)
     a = torch.empty((M, NB), device=x.device, dtype=operand)
-    ids = adapter_ids.contiguous() if adapter_ids is not None else h  # never read without ids
+    has_ids = adapter_ids is not None
+    order, bounds, n_steps = _row_groups(adapter_ids, L, h)
     res = x if residual is None else residual
     precision = fp32_precision()
     act = ACTIVATION_CODES[activation]
     bucket = m_bucket(M)
 
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(NB, meta["BLOCK_N"]),)
+    grid = lambda meta: (_row_tiles(M, L, meta["BLOCK_M"], has_ids) * triton.cdiv(NB, meta["BLOCK_N"]),)
     _bottleneck_down_kernel[grid](
-        x, down_weight, down_bias if down_bias is not None else h, ids, h, a,
-        M, NB, D, L, bucket,
+        x, down_weight, down_bias if down_bias is not None else h, order, bounds, h, a,
+        M, NB, D, L, bucket, n_steps,
         x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1), down_weight.stride(2),
         *(down_bias.stride() if down_bias is not None else (0, 0)),
-        HAS_BIAS=down_bias is not None, HAS_IDS=adapter_ids is not None, ACT=act,
+        HAS_BIAS=down_bias is not None, HAS_IDS=has_ids, ACT=act,
         DOT_FP32=dot_fp32, PRECISION=precision,
     )
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+    grid = lambda meta: (_row_tiles(M, L, meta["BLOCK_M"], has_ids) * triton.cdiv(D, meta["BLOCK_N"]),)
     _bottleneck_up_kernel[grid](
-        a, up_weight, up_bias if up_bias is not None else h, ids, res, y,
-        M, D, NB, L, bucket,
+        a, up_weight, up_bias if up_bias is not None else h, order, bounds, res, y,
+        M, D, NB, L, bucket, n_steps,
         up_weight.stride(0), up_weight.stride(1), up_weight.stride(2),
         *(up_bias.stride() if up_bias is not None else (0, 0)),
         res.stride(0), res.stride(1), y.stride(0), y.stride(1),
         float(scaling),
-        HAS_BIAS=up_bias is not None, HAS_IDS=adapter_ids is not None, DOT_FP32=dot_fp32, PRECISION=precision,
+        HAS_BIAS=up_bias is not None, HAS_IDS=has_ids, DOT_FP32=dot_fp32, PRECISION=precision,
     )
     return y, h
 
@@ -462,32 +510,35 @@ def bottleneck_backward(
     precision = fp32_precision()
     act = ACTIVATION_CODES[activation]
     bucket = m_bucket(M)
-    ids = adapter_ids.contiguous() if adapter_ids is not None else h
+    has_ids = adapter_ids is not None
+    # One grouping of the rows by adapter serves the dh, dx and weight-gradient kernels.
+    order, bounds, n_steps = _row_groups(adapter_ids, L, h)
 
     dh = torch.empty((M, NB), device=x.device, dtype=operand)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(NB, meta["BLOCK_N"]),)
+    grid = lambda meta: (_row_tiles(M, L, meta["BLOCK_M"], has_ids) * triton.cdiv(NB, meta["BLOCK_N"]),)
     _bottleneck_bwd_dh_kernel[grid](
-        grad_y, up_weight, ids, h, dh,
-        M, NB, D, L, bucket,
+        grad_y, up_weight, order, bounds, h, dh,
+        M, NB, D, L, bucket, n_steps,
         grad_y.stride(0), grad_y.stride(1), up_weight.stride(0), up_weight.stride(1), up_weight.stride(2),
         float(scaling),
-        HAS_IDS=adapter_ids is not None, ACT=act, DOT_FP32=dot_fp32, PRECISION=precision,
+        HAS_IDS=has_ids, ACT=act, DOT_FP32=dot_fp32, PRECISION=precision,
     )
     dx = None
     if need_dx:
         dx = torch.empty((M, D), device=x.device, dtype=x.dtype)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+        grid = lambda meta: (_row_tiles(M, L, meta["BLOCK_M"], has_ids) * triton.cdiv(D, meta["BLOCK_N"]),)
         _bottleneck_bwd_dx_kernel[grid](
-            dh, down_weight, ids, grad_y, dx,
-            M, D, NB, L, bucket,
+            dh, down_weight, order, bounds, grad_y, dx,
+            M, D, NB, L, bucket, n_steps,
             down_weight.stride(0), down_weight.stride(1), down_weight.stride(2),
             grad_y.stride(0), grad_y.stride(1), dx.stride(0), dx.stride(1),
-            HAS_IDS=adapter_ids is not None, ADD_DY=add_grad_y, DOT_FP32=dot_fp32, PRECISION=precision,
+            HAS_IDS=has_ids, ADD_DY=add_grad_y, DOT_FP32=dot_fp32, PRECISION=precision,
         )
     if not need_weights:
         return dx, None, None, None, None
-    order, segments = adapter_segments(adapter_ids, L) if adapter_ids is not None else (None, None)
-    d_up, d_up_bias = _weight_grad(grad_y, h, order, segments, L, scaling, has_up_bias, act, dot_fp32)
-    d_down, d_down_bias = _weight_grad(dh, x, order, segments, L, 1.0, has_down_bias, None, dot_fp32)
+    if not has_ids:
+        order = bounds = None
+    d_up, d_up_bias = _weight_grad(grad_y, h, order, bounds, L, scaling, has_up_bias, act, dot_fp32)
+    d_down, d_down_bias = _weight_grad(dh, x, order, bounds, L, 1.0, has_down_bias, None, dot_fp32)
     cast = lambda t: None if t is None else t.to(wdtype)
     return dx, cast(d_down), cast(d_down_bias), cast(d_up), cast(d_up_bias)
