@@ -4,8 +4,9 @@ Triton's CPU interpreter (what the CPU tests run) is lenient where the compiler 
 value that changes type, a ``tl.dot`` shape or dtype the hardware lacks, a tile that needs more shared
 memory than an SM has. This tool runs the ops' forward and backward on CPU tensors with backend "triton"
 while Triton believes it drives an sm_90 (or sm_80) device: every launch is compiled by the real compiler
-and ``ptxas`` and never run (the outputs are left unwritten), and every autotune config is compiled instead
-of timed. It needs neither a GPU nor a CUDA driver, only triton's bundled ``ptxas``.
+and ``ptxas`` and never run (the outputs are left unwritten), and every autotune config the autotuner would
+time (after its pruning: the register budgets of triton_kernels/_common.py) is compiled instead of timed.
+It needs neither a GPU nor a CUDA driver, only triton's bundled ``ptxas``.
 
     python tests/_triton_compile.py [--arch 90 80] [--quick] [--report FILE]
 
@@ -86,7 +87,8 @@ class _FakeDriver:
 def compile_only(arch: int, first_config: bool, record: Callable[[str, object, str, float], None],
                  launched: Callable[[JITFunction, dict, int], None] | None = None) -> Iterator[None]:
     """Inside: Triton compiles for sm_<arch> and launches nothing; autotuned kernels compile every config
-    (or only their first); ``record(kernel name, compiled kernel, config, seconds)`` sees each compile, and
+    that the autotuner would time for the launch's arguments, after its pruning (or only the first of those);
+    ``record(kernel name, compiled kernel, config, seconds)`` sees each compile, and
     ``launched(jit function, {parameter name: argument}, programs in its grid)`` each launch it stands for
     (benchmarks/perf_report.py counts them)."""
     jit_run, tuner_run = JITFunction.run, Autotuner.run
@@ -103,7 +105,16 @@ def compile_only(arch: int, first_config: bool, record: Callable[[str, object, s
         return kernel
 
     def tuned_run(self, *args, **kwargs):
-        for index, config in enumerate(self.configs[:1] if first_config else self.configs):
+        # The configs the autotuner would time for these arguments: its own pruning (the register budgets
+        # of triton_kernels/_common.py), which it skips when there is a single config.
+        configs = self.configs
+        if len(configs) > 1:
+            self.nargs = dict(zip(self.arg_names, args))
+            try:
+                configs = self.prune_configs(kwargs)
+            finally:
+                self.nargs = None
+        for index, config in enumerate(configs[:1] if first_config else configs):
             config_text[0], later_config[0] = str(config), index > 0
             try:
                 self.fn.run(*args, **kwargs, **config.all_kwargs())

@@ -90,3 +90,39 @@ def test_the_interpreter_accepts_what_the_compiler_rejects(tmp_path):
     result = _run([], compiled)
     assert "REFUSED CompilationError" in result.stdout, result.stdout + result.stderr
     assert "LAUNCHED NOTHING 0.0" in result.stdout
+
+
+# An autotuned kernel with a register budget: compile_only compiles what the autotuner would time, the configs
+# left after its pruning (benchmarks/perf_report.py's static report sees the same).
+_BUDGETED_KERNEL = """
+import torch, triton, triton.language as tl
+import _triton_compile as check
+from peftkern.triton_kernels._common import TileBudget, autotune
+
+configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4) for m in (128, 64, 32)]
+
+@autotune(configs, ["n"], budget=lambda args: TileBudget(16 if args["SMALL"] else 32))
+@triton.jit
+def fill(X, n, SMALL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    tl.store(X + tl.arange(0, BLOCK_M), tl.zeros((BLOCK_M,), tl.float32))
+
+x = torch.zeros(128)
+for small in (False, True):
+    for first in (False, True):
+        seen = []
+        with check.compile_only(90, first, lambda name, kernel, config, seconds: seen.append(config)):
+            fill[(1,)](x, 128, SMALL=small)
+        print("SMALL" if small else "LARGE", "FIRST" if first else "ALL", [c.split(",")[0] for c in seen])
+"""
+
+
+def test_compile_only_compiles_the_configs_left_after_pruning(tmp_path):
+    script = tmp_path / "budgeted.py"
+    script.write_text(_BUDGETED_KERNEL)
+    result = _run([], script)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "LARGE ALL ['BLOCK_M: 64', 'BLOCK_M: 32']" in output, output  # 128 x 64 / 128 threads = 64 > 32
+    assert "LARGE FIRST ['BLOCK_M: 64']" in output, output
+    assert "SMALL ALL ['BLOCK_M: 32']" in output, output
+    assert "SMALL FIRST ['BLOCK_M: 32']" in output, output

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -62,14 +64,91 @@ def gemm_configs(wide: bool = False) -> list[triton.Config]:
     ]
 
 
-def autotune(configs: list[triton.Config], key: list[str]):
+class TileBudget(NamedTuple):
+    """Per-thread tile sizes a config may have and still fit sm_90's 255 registers without spilling.
+
+    ``accumulator``: the fp32 output tile's values per thread, BLOCK_M * BLOCK_N / (32 * num_warps), held
+    across the K loop. ``operands``: the values per thread of one K step's input tiles,
+    (BLOCK_M + BLOCK_N) * BLOCK_K / (32 * num_warps); None when they do not count (16-bit and plain TF32
+    tiles go from shared memory straight to the tensor cores).
+    """
+
+    accumulator: int
+    operands: int | None = None
+
+    def fits(self, config: triton.Config) -> bool:
+        accumulator, operands = tile_values(config)
+        return accumulator <= self.accumulator and (self.operands is None or operands <= self.operands)
+
+
+def tile_values(config: triton.Config) -> tuple[int, int]:
+    """(accumulator, operand) values per thread of a GEMM config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
+    meta, threads = config.kwargs, 32 * config.num_warps
+    return (meta["BLOCK_M"] * meta["BLOCK_N"] // threads,
+            (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] // threads)
+
+
+def register_budget(precision: str, fp32_loop: bool = False, fp32_epilogue: bool = False,
+                    busy: bool = False) -> TileBudget:
+    """The :class:`TileBudget` of one launch, from its constexpr switches.
+
+    Fitted to ``ptxas -v`` for sm_90a (triton 3.6; tests/_triton_compile.py, the static report's
+    kernels.json) over every GEMM kernel, config and switch here; each step is where spills began:
+
+    - 16-bit tiles (or fp32 ones in plain TF32 off the K loop): an accumulator of 128 values per thread
+      (128 x 256 with 8 warps, 128 x 128 with 4) compiles to about 250 registers, no spill.
+    - ``busy``: something else tile-sized is live beside it (the dropout mask of LoRA's dX, the bottleneck's
+      activation, residual or H tiles), or ``fp32_loop`` with plain TF32 (32-bit tiles): at 128 values
+      they spill (0.3-3 KB), at 64 (128 x 128 with 8 warps, 64 x 128 with 4) none does.
+    - ``fp32_epilogue`` with tf32x3 (an fp32 rank-r product split into TF32 head and tail beside the
+      accumulator, after the K loop): 64 values spill a few bytes, 32 none.
+    - ``fp32_loop`` with tf32x3 (every K step splits its fp32 tiles in registers): also the operands
+      count; at most 32 accumulator and 64 operand values (64 x 64 x 64 or 32 x 64 x 64 with 4 warps).
+    """
+    split = precision == "tf32x3"
+    if fp32_loop and split:
+        return TileBudget(32, 64)
+    if fp32_epilogue and split:
+        return TileBudget(32)
+    if fp32_loop or fp32_epilogue or busy:
+        return TileBudget(64)
+    return TileBudget(128)
+
+
+def fitting_configs(configs: list[triton.Config], budget: TileBudget) -> list[triton.Config]:
+    """The configs within ``budget``; never none: if no config fits, the one with the smallest tiles."""
+    kept = [config for config in configs if budget.fits(config)]
+    return kept or [min(configs, key=tile_values)]
+
+
+def autotune(configs: list[triton.Config], key: list[str],
+             budget: Callable[[dict[str, Any]], TileBudget] | None = None):
     """``triton.autotune`` as every kernel here uses it: ``key`` names the sizes that change the best config and
     the constexpr switches (dropout, bias, ids, activation, precision) that change the kernel itself, so a
     config tuned without dropout is never reused with it; results are cached on disk (Triton's cache, where
-    the installed Triton can), so a new process does not tune again."""
+    the installed Triton can), so a new process does not tune again.
+
+    ``budget(arguments)`` (the launch's arguments by name, constexpr switches included) gives the launch's
+    :func:`register_budget`: configs beyond it would spill registers, so they are dropped before timing
+    (Triton's ``early_config_prune``; tests/_triton_compile.py compiles what is left, the same list).
+    """
+    options: dict[str, Any] = {"configs": configs, "key": key}
+    if budget is not None:
+        options["prune_configs_by"] = {"early_config_prune": _pruner(budget)}
     if _AUTOTUNE_CACHES:
-        return triton.autotune(configs=configs, key=key, cache_results=True)
-    return triton.autotune(configs=configs, key=key)
+        options["cache_results"] = True
+    return triton.autotune(**options)
+
+
+def _pruner(budget: Callable[[dict[str, Any]], TileBudget]):
+    """Triton's ``early_config_prune`` (configs, positional arguments by name, keyword arguments) for
+    ``budget``, which it keeps as ``.budget``."""
+
+    def prune(configs, named_args, **kwargs):
+        return fitting_configs(configs, budget({**named_args, **kwargs}))
+
+    prune.budget = budget
+    return prune
 
 
 # Triton 3.4 and later can keep autotuning results on disk; 3.2 and 3.3 (torch 2.6 and 2.7's) cannot.

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    TileBudget,
     autotune,
     dot_in_fp32,
     fp32_precision,
@@ -43,12 +44,20 @@ from ._common import (
     interpreting,
     m_bucket,
     mma,
+    register_budget,
 )
 
 __all__ = ["ACTIVATION_CODES", "bottleneck_forward", "bottleneck_backward"]
 
 # constexpr code of each activation name ("swish" is "silu").
 ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swish": 3, "tanh": 4}
+
+
+def _budget(args: dict) -> TileBudget:
+    """Registers of the four row kernels' configs (``_common.register_budget``): their epilogues hold a
+    second tile-sized value (H and its activation, the residual, act'(H), dY), and with fp32 adapters
+    every K step splits fp32 tiles (tf32x3)."""
+    return register_budget(args["PRECISION"], fp32_loop=args["DOT_FP32"], busy=True)
 
 
 
@@ -195,7 +204,8 @@ def _adapter_bias(BIAS, adapter, live, cols, col_ok, stride_bl, stride_bn):
 # --------------------------------------------------------------------------------------------------------
 
 
-@autotune(gemm_configs(), ["M_BUCKET", "NB", "K", "L", "HAS_BIAS", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"])
+@autotune(gemm_configs(), ["M_BUCKET", "NB", "K", "L", "HAS_BIAS", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"],
+          budget=_budget)
 @triton.jit
 def _bottleneck_down_kernel(
     X, W, BIAS, ORDER, BOUNDS, H, A,
@@ -220,7 +230,8 @@ def _bottleneck_down_kernel(
     tl.store(A + offsets, activate(acc, ACT).to(A.dtype.element_ty), mask=mask)
 
 
-@autotune(gemm_configs(), ["M_BUCKET", "N", "NB", "L", "HAS_BIAS", "HAS_IDS", "DOT_FP32", "PRECISION"])
+@autotune(gemm_configs(), ["M_BUCKET", "N", "NB", "L", "HAS_BIAS", "HAS_IDS", "DOT_FP32", "PRECISION"],
+          budget=_budget)
 @triton.jit
 def _bottleneck_up_kernel(
     A, W, BIAS, ORDER, BOUNDS, RES, Y,
@@ -250,7 +261,8 @@ def _bottleneck_up_kernel(
 # --------------------------------------------------------------------------------------------------------
 
 
-@autotune(gemm_configs(), ["M_BUCKET", "NB", "N", "L", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"])
+@autotune(gemm_configs(), ["M_BUCKET", "NB", "N", "L", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"],
+          budget=_budget)
 @triton.jit
 def _bottleneck_bwd_dh_kernel(
     DY, W, ORDER, BOUNDS, H, DH,
@@ -274,7 +286,8 @@ def _bottleneck_bwd_dh_kernel(
     tl.store(DH + offsets, (scaling * acc * activate_grad(h, ACT)).to(DH.dtype.element_ty), mask=mask)
 
 
-@autotune(gemm_configs(), ["M_BUCKET", "K", "NB", "L", "HAS_IDS", "ADD_DY", "DOT_FP32", "PRECISION"])
+@autotune(gemm_configs(), ["M_BUCKET", "K", "NB", "L", "HAS_IDS", "ADD_DY", "DOT_FP32", "PRECISION"],
+          budget=_budget)
 @triton.jit
 def _bottleneck_bwd_dx_kernel(
     DH, W, ORDER, BOUNDS, DY, DX,

@@ -37,6 +37,7 @@ from ._common import (
     m_bucket,
     mma,
     rank_block,
+    register_budget,
 )
 
 __all__ = ["lora_forward", "lora_backward"]
@@ -52,6 +53,16 @@ def _col_block() -> int:
 
 
 _DY_WARPS = 8
+
+
+def _dy_row_block(dy_dtype: torch.dtype, precision: str) -> int:
+    """Rows per step of the dy kernel: 64, but 32 when dY is fp32 and split for tf32x3 (its TF32 head and
+    tail, for dS and transposed for dB, live beside the partial dB: 64 rows spilled 684 B per thread, 32
+    use 214 registers and none; ptxas -v, sm_90a, triton 3.6). Halving the columns instead would double
+    the dS partials' workspace."""
+    if not interpreting() and dy_dtype == torch.float32 and precision == "tf32x3":
+        return 32
+    return _row_block()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -92,7 +103,8 @@ def _lora_shrink_kernel(
 
 
 @autotune(gemm_configs(wide=True),
-          ["M_BUCKET", "N", "K", "R", "HAS_BIAS", "BASE_FP32", "LORA_FP32", "PRECISION", "COL_SCALE"])
+          ["M_BUCKET", "N", "K", "R", "HAS_BIAS", "BASE_FP32", "LORA_FP32", "PRECISION", "COL_SCALE"],
+          budget=lambda args: register_budget(args["PRECISION"], fp32_loop=args["BASE_FP32"]))
 @triton.jit
 def _lora_fwd_kernel(
     X, W, BIAS, S, B, Y, SCALE,
@@ -211,7 +223,8 @@ def _lora_bwd_reduce_kernel(
 
 
 @autotune(
-    gemm_configs(wide=True), ["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "BASE_FP32", "LORA_FP32", "PRECISION"]
+    gemm_configs(wide=True), ["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "BASE_FP32", "LORA_FP32", "PRECISION"],
+    budget=lambda args: register_budget(args["PRECISION"], fp32_loop=args["BASE_FP32"], busy=args["HAS_DROPOUT"]),
 )
 @triton.jit
 def _lora_bwd_dx_kernel(
@@ -381,7 +394,8 @@ def lora_backward(
 
     # dS and dB from one read of dY: row chunks x column blocks, partial sums in fp32 workspaces written once
     # each, then reduced in a fixed order (deterministic) and scaled by one launch.
-    n_chunks, rows_per_chunk = _chunks(M, block_m, 16)
+    dy_block_m = _dy_row_block(grad_y.dtype, precision)
+    n_chunks, rows_per_chunk = _chunks(M, dy_block_m, 16)
     n_splits = triton.cdiv(N, block_n)
     ds_part = torch.empty((n_splits, M, R), device=device, dtype=torch.float32)
     db_part = torch.empty((n_chunks, N, R), device=device, dtype=torch.float32)
@@ -390,7 +404,7 @@ def lora_backward(
         M, N, R, rows_per_chunk,
         grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
         LORA_FP32=lora_fp32, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=_DY_WARPS,
+        BLOCK_M=dy_block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=_DY_WARPS,
     )
     ds = torch.empty((M, R), device=device, dtype=torch.float32)
     grad_b = torch.empty((N, R), device=device, dtype=lora_b.dtype)

@@ -53,6 +53,7 @@ from ._common import (
     lowrank_dot,
     m_bucket,
     mma,
+    register_budget,
 )
 from ._segments import Segments, build_segments
 
@@ -79,13 +80,15 @@ def _decode_configs() -> list[triton.Config]:
 def _dense_configs() -> list[triton.Config]:
     """Prefill fused kernel: dense tiles of the sorted rows, so BLOCK_M is tuned with the rest. (No 128 x 256
     tile, and 128 x 128 only with 8 warps: with the per-adapter epilogue loop the others spill in fp32, TF32
-    included, on sm_90 with triton 3.6 and 3.9.)"""
+    included, on sm_90 with triton 3.6 and 3.9.) 64 x 64 x 64 is the one within the register budget of
+    fp32 activations with tf32x3 (``_common.register_budget``)."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
             (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 128, 4, 3),
+            (64, 64, 64, 4, 4),
         ]
     ]
 
@@ -236,7 +239,8 @@ def _multi_lora_shrink_segment_kernel(
     tl.store(T + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & (ranks < R)[None, :])
 
 
-@autotune(_decode_configs(), ["M_BUCKET", "C", "J", "R", "HAS_BIAS", "HAS_SCALE", "BASE_FP32", "PRECISION"])
+@autotune(_decode_configs(), ["M_BUCKET", "C", "J", "R", "HAS_BIAS", "HAS_SCALE", "BASE_FP32", "PRECISION"],
+          budget=lambda args: register_budget(args["PRECISION"], fp32_loop=args["BASE_FP32"]))
 @triton.jit
 def _multi_lora_fused_decode_kernel(
     IN, W, BIAS, T, E, IDS, RANKS, SCALES, OUT,
@@ -286,7 +290,9 @@ def _multi_lora_fused_decode_kernel(
 
 
 @autotune(
-    _dense_configs(), ["M_BUCKET", "C", "J", "R", "HAS_BIAS", "HAS_SCALE", "BASE_FP32", "PRECISION", "EXPAND_FP32"]
+    _dense_configs(), ["M_BUCKET", "C", "J", "R", "HAS_BIAS", "HAS_SCALE", "BASE_FP32", "PRECISION", "EXPAND_FP32"],
+    budget=lambda args: register_budget(args["PRECISION"], fp32_loop=args["BASE_FP32"],
+                                        fp32_epilogue=args["EXPAND_FP32"]),
 )
 @triton.jit
 def _multi_lora_fused_segment_kernel(
