@@ -20,7 +20,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 def gpu_lists(monkeypatch):
     """(gemm_configs(wide=False), gemm_configs(wide=True), multi-LoRA decode, multi-LoRA prefill) as a GPU
     gets them."""
-    from peftkern.triton_kernels import _common, multi_lora
+    # Import every kernel module first: one imported while `interpreting` is patched would keep the GPU lists
+    # in its autotuners, and the interpreter tests after this one would time them.
+    from peftkern.triton_kernels import _common, bottleneck, lora, multi_lora  # noqa: F401
 
     monkeypatch.setattr(_common, "interpreting", lambda: False)
     monkeypatch.setattr(multi_lora, "interpreting", lambda: False)
