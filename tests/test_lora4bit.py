@@ -604,18 +604,21 @@ def test_triton_kernels_decode_bitsandbytes_weights_bit_exactly(monkeypatch, qua
     """x = I gives y = W.T and dY = I gives dX = W (zero adapters, fp32 sums of one product): the tiles the kernels
     decode in their main loops equal the reference's dense weight bit for bit, for every storage layout they
     handle (K even or odd, blocks within or across rows, one scale per tile row or per element: the last case
-    with 64-wide tiles over blocks of 32)."""
+    with 64-wide tiles over blocks of 32), and a double-quantized absmax over more than one nested block (the
+    kernels decode it per tile)."""
     import triton
 
     from peftkern.triton_kernels import lora4bit
 
     generator = torch.Generator().manual_seed(7)
     cases = [(64, (24, 128), torch.float32), (32, (17, 33), torch.float16), (128, (24, 80), torch.bfloat16),
-             (4096, (9, 50), torch.float32), (32, (12, 64), torch.bfloat16), (32, (12, 64), "wide")]
+             (4096, (9, 50), torch.float32), (32, (12, 64), torch.bfloat16), (32, (12, 64), "wide"),
+             (32, (40, 224), torch.float32)]  # 280 blocks: two nested blocks of 256
     for blocksize, (N, K), dtype in cases:
         if dtype == "wide":
             wide = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP": 4}, num_warps=1)]
-            for kernel in (lora4bit._lora4bit_fwd_kernel, lora4bit._lora4bit_bwd_dx_kernel):
+            for kernel in (lora4bit._lora4bit_fwd_kernel, lora4bit._lora4bit_bwd_dx_kernel,
+                           lora4bit._lora4bit_fwd_kernel_fp32, lora4bit._lora4bit_bwd_dx_kernel_fp32):
                 monkeypatch.setattr(kernel, "configs", wide)
             dtype = torch.float16
         weight = _weight4bit(*_quantize(torch.randn(N, K, generator=generator).to(dtype), quant_type, blocksize,

@@ -6,8 +6,8 @@ double-quantized). The torch backend dequantizes it for the one matmul that need
 weight is never saved for backward (backward dequantizes again) and never stored on a layer. The low-rank
 part, the dropout stream and the saved [M, r] intermediate are ``lora_linear``'s (the same code).
 The triton backend (``triton_kernels/lora4bit.py``) decodes tiles of the packed weight inside its GEMM main loops
-(forward and dX), so no dense weight is ever written; a double-quantized absmax is expanded to float32 first (one
-float per block, computed per call, never kept). The cuda backend has no 4-bit kernel yet and raises.
+(forward and dX), so no dense weight is ever written; a double-quantized absmax is decoded there too (no
+expanded copy either). The cuda backend has no 4-bit kernel yet and raises.
 """
 
 from __future__ import annotations
@@ -169,19 +169,20 @@ def _no_kernel(backend: str) -> ValueError:
     )
 
 
-def _kernel_storage(packed, absmax, nested_absmax, nested_code, offset, meta):
-    """(packed bytes as contiguous uint8, absmax as float32 [blocks]): what the Triton kernels read. A
-    double-quantized absmax is expanded here, once per call (N * K / blocksize floats, dropped after the call)."""
-    nested_blocksize = meta[2]
+def _kernel_storage(packed, absmax, nested_absmax, nested_code, offset):
+    """(packed bytes as contiguous uint8, absmax): what the Triton kernels read; a double-quantized absmax stays
+    in its codes (the kernels decode it per tile), passed as keywords with its nested tables."""
     data = packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)
+    nested = {}
     if nested_absmax is not None:
-        absmax = reference.dequantize_4bit_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
-    return data.reshape(-1).contiguous(), absmax.reshape(-1).float().contiguous()
+        nested = dict(nested_absmax=nested_absmax.reshape(-1).contiguous(),
+                      nested_code=nested_code.reshape(-1).contiguous(), offset=offset.reshape(-1).contiguous())
+    return (data.reshape(-1).contiguous(), absmax.reshape(-1).contiguous()), nested
 
 
 def _kernel_meta(meta):
-    quant_type, blocksize, _, out_features, weight_dtype, base_dtype = meta
-    return quant_type, blocksize, out_features, weight_dtype, base_dtype
+    quant_type, blocksize, nested_blocksize, out_features, weight_dtype, base_dtype = meta
+    return (quant_type, blocksize, out_features, weight_dtype, base_dtype), {"nested_blocksize": nested_blocksize}
 
 
 def _forward_impl(x, quant, bias, lora_a, lora_b, scaling, dropout_p, seed, meta, backend):
@@ -189,8 +190,10 @@ def _forward_impl(x, quant, bias, lora_a, lora_b, scaling, dropout_p, seed, meta
         from ..triton_kernels.lora4bit import lora4bit_forward
 
         bias = None if bias is None else bias.contiguous()
-        return lora4bit_forward(x, *_kernel_storage(*quant, meta), bias, lora_a, lora_b, scaling, dropout_p, seed,
-                                *_kernel_meta(meta))
+        (data, absmax), nested = _kernel_storage(*quant)
+        positional, keywords = _kernel_meta(meta)
+        return lora4bit_forward(x, data, absmax, bias, lora_a, lora_b, scaling, dropout_p, seed, *positional,
+                                **keywords, **nested)
     if backend != "torch":
         raise _no_kernel(backend)
     weight = _dequantize(x.shape[1], *quant, meta)
@@ -201,8 +204,10 @@ def _backward_impl(grad_y, x, quant, lora_a, lora_b, s, scaling, dropout_p, seed
     if backend == "triton":
         from ..triton_kernels.lora4bit import lora4bit_backward
 
-        return lora4bit_backward(grad_y, x, *_kernel_storage(*quant, meta), lora_a, lora_b, s, scaling, dropout_p,
-                                 seed, need_dx, *_kernel_meta(meta))
+        (data, absmax), nested = _kernel_storage(*quant)
+        positional, keywords = _kernel_meta(meta)
+        return lora4bit_backward(grad_y, x, data, absmax, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx,
+                                 *positional, **keywords, **nested)
     if backend != "torch":
         raise _no_kernel(backend)
     weight = _dequantize(x.shape[1], *quant, meta) if need_dx else None
