@@ -146,7 +146,8 @@ def _dequantize(in_features, packed, absmax, nested_absmax, nested_code, offset,
     data = packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)
     # A float32 weight is rounded once, to the base dtype: the same as through float32.
     dtype = base_dtype if weight_dtype == torch.float32 and base_dtype in _CPU_OUT_KINDS else weight_dtype
-    if (data.device.type == "cpu" and _cpu_kernels() is not None
+    # hasattr: an extension built before the kernel existed (an older editable install) has only the dropout.
+    if (data.device.type == "cpu" and hasattr(_cpu_kernels(), "dequantize_4bit")
             and plain_eager(data, absmax, nested_absmax, nested_code, offset)):
         dense = _dequantize_cpu(data.contiguous(), numel, absmax, nested_absmax, nested_code, offset, quant_type,
                                 blocksize, nested_blocksize, dtype)
