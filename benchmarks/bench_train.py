@@ -19,6 +19,7 @@ against ``from_peft`` (backend triton on a GPU, the default elsewhere).
     python3 benchmarks/bench_train.py                  # GPU
     python3 benchmarks/bench_train.py --smoke --out /tmp/bench
     python3 benchmarks/bench_train.py --device cpu     # CPU: peft vs from_peft, interleaved (see cpu_compare)
+    python3 benchmarks/bench_train.py --device cpu --qlora   # the same over a bitsandbytes 4-bit base
 """
 
 from __future__ import annotations
@@ -280,17 +281,24 @@ def cpu_slug() -> str:
     return f"{slug}-{os.cpu_count()}-cores"
 
 
-def _build_cpu_pair(config: dict, dropout_p: float):
+def _build_cpu_pair(config: dict, dropout_p: float, qlora: bool = False):
     cpu = torch.device("cpu")
+    if qlora:
+        theirs = build_qlora_model(config, cpu, torch.bfloat16, dropout_p)
+        ours = _from_peft()(build_qlora_model(config, cpu, torch.bfloat16, dropout_p))
+        return theirs, ours
     theirs = build_peft_model(config, cpu, torch.float32, dropout_p)
     ours = _from_peft()(build_peft_model(config, cpu, torch.float32, dropout_p))
     return theirs, ours
 
 
-def cpu_compare(steps: int, warmup: int, out: Path) -> Path:
+def cpu_compare(steps: int, warmup: int, out: Path, qlora: bool = False) -> Path:
     """peft and peft + ``from_peft`` on the same small fp32 Llama, one step of each in turn (so load on the
     machine falls on both alike), for each dropout in CPU_DROPOUTS; median wall and process-CPU times per
     step, their ratio, and the bytes autograd saves. Writes ``<out>/<cpu slug>/train_cpu_<N>_threads.json``.
+    ``qlora``: the QLoRA variant instead (the same Llama in bf16, its decoder linear layers in bitsandbytes
+    4-bit as :func:`build_qlora_model` makes them: peft + bitsandbytes against ``from_peft``'s torch backend);
+    writes ``train_cpu_qlora_<N>_threads.json``.
 
     The CPU time is the calling thread's (``time.thread_time``): with one torch thread it is the step's whole
     CPU time and hardly moves with other load on the machine, which wall time does."""
@@ -302,7 +310,7 @@ def cpu_compare(steps: int, warmup: int, out: Path) -> Path:
     batches = torch.randint(0, config["vocab"], (warmup + steps, config["batch"], config["seq"]), generator=generator)
     rows, ratios = [], {}
     for dropout_p in CPU_DROPOUTS:
-        models = dict(zip(("peft", "peftkern"), _build_cpu_pair(config, dropout_p)))
+        models = dict(zip(("peft", "peftkern"), _build_cpu_pair(config, dropout_p, qlora)))
         saved = {}
         for name, model in models.items():  # one forward each: what autograd holds for its backward
             with harness.saved_bytes(model.parameters()) as total:
@@ -348,18 +356,21 @@ def cpu_compare(steps: int, warmup: int, out: Path) -> Path:
             )
         del models, optimizers
         gc.collect()
+    model_kind = ("bf16 Llama, its decoder linear layers in bitsandbytes NF4 (double quant), fp32 LoRA r16 on "
+                  "them: peft + bitsandbytes" if qlora else "fp32 Llama with LoRA r16 on every linear layer: peft")
     result = {
-        "what": "one train step (forward, backward, AdamW) of a small fp32 Llama with LoRA r16 on every linear "
-                "layer: peft against peftkern.from_peft, steps interleaved; times are CPU times, medians with "
-                "20/80 quantiles in ms",
+        "what": f"one train step (forward, backward, AdamW) of a small {model_kind} against peftkern.from_peft, "
+                "steps interleaved; wall and calling-thread CPU times, medians with 20/80 quantiles in ms",
         "device": cpu_slug(), "threads": torch.get_num_threads(), "steps": steps, "warmup_steps": warmup,
-        "config": config | {"rank": RANK, "alpha": ALPHA, "dtype": "float32"},
+        "config": config | {"rank": RANK, "alpha": ALPHA, "dtype": "bfloat16" if qlora else "float32",
+                            "qlora": qlora},
         "versions": {"torch": torch.__version__, "peft": peft.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ratios": ratios, "rows": rows,
     }
-    path = out / cpu_slug() / f"train_cpu_{torch.get_num_threads()}_threads.json"
+    variant = "train_cpu_qlora" if qlora else "train_cpu"
+    path = out / cpu_slug() / f"{variant}_{torch.get_num_threads()}_threads.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     for key, value in ratios.items():
@@ -374,10 +385,12 @@ def _cpu_main(argv: list[str]) -> None:
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
+    parser.add_argument("--qlora", action="store_true",
+                        help="the QLoRA variant: bf16 model, bitsandbytes 4-bit decoder linears (peft + bitsandbytes)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"[train cpu] -> {cpu_compare(args.steps, args.warmup_steps, args.out)}")
+    print(f"[train cpu] -> {cpu_compare(args.steps, args.warmup_steps, args.out, args.qlora)}")
 
 
 if __name__ == "__main__":

@@ -408,6 +408,25 @@ def test_train_compares_loss_curves(monkeypatch):
     assert set(bench_train.summarize(bench.rows, True)) == expected
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_train_cpu_compare_qlora_variant(monkeypatch, tmp_path):
+    """``bench_train.py --device cpu --qlora`` on the smoke model: peft + bitsandbytes against from_peft, a file
+    of its own with both rows, the ratios, and loss curves that agree at dropout 0."""
+    pytest.importorskip("bitsandbytes")
+    import bench_train
+
+    monkeypatch.setattr(bench_train, "CPU", bench_train.SMOKE)
+    path = bench_train.cpu_compare(1, 0, tmp_path, qlora=True)
+    assert path.name == f"train_cpu_qlora_{torch.get_num_threads()}_threads.json"
+    result = json.loads(path.read_text())
+    assert result["config"]["qlora"] is True and result["config"]["dtype"] == "bfloat16"
+    assert [(row["provider"], row["dropout_p"]) for row in result["rows"]] == [
+        (name, p) for p in bench_train.CPU_DROPOUTS for name in ("peft", "peftkern")]
+    assert result["ratios"]["loss_max_rel_diff_vs_peft_dropout_0"] < bench_train.LOSS_RTOL
+    assert result["ratios"]["step_thread_cpu_time_vs_peft_dropout_0"] > 0
+
+
 def _row(bench, provider, mode, shapes, params, median, peak=None):
     return bench.record(bench.row(provider, mode, shapes, "bfloat16", params, (median, median, median), peak))
 

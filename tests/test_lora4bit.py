@@ -5,6 +5,7 @@ every linear layer run by ``from_peft`` (logits, adapter gradients, training, pe
 from __future__ import annotations
 
 import copy
+import importlib
 import itertools
 
 import pytest
@@ -427,19 +428,113 @@ def test_save_and_load_adapter_of_an_injected_4bit_model(tmp_path):
     assert torch.equal(loaded(x), expected)
 
 
+def _use_simd(simd):
+    """Switch peftkern._cpu to ``simd`` (skip where this CPU lacks it); returns the instruction set to restore."""
+    module = importlib.import_module("peftkern._cpu")
+    before = module.simd()
+    try:
+        module.use_simd(simd)
+    except ValueError as error:
+        if simd == "scalar":
+            raise
+        pytest.skip(f"this CPU cannot run {simd}: {error}")
+    return module, before
+
+
+# Odd sizes, rows shorter than a block (5 x 3, 33 x 17), vector tails, and more than one scale batch of blocks.
+DEQUANT_SHAPES = [(48, 80), (33, 17), (5, 3), (1, 1), (7, 130), (300, 200)]
+
+
+@pytest.mark.parametrize("simd", ["avx512f", "avx2", "scalar"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_torch_backend_dequantizes_bit_exactly_as_the_reference(quant_type):
+def test_torch_backend_dequantizes_bit_exactly_as_the_reference(quant_type, simd):
+    """The torch backend's dequantize (peftkern._cpu's kernel on the CPU) in every instruction set: every blocksize,
+    double quant on and off, every weight dtype, each written straight to fp32, fp16 or bf16."""
     from peftkern.ops.lora4bit import _dequantize
 
+    module, before = _use_simd(simd)
     generator = torch.Generator().manual_seed(9)
-    for blocksize, shape, nested, dtype in itertools.product((32, 64, 256, 4096), [(48, 80), (33, 17), (5, 3)],
-                                                             (False, True), DTYPES):
-        weight = _weight4bit(*_quantize(torch.randn(shape, generator=generator).to(dtype), quant_type, blocksize,
-                                        nested))
-        meta = (quant_type, blocksize, weight.nested_blocksize, shape[0], dtype, torch.float32)
-        fast = _dequantize(shape[1], weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
-                           weight.offset, meta)
-        assert torch.equal(fast, _reference_dense(weight, torch.float32)), (blocksize, shape, nested, dtype)
+    try:
+        for blocksize, shape, nested, dtype in itertools.product(BLOCKSIZES, DEQUANT_SHAPES, (False, True), DTYPES):
+            weight = _weight4bit(*_quantize(torch.randn(shape, generator=generator).to(dtype), quant_type,
+                                            blocksize, nested))
+            for base_dtype in DTYPES:
+                meta = (quant_type, blocksize, weight.nested_blocksize, shape[0], dtype, base_dtype)
+                fast = _dequantize(shape[1], weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
+                                   weight.offset, meta)
+                expected = _reference_dense(weight, base_dtype)
+                assert fast.dtype == base_dtype and fast.shape == shape
+                assert torch.equal(fast, expected), (blocksize, shape, nested, dtype, base_dtype)
+    finally:
+        module.use_simd(before)
+
+
+@pytest.mark.parametrize("simd", ["avx512f", "avx2", "scalar"])
+def test_cpu_dequantize_rounds_as_torch_over_the_whole_range(simd):
+    """peftkern._cpu.dequantize_4bit on random bytes and absmax spread over 2**-40 .. 2**40: products that are
+    float16 subnormals, round to float16 infinity, or round up a bf16 exponent, each rounded as torch rounds them
+    (two threads, so the split of the blocks is covered too)."""
+    module, before = _use_simd(simd)
+    generator = torch.Generator().manual_seed(4)
+    numel, blocksize = (1 << 21) + 37, 32
+    blocks = -(-numel // blocksize)
+    packed = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8, generator=generator)
+    absmax = torch.exp2(torch.rand(blocks, generator=generator) * 80 - 40)
+    try:
+        for quant_type, (dtype, kind) in itertools.product(
+                ("nf4", "fp4"), ((torch.float32, 0), (torch.float16, 1), (torch.bfloat16, 2))):
+            code = reference.four_bit_code(quant_type)
+            out = torch.empty(numel, dtype=dtype)
+            module.dequantize_4bit(packed.data_ptr(), numel, code.data_ptr(), blocksize, absmax.data_ptr(), 0, 0, 256,
+                                   0.0, out.data_ptr(), kind, 2)
+            expected = reference.dequantize_4bit(packed, absmax, quant_type, blocksize, (numel,), dtype)
+            assert torch.equal(out, expected), (quant_type, dtype)
+            if dtype == torch.float16:  # the cases named above are there
+                assert bool(out.isinf().any()) and bool(((out != 0) & (out.abs() < 2**-14)).any())
+    finally:
+        module.use_simd(before)
+
+
+def test_cpu_dequantize_kernel_is_what_the_torch_backend_runs(monkeypatch):
+    """On the CPU the torch backend's forward and backward each call peftkern._cpu once; without the extension, or
+    with one built before its dequantize kernel existed, the torch ops give the same output and gradients."""
+    from peftkern.ops import lora4bit as ops_lora4bit
+
+    module = importlib.import_module("peftkern._cpu")
+    calls = []
+
+    class Spy:
+        def dequantize_4bit(self, *args):
+            calls.append(args)
+            return module.dequantize_4bit(*args)
+
+    x, weight, bias, lora_a, lora_b = _op_inputs(torch.bfloat16, torch.float32, "nf4", nested=True)
+    results = []
+    for kernels in (Spy(), None, object()):
+        monkeypatch.setattr(ops_lora4bit, "_cpu_kernels", lambda kernels=kernels: kernels)
+        inputs = [cast(t, t.dtype, True) for t in (x, lora_a, lora_b)]
+        y = lora_linear_4bit(inputs[0], weight, bias, inputs[1], inputs[2], 0.7, 0.25, seed=3, backend="torch")
+        y.backward(torch.ones_like(y))
+        results.append([y, *(t.grad for t in inputs)])
+    assert len(calls) == 2
+    for ours, *fallbacks in zip(*results):
+        assert all(torch.equal(ours, fallback) for fallback in fallbacks)
+
+
+def test_cpu_dequantize_kernel_refuses_bad_arguments():
+    module = importlib.import_module("peftkern._cpu")
+    out, packed, absmax = torch.empty(8), torch.zeros(4, dtype=torch.uint8), torch.ones(1)
+    code = reference.four_bit_code("nf4")
+    args = dict(packed_address=packed.data_ptr(), numel=8, code_address=code.data_ptr(), blocksize=8,
+                absmax_address=absmax.data_ptr(), nested_code_address=0, nested_absmax_address=0, nested_blocksize=256,
+                offset=0.0, out_address=out.data_ptr(), out_kind=0, num_threads=1)
+    module.dequantize_4bit(**args)
+    assert torch.equal(out, reference.dequantize_4bit(packed, absmax, "nf4", 8, (8,), torch.float32))
+    for change, message in (({"blocksize": 7}, "blocksize must be even"), ({"out_kind": 3}, "out_kind must be"),
+                            ({"numel": -1}, "numel must be >= 0"), ({"out_address": 0}, "null address"),
+                            ({"nested_code_address": code.data_ptr()}, "needs nested_absmax")):
+        with pytest.raises(ValueError, match=message):
+            module.dequantize_4bit(**(args | change))
 
 
 def test_autocast_and_mixed_merge_refusal():
@@ -509,18 +604,21 @@ def test_triton_kernels_decode_bitsandbytes_weights_bit_exactly(monkeypatch, qua
     """x = I gives y = W.T and dY = I gives dX = W (zero adapters, fp32 sums of one product): the tiles the kernels
     decode in their main loops equal the reference's dense weight bit for bit, for every storage layout they
     handle (K even or odd, blocks within or across rows, one scale per tile row or per element: the last case
-    with 64-wide tiles over blocks of 32)."""
+    with 64-wide tiles over blocks of 32), and a double-quantized absmax over more than one nested block (the
+    kernels decode it per tile)."""
     import triton
 
     from peftkern.triton_kernels import lora4bit
 
     generator = torch.Generator().manual_seed(7)
     cases = [(64, (24, 128), torch.float32), (32, (17, 33), torch.float16), (128, (24, 80), torch.bfloat16),
-             (4096, (9, 50), torch.float32), (32, (12, 64), torch.bfloat16), (32, (12, 64), "wide")]
+             (4096, (9, 50), torch.float32), (32, (12, 64), torch.bfloat16), (32, (12, 64), "wide"),
+             (32, (40, 224), torch.float32)]  # 280 blocks: two nested blocks of 256
     for blocksize, (N, K), dtype in cases:
         if dtype == "wide":
             wide = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP": 4}, num_warps=1)]
-            for kernel in (lora4bit._lora4bit_fwd_kernel, lora4bit._lora4bit_bwd_dx_kernel):
+            for kernel in (lora4bit._lora4bit_fwd_kernel, lora4bit._lora4bit_bwd_dx_kernel,
+                           lora4bit._lora4bit_fwd_kernel_fp32, lora4bit._lora4bit_bwd_dx_kernel_fp32):
                 monkeypatch.setattr(kernel, "configs", wide)
             dtype = torch.float16
         weight = _weight4bit(*_quantize(torch.randn(N, K, generator=generator).to(dtype), quant_type, blocksize,

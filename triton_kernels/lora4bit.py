@@ -2,12 +2,14 @@
 Imports triton and torch only.
 
 The weight W [N, K] is bitsandbytes' ``quantize_4bit`` storage: ``ceil(N * K / 2)`` packed bytes (flat element
-j = n * K + k is the high nibble of byte j // 2 when j is even, its low nibble when odd), and one float32 scale
-per block of ``blocksize`` consecutive flat elements (``absmax``; a double-quantized absmax is expanded to float32
-by the caller first: a [N * K / blocksize] tensor, computed once per call). Element j of W is
-``code[nibble_j] * absmax[j // blocksize]`` in float32, rounded to the weight's dtype, then to the base GEMM's
-dtype: exactly ``peftkern.reference.dequantize_4bit``, so the GEMM sees bitsandbytes' own values. Each tile of W
-is decoded from the packed bytes into registers right before its ``tl.dot``; no dense W is ever written.
+j = n * K + k is the high nibble of byte j // 2 when j is even, its low nibble when odd), and one scale per block
+of ``blocksize`` consecutive flat elements: ``absmax`` in float32, or double-quantized (``compress_statistics``)
+as uint8 codes, block b's scale then ``nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + offset``
+(a float32 product rounded before the sum, as bitsandbytes computes it), decoded in the kernels beside the
+nibbles. Element j of W is ``code[nibble_j] * absmax[j // blocksize]`` in float32, rounded to the weight's dtype,
+then to the base GEMM's dtype: exactly ``peftkern.reference.dequantize_4bit``, so the GEMM sees bitsandbytes' own
+values. Each tile of W is decoded from the packed bytes into registers right before its ``tl.dot``; no dense W
+(and no expanded absmax) is ever written.
 
 Forward, two launches:
   shrink   S = dropout(X) @ A.T                                  ``lora.py``'s shrink kernel (the same stream)
@@ -106,8 +108,36 @@ def _code_value(code, NF4: tl.constexpr):
 
 
 @triton.jit
-def _dequantize_tile(PACKED, ABSMAX, ns, n_ok, k0, K,
+def _mul_rounded(a, b):
+    """a * b in float32, rounded on its own: never contracted with a following add into one FMA (bitsandbytes
+    stores the double-quantized absmax's product before adding the offset). PTX ``mul.rn`` is never fused."""
+    if _INTERPRETING:
+        product = a * b
+    else:
+        product = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                            is_pure=True, pack=1)
+    return product
+
+
+@triton.jit
+def _block_scales(ABSMAX, NESTED_CODE, NESTED_ABSMAX, OFFSET, blocks, mask,
+                  NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """The float32 scale of each block index in ``blocks`` (0 where ``mask`` is off): absmax[block], or the
+    double-quantized ``nested_code[absmax[block]] * nested_absmax[block // NESTED_BLOCKSIZE] + offset``."""
+    if NESTED:
+        codes = tl.load(ABSMAX + blocks, mask=mask, other=0).to(tl.int32)
+        product = _mul_rounded(tl.load(NESTED_CODE + codes, mask=mask, other=0.0),
+                               tl.load(NESTED_ABSMAX + blocks // NESTED_BLOCKSIZE, mask=mask, other=0.0))
+        scale = tl.where(mask, product + tl.load(OFFSET), 0.0)
+    else:
+        scale = tl.load(ABSMAX + blocks, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _dequantize_tile(PACKED, ABSMAX, NESTED_CODE, NESTED_ABSMAX, OFFSET, ns, n_ok, k0, K,
                      NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+                     NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                      W_DTYPE: tl.constexpr, BASE_DTYPE: tl.constexpr, TILE_K: tl.constexpr):
     """W[ns, k0:k0 + TILE_K] as a [len(ns), TILE_K] tile in the base dtype, decoded from the packed bytes.
 
@@ -129,15 +159,17 @@ def _dequantize_tile(PACKED, ABSMAX, ns, n_ok, k0, K,
     values = _code_value(codes, NF4)
     if ROW_BLOCKS and TILE_K <= BLOCKSIZE:
         # One block per row in this tile (K and k0 are multiples of TILE_K here): one scale per row.
-        scale = tl.load(ABSMAX + ns * (K // BLOCKSIZE) + k0 // BLOCKSIZE, mask=n_ok, other=0.0)
+        scale = _block_scales(ABSMAX, NESTED_CODE, NESTED_ABSMAX, OFFSET, ns * (K // BLOCKSIZE) + k0 // BLOCKSIZE,
+                              n_ok, NESTED, NESTED_BLOCKSIZE)
         values = values * scale[:, None]
     elif ROW_BLOCKS:
-        scale = tl.load(ABSMAX + ns[:, None] * (K // BLOCKSIZE) + ks[None, :] // BLOCKSIZE,
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        scale = _block_scales(ABSMAX, NESTED_CODE, NESTED_ABSMAX, OFFSET,
+                              ns[:, None] * (K // BLOCKSIZE) + ks[None, :] // BLOCKSIZE,
+                              n_ok[:, None] & k_ok[None, :], NESTED, NESTED_BLOCKSIZE)
         values = values * scale
     else:
-        scale = tl.load(ABSMAX + (ns[:, None] * K + ks[None, :]) // BLOCKSIZE,
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        scale = _block_scales(ABSMAX, NESTED_CODE, NESTED_ABSMAX, OFFSET, (ns[:, None] * K + ks[None, :]) // BLOCKSIZE,
+                              n_ok[:, None] & k_ok[None, :], NESTED, NESTED_BLOCKSIZE)
         values = values * scale
     # Masked elements decode to code * 0 (the scale's `other`); the cast is bitsandbytes' (fp32 product, rounded
     # once to the weight's dtype), then the base dtype's.
@@ -149,26 +181,42 @@ def _dequantize_tile(PACKED, ABSMAX, ns, n_ok, k0, K,
 # --------------------------------------------------------------------------------------------------------
 
 
-def _configs() -> list[triton.Config]:
-    """The GEMM tiles for the 4-bit kernels: BLOCK_K 32 first, since the decoded [BLOCK_N, BLOCK_K] tile of W lives
-    in registers beside the accumulator (with 64 the first config spilled: ptxas -v, sm_90)."""
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). BLOCK_K 32 first, since the decoded [BLOCK_N, BLOCK_K] tile of W
+# lives in registers beside the accumulator (with 64 the first config spilled; (16, 64, 128) spilled too).
+_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3),
+          (32, 64, 64, 4, 3), (16, 64, 64, 4, 4)]
+# With an fp32 operand (fp32 activations, or fp32 adapters beside 16-bit ones) the products split it for the
+# tensor cores (tf32x3) and hold more registers, and the other tiles spill on sm_90a (ptxas -v, triton 3.6, over
+# tests/_triton_compile.py's workload: every tile of the dX kernel but these two, and in the forward those the
+# double-quant decode pushes over), so the autotuner never considers them there.
+_FP32_TILES = {
+    "fwd": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 64, 4, 3)],
+    "dx": [(128, 64, 32, 8, 3), (64, 64, 32, 8, 3)],
+}
+
+
+def _configs(kernel: str | None = None) -> list[triton.Config]:
+    """The GEMM tiles for the 4-bit kernels; ``kernel`` ("fwd", "dx"): those of its fp32 path."""
     if interpreting():
         return gemm_configs()
-    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 64, 4, 3),
-              (128, 128, 64, 8, 3), (32, 64, 64, 4, 3), (16, 64, 64, 4, 4)]  # (16, 64, 128) spilled
+    tiles = _TILES if kernel is None else _FP32_TILES[kernel]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+            for bm, bn, bk, w, s in tiles]
 
 
-@autotune(_configs(), ["M_BUCKET", "N", "K", "R", "NF4", "BLOCKSIZE", "EVEN_K", "ROW_BLOCKS", "W_DTYPE",
-                       "BASE_DTYPE", "ROUND_BASE", "HAS_BIAS", "BASE_FP32", "LORA_FP32", "PRECISION"])
+_FWD_KEY = ["M_BUCKET", "N", "K", "R", "NF4", "BLOCKSIZE", "EVEN_K", "ROW_BLOCKS", "NESTED", "NESTED_BLOCKSIZE",
+            "W_DTYPE", "BASE_DTYPE", "ROUND_BASE", "HAS_BIAS", "BASE_FP32", "LORA_FP32", "PRECISION"]
+
+
+@autotune(_configs(), _FWD_KEY)
 @triton.jit
 def _lora4bit_fwd_kernel(
-    X, PACKED, ABSMAX, BIAS, S, B, Y,
+    X, PACKED, ABSMAX, NESTED_CODE, NESTED_ABSMAX, OFFSET, BIAS, S, B, Y,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
     NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     W_DTYPE: tl.constexpr, BASE_DTYPE: tl.constexpr, ROUND_BASE: tl.constexpr,
     HAS_BIAS: tl.constexpr, BASE_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -186,8 +234,8 @@ def _lora4bit_fwd_kernel(
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
-        w = _dequantize_tile(PACKED, ABSMAX, cols, col_ok, k0, K, NF4, BLOCKSIZE, EVEN_K, ROW_BLOCKS,
-                             W_DTYPE, BASE_DTYPE, BLOCK_K)
+        w = _dequantize_tile(PACKED, ABSMAX, NESTED_CODE, NESTED_ABSMAX, OFFSET, cols, col_ok, k0, K, NF4, BLOCKSIZE,
+                             EVEN_K, ROW_BLOCKS, NESTED, NESTED_BLOCKSIZE, W_DTYPE, BASE_DTYPE, BLOCK_K)
         acc = mma(_cast(x, BASE_DTYPE), tl.trans(w), acc, BASE_FP32, PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -204,15 +252,23 @@ def _lora4bit_fwd_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@autotune(_configs(), ["M_BUCKET", "N", "K", "R", "NF4", "BLOCKSIZE", "EVEN_K", "ROW_BLOCKS", "W_DTYPE",
-                       "BASE_DTYPE", "ROUND_BASE", "HAS_DROPOUT", "BASE_FP32", "LORA_FP32", "PRECISION"])
+# The same kernel, autotuned over its fp32 path's tiles (the launcher picks by the switches): the autotuner and
+# tests/_triton_compile.py see exactly the configs a launch may run.
+_lora4bit_fwd_kernel_fp32 = autotune(_configs("fwd"), _FWD_KEY)(_lora4bit_fwd_kernel.fn)
+
+_DX_KEY = ["M_BUCKET", "N", "K", "R", "NF4", "BLOCKSIZE", "EVEN_K", "ROW_BLOCKS", "NESTED", "NESTED_BLOCKSIZE",
+           "W_DTYPE", "BASE_DTYPE", "ROUND_BASE", "HAS_DROPOUT", "BASE_FP32", "LORA_FP32", "PRECISION"]
+
+
+@autotune(_configs(), _DX_KEY)
 @triton.jit
 def _lora4bit_bwd_dx_kernel(
-    DY, PACKED, ABSMAX, B, A, DX, SEED,
+    DY, PACKED, ABSMAX, NESTED_CODE, NESTED_ABSMAX, OFFSET, B, A, DX, SEED,
     M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_ar, stride_ak, stride_dxm, stride_dxk,
     scaling, p_drop, inv_keep,
     NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     W_DTYPE: tl.constexpr, BASE_DTYPE: tl.constexpr, ROUND_BASE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, BASE_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -238,8 +294,8 @@ def _lora4bit_bwd_dx_kernel(
         n_ok = ns < N
         dy = tl.load(DY + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
                      mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        w = _dequantize_tile(PACKED, ABSMAX, ns, n_ok, k0, K, NF4, BLOCKSIZE, EVEN_K, ROW_BLOCKS,
-                             W_DTYPE, BASE_DTYPE, BLOCK_N)
+        w = _dequantize_tile(PACKED, ABSMAX, NESTED_CODE, NESTED_ABSMAX, OFFSET, ns, n_ok, k0, K, NF4, BLOCKSIZE,
+                             EVEN_K, ROW_BLOCKS, NESTED, NESTED_BLOCKSIZE, W_DTYPE, BASE_DTYPE, BLOCK_N)
         acc = mma(_cast(dy, BASE_DTYPE), w, acc, BASE_FP32, PRECISION)
         # dS from the dY tile already loaded (a separate pass before the loop, to free the masked low-rank
         # tile's registers early as lora.py's dx kernel does, spilled more here: ptxas -v, sm_90).
@@ -260,25 +316,42 @@ def _lora4bit_bwd_dx_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+_lora4bit_bwd_dx_kernel_fp32 = autotune(_configs("dx"), _DX_KEY)(_lora4bit_bwd_dx_kernel.fn)
+
+
 # --------------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------------
 
 
-def _weight_switches(packed, absmax, quant_type, blocksize, in_features, weight_dtype, base_dtype, x_dtype):
-    """The constexpr switches both kernels take for this weight."""
-    if packed.dtype != torch.uint8 or not packed.is_contiguous():
-        raise ValueError(f"packed: expected contiguous uint8 bytes, got {packed.dtype} (contiguous: "
-                         f"{packed.is_contiguous()})")
-    if absmax.dtype != torch.float32 or not absmax.is_contiguous():
-        raise ValueError(f"absmax: expected contiguous float32 (expand a double-quantized absmax first), got "
-                         f"{absmax.dtype}")
-    return dict(
+def _contiguous(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    if tensor.dtype != dtype or not tensor.is_contiguous():
+        raise ValueError(f"{name}: expected contiguous {dtype}, got {tensor.dtype} (contiguous: "
+                         f"{tensor.is_contiguous()})")
+
+
+def _weight_args(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, quant_type, blocksize,
+                 in_features, weight_dtype, base_dtype, x_dtype) -> tuple[tuple, dict]:
+    """(the kernels' PACKED, ABSMAX, NESTED_CODE, NESTED_ABSMAX, OFFSET arguments, the constexpr switches both
+    kernels take for this weight)."""
+    _contiguous("packed", packed, torch.uint8)
+    nested = nested_absmax is not None
+    if nested:
+        _contiguous("absmax", absmax, torch.uint8)
+        _contiguous("nested_absmax", nested_absmax, torch.float32)
+        _contiguous("nested_code", nested_code, torch.float32)
+        _contiguous("offset", offset, torch.float32)
+        pointers = (packed, absmax, nested_code, nested_absmax, offset)
+    else:
+        _contiguous("absmax", absmax, torch.float32)
+        pointers = (packed, absmax, absmax, absmax, absmax)  # the nested pointers are never read
+    switches = dict(
         NF4=quant_type == "nf4", BLOCKSIZE=blocksize, EVEN_K=in_features % 2 == 0,
-        ROW_BLOCKS=in_features % blocksize == 0, W_DTYPE=DTYPE_CODES[weight_dtype],
-        BASE_DTYPE=DTYPE_CODES[base_dtype], ROUND_BASE=base_dtype != x_dtype,
+        ROW_BLOCKS=in_features % blocksize == 0, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1,
+        W_DTYPE=DTYPE_CODES[weight_dtype], BASE_DTYPE=DTYPE_CODES[base_dtype], ROUND_BASE=base_dtype != x_dtype,
         BASE_FP32=dot_in_fp32(base_dtype),  # x is cast to the base dtype for the product
     )
+    return pointers, switches
 
 
 def _shrink(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, dropout_p: float,
@@ -315,23 +388,33 @@ def lora4bit_forward(
     out_features: int,
     weight_dtype: torch.dtype,
     base_dtype: torch.dtype,
+    *,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (Y [M, N] in x's dtype, S [M, r] fp32). x: [M, K] (any strides); packed: uint8 bytes of the
-    [N, K] weight; absmax: float32 [blocks]; bias: [N] in ``base_dtype`` or None; inputs already checked."""
+    [N, K] weight; absmax: float32 [blocks], or uint8 [blocks] codes when double-quantized, with nested_absmax
+    (float32, one per nested_blocksize blocks), nested_code (float32 [256]) and offset (float32, one element, on
+    the device); bias: [N] in ``base_dtype`` or None; inputs already checked."""
     M, K = x.shape
     N, R = out_features, lora_a.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, torch.empty((0, R), device=x.device, dtype=torch.float32)
     s = _shrink(x, lora_a, lora_b, dropout_p, seed)
-    switches = _weight_switches(packed, absmax, quant_type, blocksize, K, weight_dtype, base_dtype, x.dtype)
+    pointers, switches = _weight_args(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize,
+                                      quant_type, blocksize, K, weight_dtype, base_dtype, x.dtype)
+    lora_fp32 = dot_in_fp32(x.dtype, lora_b.dtype)
+    kernel = _lora4bit_fwd_kernel_fp32 if switches["BASE_FP32"] or lora_fp32 else _lora4bit_fwd_kernel
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _lora4bit_fwd_kernel[grid](
-        x, packed, absmax, bias if bias is not None else y, s, lora_b, y,
+    kernel[grid](
+        x, *pointers, bias if bias is not None else y, s, lora_b, y,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         float(scaling),
-        **switches, HAS_BIAS=bias is not None, LORA_FP32=dot_in_fp32(x.dtype, lora_b.dtype),
+        **switches, HAS_BIAS=bias is not None, LORA_FP32=lora_fp32,
         PRECISION=fp32_precision(), BLOCK_R=rank_block(R),
     )
     return y, s
@@ -354,9 +437,15 @@ def lora4bit_backward(
     out_features: int,
     weight_dtype: torch.dtype,
     base_dtype: torch.dtype,
+    *,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Returns (dX [M, K] or None, dA [r, K], dB [N, r]) in the dtypes of x, A and B. grad_y: [M, N] in x's dtype;
-    s: [M, r] fp32 from the forward. dA and dB are ``lora.py``'s backward (which needs W only for its shape)."""
+    s: [M, r] fp32 from the forward; the weight as for :func:`lora4bit_forward`. dA and dB are ``lora.py``'s
+    backward (which needs W only for its shape)."""
     M, K = x.shape
     N, R = out_features, lora_a.shape[0]
     shape_only = x.new_empty((1, 1)).expand(N, K)  # lora_backward without dX reads W's shape, never its values
@@ -367,15 +456,18 @@ def lora4bit_backward(
     if M == 0:
         return dx, grad_a, grad_b
     seed_arg, has_dropout, p_drop, inv_keep = _dropout_args(seed, dropout_p, s)
-    switches = _weight_switches(packed, absmax, quant_type, blocksize, K, weight_dtype, base_dtype, x.dtype)
+    pointers, switches = _weight_args(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize,
+                                      quant_type, blocksize, K, weight_dtype, base_dtype, x.dtype)
+    lora_fp32 = dot_in_fp32(grad_y.dtype, lora_a.dtype, lora_b.dtype)
+    kernel = _lora4bit_bwd_dx_kernel_fp32 if switches["BASE_FP32"] or lora_fp32 else _lora4bit_bwd_dx_kernel
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
-    _lora4bit_bwd_dx_kernel[grid](
-        grad_y, packed, absmax, lora_b, lora_a, dx, seed_arg,
+    kernel[grid](
+        grad_y, *pointers, lora_b, lora_a, dx, seed_arg,
         M, N, K, R, m_bucket(M),
         grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
         lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
         float(scaling), p_drop, inv_keep,
-        **switches, HAS_DROPOUT=has_dropout, LORA_FP32=dot_in_fp32(grad_y.dtype, lora_a.dtype, lora_b.dtype),
+        **switches, HAS_DROPOUT=has_dropout, LORA_FP32=lora_fp32,
         PRECISION=fp32_precision(), BLOCK_R=rank_block(R),
     )
     return dx, grad_a, grad_b

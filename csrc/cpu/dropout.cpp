@@ -20,6 +20,8 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_kernels.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define PEFTKERN_X86_SIMD 1
@@ -119,16 +121,15 @@ PEFTKERN_PHILOX_BLOCK(philox_block_avx2, "avx2", __m256i, _mm256, 256, _mm256_se
 #undef PEFTKERN_PHILOX_BLOCK
 #endif
 
-BlockFn pick_block_fn() {
+BlockFn block_fn(peftkern_cpu::Simd simd) {
 #ifdef PEFTKERN_X86_SIMD
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return philox_block_avx512;
-  if (__builtin_cpu_supports("avx2")) return philox_block_avx2;
+  if (simd == peftkern_cpu::Simd::kAvx512) return philox_block_avx512;
+  if (simd == peftkern_cpu::Simd::kAvx2) return philox_block_avx2;
 #endif
   return philox_block_scalar;
 }
 
-BlockFn philox_block = pick_block_fn();
+BlockFn philox_block = block_fn(peftkern_cpu::best_simd());
 
 // Whether a Philox word keeps its element (the reference's uniform_from_words(word) >= p).
 inline bool keeps(uint32_t word, float p) {
@@ -222,46 +223,19 @@ void dropout_keep_mask(uint64_t seed, int64_t first_row, int64_t rows, int64_t c
   }
 }
 
-// For tests: run the Philox rounds in `name` ("avx512f", "avx2", "scalar") when this CPU has it. Not
-// synchronised with running calls: switch only while no mask is being drawn.
-void use_simd(const std::string& name) {
-  if (name == "scalar") {
-    philox_block = philox_block_scalar;
-    return;
-  }
-#ifdef PEFTKERN_X86_SIMD
-  __builtin_cpu_init();
-  if (name == "avx512f" && __builtin_cpu_supports("avx512f")) {
-    philox_block = philox_block_avx512;
-    return;
-  }
-  if (name == "avx2" && __builtin_cpu_supports("avx2")) {
-    philox_block = philox_block_avx2;
-    return;
-  }
-#endif
-  throw std::invalid_argument("use_simd: " + name + " is not available on this CPU or build");
-}
-
-const char* simd_name() {
-#ifdef PEFTKERN_X86_SIMD
-  if (philox_block == philox_block_avx512) return "avx512f";
-  if (philox_block == philox_block_avx2) return "avx2";
-#endif
-  return "scalar";
-}
-
 }  // namespace
 
-PYBIND11_MODULE(_cpu, module) {
-  module.doc() = "peftkern's CPU kernels for the torch backend (no torch linked)";
+namespace peftkern_cpu {
+
+void use_dropout_simd(Simd simd) { philox_block = block_fn(simd); }
+
+void bind_dropout(pybind11::module_& module) {
   module.def("dropout_keep_mask", &dropout_keep_mask, pybind11::arg("seed"), pybind11::arg("first_row"),
              pybind11::arg("rows"), pybind11::arg("cols"), pybind11::arg("p"), pybind11::arg("out_address"),
              pybind11::arg("word_bytes"), pybind11::arg("one_bits"), pybind11::arg("num_threads"),
              "Keep-mask of rows [first_row, first_row + rows) of a [*, cols] matrix for seed and drop "
              "probability p (reference.dropout_mask): word_bytes-wide elements, one_bits where kept, 0 where "
              "dropped.");
-  module.def("simd", &simd_name, "The instruction set the Philox rounds run in: avx512f, avx2 or scalar.");
-  module.def("use_simd", &use_simd, pybind11::arg("name"),
-             "Run the Philox rounds in avx512f, avx2 or scalar (tests); raises when this CPU lacks it.");
 }
+
+}  // namespace peftkern_cpu

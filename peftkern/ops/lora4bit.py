@@ -6,12 +6,13 @@ double-quantized). The torch backend dequantizes it for the one matmul that need
 weight is never saved for backward (backward dequantizes again) and never stored on a layer. The low-rank
 part, the dropout stream and the saved [M, r] intermediate are ``lora_linear``'s (the same code).
 The triton backend (``triton_kernels/lora4bit.py``) decodes tiles of the packed weight inside its GEMM main loops
-(forward and dX), so no dense weight is ever written; a double-quantized absmax is expanded to float32 first (one
-float per block, computed per call, never kept). The cuda backend has no 4-bit kernel yet and raises.
+(forward and dX), so no dense weight is ever written; a double-quantized absmax is decoded there too (no
+expanded copy either). The cuda backend has no 4-bit kernel yet and raises.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,7 @@ from ._checks import (
     intermediate_dtype,
     plain_eager,
 )
+from ._dropout import _cpu_kernels
 from .lora import _check_adapters, _torch_backward, _torch_forward, dropout_seed
 
 __all__ = ["Weight4bit", "lora_linear_4bit"]
@@ -103,13 +105,53 @@ def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
     return torch.stack((code[byte >> 4], code[byte & 0xF]), dim=-1)
 
 
+@functools.cache
+def _cpu_code(quant_type: str) -> torch.Tensor:
+    """The 16 float32 nibble values the C++ kernel reads (kept alive here, its address passed)."""
+    return reference.four_bit_code(quant_type).contiguous()
+
+
+# The output dtypes of peftkern._cpu.dequantize_4bit and their codes.
+_CPU_OUT_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# As for the dropout mask (ops/_dropout.py): torch's OpenMP workers still spin right after a matmul, so a
+# thread per 4M elements (a few ms of work each), up to torch's thread count.
+_ELEMENTS_PER_THREAD = 1 << 22
+
+
+def _dequantize_cpu(data, numel, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
+                    nested_blocksize, dtype):
+    """``peftkern._cpu.dequantize_4bit``: the same bits as the torch ops below, in one vectorised pass."""
+    dense = torch.empty(numel, dtype=dtype)
+    nested = nested_absmax is not None
+    absmax = absmax.contiguous()
+    if nested:
+        nested_absmax, nested_code = nested_absmax.contiguous(), nested_code.contiguous()
+    threads = max(1, min(torch.get_num_threads(), numel // _ELEMENTS_PER_THREAD))
+    _cpu_kernels().dequantize_4bit(
+        data.data_ptr(), numel, _cpu_code(quant_type).data_ptr(), blocksize, absmax.data_ptr(),
+        nested_code.data_ptr() if nested else 0, nested_absmax.data_ptr() if nested else 0, nested_blocksize,
+        float(offset) if nested else 0.0, dense.data_ptr(), _CPU_OUT_KINDS[dtype], threads,
+    )
+    return dense
+
+
 def _dequantize(in_features, packed, absmax, nested_absmax, nested_code, offset, meta):
     """W [N, K] in the base GEMM's dtype: ``reference.dequantize_4bit`` in ``weight_dtype``, cast as bitsandbytes
-    casts it. The same float32 products (so the same bits) with fewer temporaries: one int32 gather per byte and
-    the block scaling in place, where the reference indexes per element with int64."""
+    casts it. On the CPU ``peftkern._cpu``'s kernel (AVX-512 / AVX2); elsewhere, traced, or without the
+    extension, the same float32 products (so the same bits) in torch ops with fewer temporaries than the
+    reference: one int32 gather per byte and the block scaling in place, where the reference indexes per element
+    with int64."""
     quant_type, blocksize, nested_blocksize, out_features, weight_dtype, base_dtype = meta
     numel = out_features * in_features
     data = packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)
+    # A float32 weight is rounded once, to the base dtype: the same as through float32.
+    dtype = base_dtype if weight_dtype == torch.float32 and base_dtype in _CPU_OUT_KINDS else weight_dtype
+    # hasattr: an extension built before the kernel existed (an older editable install) has only the dropout.
+    if (data.device.type == "cpu" and hasattr(_cpu_kernels(), "dequantize_4bit")
+            and plain_eager(data, absmax, nested_absmax, nested_code, offset)):
+        dense = _dequantize_cpu(data.contiguous(), numel, absmax, nested_absmax, nested_code, offset, quant_type,
+                                blocksize, nested_blocksize, dtype)
+        return dense.view(out_features, in_features).to(base_dtype)
     # index_select: the same bytes as advanced indexing, 2.6x faster on the CPU (1M elements, one thread)
     values = _pair_table(quant_type, data.device).index_select(0, data.reshape(-1).int()).reshape(-1)
     if nested_absmax is not None:  # [blocks] values: the reference's few operations are cheap
@@ -128,19 +170,20 @@ def _no_kernel(backend: str) -> ValueError:
     )
 
 
-def _kernel_storage(packed, absmax, nested_absmax, nested_code, offset, meta):
-    """(packed bytes as contiguous uint8, absmax as float32 [blocks]): what the Triton kernels read. A
-    double-quantized absmax is expanded here, once per call (N * K / blocksize floats, dropped after the call)."""
-    nested_blocksize = meta[2]
+def _kernel_storage(packed, absmax, nested_absmax, nested_code, offset):
+    """(packed bytes as contiguous uint8, absmax): what the Triton kernels read; a double-quantized absmax stays
+    in its codes (the kernels decode it per tile), passed as keywords with its nested tables."""
     data = packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)
+    nested = {}
     if nested_absmax is not None:
-        absmax = reference.dequantize_4bit_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
-    return data.reshape(-1).contiguous(), absmax.reshape(-1).float().contiguous()
+        nested = dict(nested_absmax=nested_absmax.reshape(-1).contiguous(),
+                      nested_code=nested_code.reshape(-1).contiguous(), offset=offset.reshape(-1).contiguous())
+    return (data.reshape(-1).contiguous(), absmax.reshape(-1).contiguous()), nested
 
 
 def _kernel_meta(meta):
-    quant_type, blocksize, _, out_features, weight_dtype, base_dtype = meta
-    return quant_type, blocksize, out_features, weight_dtype, base_dtype
+    quant_type, blocksize, nested_blocksize, out_features, weight_dtype, base_dtype = meta
+    return (quant_type, blocksize, out_features, weight_dtype, base_dtype), {"nested_blocksize": nested_blocksize}
 
 
 def _forward_impl(x, quant, bias, lora_a, lora_b, scaling, dropout_p, seed, meta, backend):
@@ -148,8 +191,10 @@ def _forward_impl(x, quant, bias, lora_a, lora_b, scaling, dropout_p, seed, meta
         from ..triton_kernels.lora4bit import lora4bit_forward
 
         bias = None if bias is None else bias.contiguous()
-        return lora4bit_forward(x, *_kernel_storage(*quant, meta), bias, lora_a, lora_b, scaling, dropout_p, seed,
-                                *_kernel_meta(meta))
+        (data, absmax), nested = _kernel_storage(*quant)
+        positional, keywords = _kernel_meta(meta)
+        return lora4bit_forward(x, data, absmax, bias, lora_a, lora_b, scaling, dropout_p, seed, *positional,
+                                **keywords, **nested)
     if backend != "torch":
         raise _no_kernel(backend)
     weight = _dequantize(x.shape[1], *quant, meta)
@@ -160,8 +205,10 @@ def _backward_impl(grad_y, x, quant, lora_a, lora_b, s, scaling, dropout_p, seed
     if backend == "triton":
         from ..triton_kernels.lora4bit import lora4bit_backward
 
-        return lora4bit_backward(grad_y, x, *_kernel_storage(*quant, meta), lora_a, lora_b, s, scaling, dropout_p,
-                                 seed, need_dx, *_kernel_meta(meta))
+        (data, absmax), nested = _kernel_storage(*quant)
+        positional, keywords = _kernel_meta(meta)
+        return lora4bit_backward(grad_y, x, data, absmax, lora_a, lora_b, s, scaling, dropout_p, seed, need_dx,
+                                 *positional, **keywords, **nested)
     if backend != "torch":
         raise _no_kernel(backend)
     weight = _dequantize(x.shape[1], *quant, meta) if need_dx else None
