@@ -103,11 +103,13 @@ def register_budget(precision: str, fp32_loop: bool = False, fp32_epilogue: bool
     - ``fp32_epilogue`` with tf32x3 (an fp32 rank-r product split into TF32 head and tail beside the
       accumulator, after the K loop): 64 values spill a few bytes, 32 none.
     - ``fp32_loop`` with tf32x3 (every K step splits its fp32 tiles in registers): also the operands
-      count; at most 32 accumulator and 64 operand values (64 x 64 x 64 or 32 x 64 x 64 with 4 warps).
+      count; at most 32 accumulator and 64 operand values (64 x 64 x 64 or 32 x 64 x 64 with 4 warps), and
+      32 operand values with an ``fp32_epilogue`` as well (64 x 64 x 64 spilled 8 B there, 64 x 64 x 32
+      uses 186 registers).
     """
     split = precision == "tf32x3"
     if fp32_loop and split:
-        return TileBudget(32, 64)
+        return TileBudget(32, 32 if fp32_epilogue else 64)
     if fp32_epilogue and split:
         return TileBudget(32)
     if fp32_loop or fp32_epilogue or busy:
