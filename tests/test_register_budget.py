@@ -20,10 +20,16 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 def gpu_lists(monkeypatch):
     """(gemm_configs(wide=False), gemm_configs(wide=True), multi-LoRA decode, multi-LoRA prefill) as a GPU
     gets them."""
-    # Import every kernel module first: one imported while `interpreting` is patched would keep the GPU lists
-    # in its autotuners, and the interpreter tests after this one would time them.
-    from peftkern.triton_kernels import _common, bottleneck, lora, multi_lora  # noqa: F401
+    import importlib
+    import pkgutil
 
+    from peftkern import triton_kernels
+    from peftkern.triton_kernels import _common, multi_lora
+
+    # Every kernel module imported first: one imported while the switch is off would build its kernels'
+    # GPU config lists, and the interpreter would then time them.
+    for module in pkgutil.iter_modules(triton_kernels.__path__):
+        importlib.import_module(f"{triton_kernels.__name__}.{module.name}")
     monkeypatch.setattr(_common, "interpreting", lambda: False)
     monkeypatch.setattr(multi_lora, "interpreting", lambda: False)
     return {"gemm": _common.gemm_configs(), "wide": _common.gemm_configs(wide=True),

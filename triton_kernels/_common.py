@@ -95,19 +95,24 @@ def register_budget(precision: str, fp32_loop: bool = False, fp32_epilogue: bool
     Fitted to ``ptxas -v`` for sm_90a (triton 3.6; tests/_triton_compile.py, the static report's
     kernels.json) over every GEMM kernel, config and switch here; each step is where spills began:
 
-    - 16-bit tiles (or fp32 ones in plain TF32 off the K loop): an accumulator of 128 values per thread
-      (128 x 256 with 8 warps, 128 x 128 with 4) compiles to about 250 registers, no spill.
+    - a 16-bit K loop (fp32 adapters in a rank-r product before it count as 16-bit): an accumulator of 128
+      values per thread (128 x 256 with 8 warps, 128 x 128 with 4) compiles to about 250 registers, no spill.
     - ``busy``: something else tile-sized is live beside it (the dropout mask of LoRA's dX, the bottleneck's
       activation, residual or H tiles), or ``fp32_loop`` with plain TF32 (32-bit tiles): at 128 values
       they spill (0.3-3 KB), at 64 (128 x 128 with 8 warps, 64 x 128 with 4) none does.
     - ``fp32_epilogue`` with tf32x3 (an fp32 rank-r product split into TF32 head and tail beside the
       accumulator, after the K loop): 64 values spill a few bytes, 32 none.
     - ``fp32_loop`` with tf32x3 (every K step splits its fp32 tiles in registers): also the operands
-      count; at most 32 accumulator and 64 operand values (64 x 64 x 64 or 32 x 64 x 64 with 4 warps).
+      count; at most 32 accumulator and 64 operand values (64 x 64 x 64 or 32 x 64 x 64 with 4 warps), and
+      32 operand values with an ``fp32_epilogue`` as well (64 x 64 x 64 spilled 8 B there, 64 x 64 x 32
+      uses 186 registers).
+
+    Measured at the benches' shapes, whose sizes and strides are multiples of 16. Where they are not (K = 33,
+    a column-major x of 40 rows), Triton cannot vectorize the loads and larger tiles spill anyway.
     """
     split = precision == "tf32x3"
     if fp32_loop and split:
-        return TileBudget(32, 64)
+        return TileBudget(32, 32 if fp32_epilogue else 64)
     if fp32_epilogue and split:
         return TileBudget(32)
     if fp32_loop or fp32_epilogue or busy:

@@ -65,13 +65,15 @@ PATHS = ("auto", "decode", "prefill")
 
 
 def _decode_configs() -> list[triton.Config]:
-    """Decode: at most DECODE_MAX_ROWS rows, so small BLOCK_M and many column tiles to spread W's read."""
+    """Decode: at most DECODE_MAX_ROWS rows, so small BLOCK_M and many column tiles to spread W's read.
+    (32 x 64 with BLOCK_K 64, not 128: with fp16 that one put 8 B in local memory at 96 registers; ptxas -v,
+    sm_90a, triton 3.6.)"""
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
-            (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
+            (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 64, 4, 4),
             (32, 128, 64, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3),
         ]
     ]
@@ -80,15 +82,15 @@ def _decode_configs() -> list[triton.Config]:
 def _dense_configs() -> list[triton.Config]:
     """Prefill fused kernel: dense tiles of the sorted rows, so BLOCK_M is tuned with the rest. (No 128 x 256
     tile, and 128 x 128 only with 8 warps: with the per-adapter epilogue loop the others spill in fp32, TF32
-    included, on sm_90 with triton 3.6 and 3.9.) 64 x 64 x 64 is the one within the register budget of
-    fp32 activations with tf32x3 (``_common.register_budget``)."""
+    included, on sm_90 with triton 3.6 and 3.9.) The last two are for fp32 adapters with tf32x3 (within
+    ``_common.register_budget``): BLOCK_K 64 beside 16-bit activations, 32 beside fp32 ones."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 4}, num_warps=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
             (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 128, 4, 3),
-            (64, 64, 64, 4, 4),
+            (64, 64, 64, 4, 4), (64, 64, 32, 4, 4),
         ]
     ]
 
