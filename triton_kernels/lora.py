@@ -13,6 +13,9 @@ the gradients leave the kernels in the adapters' dtype.
 The products with S or dS (``_common.lowrank_dot``; the fused and dx expands accumulate straight into the
 base tile) run on tensor cores in the activation dtype when activations and adapters are 16-bit, S or dS
 rounded to it as peft's own layers round their intermediate, and in fp32 otherwise; S stays fp32.
+The two base GEMMs (fused forward, dx) read X / dY and W by TMA on sm_90 when those tensors are TMA-ready
+(``_common.tma_ready``), through descriptors built on the device from the autotuned block sizes; otherwise,
+and on sm_80, by pointer loads (cp.async).
 
 Shapes follow torch.nn.Linear: X [M, K], W [N, K], A [r, K], B [N, r]. Any strides; offsets in int64.
 """
