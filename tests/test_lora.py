@@ -157,6 +157,52 @@ def test_leading_dims_non_contiguous_x_and_transposed_weight(backend):
     run_and_compare(x, weight, None, lora_a, lora_b, 0.25, 0.2, backend)
 
 
+
+def _x_layout(layout, M, K, dtype):
+    """x [M, K] in one of the layouts the TMA eligibility rule tells apart, as a leaf that requires grad."""
+    make = lambda *shape: torch.randn(*shape, dtype=dtype, device=DEVICE)
+    if layout == "contiguous":
+        x = make(M, K)
+    elif layout == "padded rows, 16-byte stride":  # not contiguous, but TMA takes it
+        x = make(M, K + 16 // make(0).element_size())[:, :K]
+    elif layout == "padded rows, odd stride":
+        x = make(M, K + 1)[:, :K]
+    elif layout == "transposed":
+        x = make(K, M).T
+    else:  # "misaligned base": one element past a 16-byte boundary
+        x = make(M * K + 1)[1:].view(M, K)
+    return x.detach().requires_grad_(True)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (the interpreter on CPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout, K, tma", [
+    ("contiguous", 48, True), ("padded rows, 16-byte stride", 48, True), ("contiguous", 33, False),
+    ("padded rows, odd stride", 48, False), ("transposed", 48, False), ("misaligned base", 48, False),
+])
+def test_base_gemm_reads_by_tma_only_where_tma_can(monkeypatch, dtype, layout, K, tma):
+    """The fused forward's and the dX kernel's base GEMM load by TMA (tensor descriptors) exactly when every
+    operand is TMA-ready (16-byte aligned base and row stride, last stride 1) and the target has TMA (sm_90,
+    or the interpreter, which runs the descriptor loads on CPU); else the pointer path. Both are right."""
+    from peftkern.triton_kernels import _common, lora
+
+    decisions = []
+
+    def spy(*tensors):
+        decisions.append(real(*tensors))
+        return decisions[-1]
+
+    real = lora._use_tma
+    monkeypatch.setattr(lora, "_use_tma", spy)
+    M, N = 33, 40
+    x = _x_layout(layout, M, K, dtype)
+    assert _common.tma_ready(x) == tma
+    _, weight, bias, lora_a, lora_b = make_inputs(M, K, N, 8, dtype)
+    run_and_compare(x, weight, bias, lora_a, lora_b, 0.5, 0.2, "triton")
+    target = _common.tma_target()
+    # The forward reads x and W; dX reads dY (contiguous [33, 40]: TMA-ready) and W, and K is its column count.
+    assert decisions == [tma and target, K % 8 == 0 and target]
+
 def test_reference_leading_dims_equal_flattened():
     x, weight, bias, lora_a, lora_b = make_inputs(12, 8, 6, 2, torch.float64, device="cpu")
     flat = reference.lora_linear(x, weight, bias, lora_a, lora_b, 1.5, 0.3, seed=7)

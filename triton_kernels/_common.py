@@ -234,6 +234,72 @@ def gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc, stride_xm, stride_xk, 
     return acc
 
 
+def tma_target() -> bool:
+    """Whether the kernels may load tiles with TMA (device-side tensor descriptors): a CUDA target of sm_90 or
+    later under a Triton that has ``tl.make_tensor_descriptor`` (3.4 and later), and the interpreter, which runs
+    descriptor loads on CPU, so the CPU tests reach the TMA kernel bodies. sm_80 keeps the cp.async path."""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if interpreting():
+        return True
+    target = triton.runtime.driver.active.get_current_target()
+    return target.backend == "cuda" and isinstance(target.arch, int) and target.arch >= 90
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can read every one of these 2-D tensors: base address 16-byte aligned, last stride 1,
+    row stride a multiple of 16 bytes (what a tensor map requires). Otherwise (odd K in a 16-bit dtype, a
+    transposed or sliced view, a misaligned offset) the kernels keep the pointer path: never a wrong answer."""
+    return all(t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+               for t in tensors)
+
+
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # The caching allocator's blocks are 512-byte aligned (alignment asks for at most 128), on the current
+    # device (where Triton launches) and stream; safe inside CUDA graph capture.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_tma_scratch() -> None:
+    """Device-side descriptors live in a small global scratch (128 bytes per descriptor and program) that
+    Triton asks its allocator for at launch: install a torch one, unless the caller already set their own."""
+    from triton.runtime import _allocation
+
+    holder = getattr(_allocation, "_allocator", None)
+    if holder is None or isinstance(holder.get(), getattr(_allocation, "NullAllocator", ())):
+        triton.set_allocator(_torch_scratch)
+
+
+@triton.jit
+def gemm_k_loop_tma(X, W, row0, col0, n_rows, n_cols, K, acc, stride_xm, stride_w,
+                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, W_BY_COLS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`gemm_k_loop` for the output tile at (row0, col0) with X and W read by TMA (sm_90): X [n_rows, K]
+    and W row-major, 16-byte aligned (:func:`tma_ready`). W_BY_COLS: W is [n_cols, K] (W~[k, c] = W[c, k],
+    nn.Linear's forward), else [K, n_cols] (W~ = W, dX = dY @ W). Rows, columns and k past the ends load as
+    zeros (the tensor map's bounds), so no masks.
+
+    The descriptors are built on the device from the kernel's own BLOCK_* constexprs, so every autotune
+    config gets its block shape without a host-side descriptor per config (no Config.pre_hook)."""
+    x_desc = tl.make_tensor_descriptor(X, shape=[n_rows, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if W_BY_COLS:
+        w_desc = tl.make_tensor_descriptor(W, shape=[n_cols, K], strides=[stride_w, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        w_desc = tl.make_tensor_descriptor(W, shape=[K, n_cols], strides=[stride_w, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([row0, k0])
+        if W_BY_COLS:
+            w_t = tl.trans(w_desc.load([col0, k0]))
+        else:
+            w_t = w_desc.load([k0, col0])
+        if not DOT_FP32:
+            x = x.to(w_t.dtype)
+        acc = mma(x, w_t, acc, DOT_FP32, PRECISION)
+    return acc
+
+
 @triton.jit
 def lowrank_dot(s, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """acc += s @ b, ``s`` an fp32 rank-r intermediate tile (S, dS or a transpose) and ``b`` a tile of an

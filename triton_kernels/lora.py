@@ -13,6 +13,9 @@ the gradients leave the kernels in the adapters' dtype.
 The products with S or dS (``_common.lowrank_dot``; the fused and dx expands accumulate straight into the
 base tile) run on tensor cores in the activation dtype when activations and adapters are 16-bit, S or dS
 rounded to it as peft's own layers round their intermediate, and in fp32 otherwise; S stays fp32.
+The two base GEMMs (fused forward, dx) read X / dY and W by TMA on sm_90 when those tensors are TMA-ready
+(``_common.tma_ready``), through descriptors built on the device from the autotuned block sizes; otherwise,
+and on sm_80, by pointer loads (cp.async).
 
 Shapes follow torch.nn.Linear: X [M, K], W [N, K], A [r, K], B [N, r]. Any strides; offsets in int64.
 """
@@ -28,9 +31,11 @@ from ._common import (
     autotune,
     dot_in_fp32,
     dropout_keep_tile,
+    ensure_tma_scratch,
     fp32_precision,
     gemm_configs,
     gemm_k_loop,
+    gemm_k_loop_tma,
     grouped_tile,
     interpreting,
     lowrank_dot,
@@ -38,6 +43,8 @@ from ._common import (
     mma,
     rank_block,
     register_budget,
+    tma_ready,
+    tma_target,
 )
 
 __all__ = ["lora_forward", "lora_backward"]
@@ -114,10 +121,11 @@ def _lora_fwd_kernel(
     HAS_BIAS: tl.constexpr, BASE_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    COL_SCALE: tl.constexpr = False,
+    COL_SCALE: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     """Y = X @ W.T + bias + scaling * S @ B.T, one (BLOCK_M x BLOCK_N) tile per program; with COL_SCALE,
-    Y = SCALE[col] * (X @ W.T + scaling * S @ B.T) + bias (DoRA's m / ||W + s B A||, fp32 [N])."""
+    Y = SCALE[col] * (X @ W.T + scaling * S @ B.T) + bias (DoRA's m / ||W + s B A||, fp32 [N]).
+    USE_TMA (sm_90, X and W aligned row-major): the base GEMM's tiles come by TMA, else by cp.async."""
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,8 +140,12 @@ def _lora_fwd_kernel(
     b_t = tl.load(B + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
                   mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
     acc = lowrank_dot(s * scaling, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
-    acc = gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc,
-                      stride_xm, stride_xk, stride_wn, stride_wk, BASE_FP32, PRECISION, BLOCK_K)
+    if USE_TMA:
+        acc = gemm_k_loop_tma(X, W, tile_m * BLOCK_M, tile_n * BLOCK_N, M, N, K, acc, stride_xm, stride_wn,
+                              BASE_FP32, PRECISION, True, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc,
+                          stride_xm, stride_xk, stride_wn, stride_wk, BASE_FP32, PRECISION, BLOCK_K)
     if COL_SCALE:
         acc *= tl.load(SCALE + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -235,8 +247,9 @@ def _lora_bwd_dx_kernel(
     HAS_DROPOUT: tl.constexpr, BASE_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
-    """dX = dY @ W + (dS @ A) * mask / (1 - p).
+    """dX = dY @ W + (dS @ A) * mask / (1 - p); USE_TMA as in the forward (dY and W by TMA).
 
     Shares the forward's autotune configs: dX tiles are BLOCK_M x BLOCK_N over (M x K), and the reduction
     over N runs in steps of BLOCK_K.
@@ -259,8 +272,12 @@ def _lora_bwd_dx_kernel(
     if HAS_DROPOUT:
         acc = apply_keep(acc, dropout_keep_tile(tl.load(SEED), rows, tile_k * BLOCK_N, K, p_drop, BLOCK_N)) * inv_keep
     # dY @ W: the reduction runs over N, W~[n, k] = W[n, k].
-    acc = gemm_k_loop(DY, W, rows, row_ok, cols, col_ok, N, acc, stride_dym, stride_dyn, stride_wk, stride_wn,
-                      BASE_FP32, PRECISION, BLOCK_K)
+    if USE_TMA:
+        acc = gemm_k_loop_tma(DY, W, tile_m * BLOCK_M, tile_k * BLOCK_N, M, K, N, acc, stride_dym, stride_wn,
+                              BASE_FP32, PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = gemm_k_loop(DY, W, rows, row_ok, cols, col_ok, N, acc, stride_dym, stride_dyn, stride_wk, stride_wn,
+                          BASE_FP32, PRECISION, BLOCK_K)
     tl.store(DX + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -311,6 +328,16 @@ def _dropout_args(seed: torch.Tensor | None, dropout_p: float, like: torch.Tenso
     return seed, True, float(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether the base GEMM reads these operands by TMA: an sm_90+ target and TMA-ready tensors (see
+    ``_common.tma_ready``); the allocator for the device-side descriptors is installed here when needed."""
+    if not (tma_target() and tma_ready(*tensors)):
+        return False
+    if tensors[0].is_cuda:
+        ensure_tma_scratch()
+    return True
+
+
 def lora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -351,7 +378,7 @@ def lora_forward(
         float(scaling),
         HAS_BIAS=bias is not None, BASE_FP32=dot_in_fp32(x.dtype, weight.dtype),
         LORA_FP32=dot_in_fp32(x.dtype, lora_b.dtype),
-        PRECISION=precision, BLOCK_R=block_r, COL_SCALE=col_scale is not None,
+        PRECISION=precision, BLOCK_R=block_r, COL_SCALE=col_scale is not None, USE_TMA=_use_tma(x, weight),
     )
     return y, s
 
@@ -428,7 +455,7 @@ def lora_backward(
             p_drop, inv_keep,
             HAS_DROPOUT=has_dropout, BASE_FP32=dot_in_fp32(grad_y.dtype, weight.dtype),
             LORA_FP32=dot_in_fp32(grad_y.dtype, lora_a.dtype),
-            PRECISION=precision, BLOCK_R=block_r,
+            PRECISION=precision, BLOCK_R=block_r, USE_TMA=_use_tma(grad_y, weight),
         )
 
     # dA in one pass over x: a program per column block sums over all rows in registers and writes dA in
