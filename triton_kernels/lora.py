@@ -110,7 +110,7 @@ def _lora_shrink_kernel(
 
 
 @autotune(gemm_configs(wide=True),
-          ["M_BUCKET", "N", "K", "R", "HAS_BIAS", "BASE_FP32", "LORA_FP32", "PRECISION", "COL_SCALE"],
+          ["M_BUCKET", "N", "K", "R", "HAS_BIAS", "BASE_FP32", "LORA_FP32", "PRECISION", "COL_SCALE", "USE_TMA"],
           budget=lambda args: register_budget(args["PRECISION"], fp32_loop=args["BASE_FP32"]))
 @triton.jit
 def _lora_fwd_kernel(
@@ -235,7 +235,8 @@ def _lora_bwd_reduce_kernel(
 
 
 @autotune(
-    gemm_configs(wide=True), ["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "BASE_FP32", "LORA_FP32", "PRECISION"],
+    gemm_configs(wide=True),
+    ["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "BASE_FP32", "LORA_FP32", "PRECISION", "USE_TMA"],
     budget=lambda args: register_budget(args["PRECISION"], fp32_loop=args["BASE_FP32"], busy=args["HAS_DROPOUT"]),
 )
 @triton.jit
