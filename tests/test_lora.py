@@ -69,6 +69,30 @@ def test_fp32_adapters_with_16bit_activations(backend, dtype):
     assert inputs[3].grad.dtype == torch.float32 and inputs[0].grad.dtype == dtype
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_adapter_grads_with_and_without_dx_agree_and_repeat(backend, dropout_p):
+    """dA and dB when x needs no gradient (Triton: the dy kernel reads dY) and when it does (Triton: the dX
+    kernel reads dY once for dX, dS and dB's partials) both match the reference, and a second run gives the
+    same bits (every partial summed in a fixed order, no atomics)."""
+    x, weight, bias, lora_a, lora_b = make_inputs(70, 33, 40, 4, torch.float32)
+    grad = torch.randn(70, 40)
+    grads = {}
+    for need_dx in (False, True, True):
+        xin = x.detach().requires_grad_(need_dx)
+        a, b = (t.detach().requires_grad_() for t in (lora_a, lora_b))
+        peftkern.lora_linear(xin, weight, bias, a, b, 0.7, dropout_p, seed=7, backend=backend).backward(grad)
+        if need_dx in grads:
+            assert torch.equal(a.grad, grads[need_dx][0]) and torch.equal(b.grad, grads[need_dx][1])
+        grads[need_dx] = (a.grad, b.grad)
+    a64, b64 = (t.detach().double().requires_grad_() for t in (lora_a, lora_b))
+    reference.lora_linear(x.double(), weight.double(), bias.double(), a64, b64, 0.7, dropout_p, seed=7).backward(
+        grad.double())
+    for need_dx, (grad_a, grad_b) in grads.items():
+        assert_close(grad_a, a64.grad, f"dA (dX {need_dx})", torch.float32)
+        assert_close(grad_b, b64.grad, f"dB (dX {need_dx})", torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fp32_adapters_keep_fp32_accuracy_on_tensor_cores(dtype):

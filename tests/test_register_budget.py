@@ -24,7 +24,7 @@ def gpu_lists(monkeypatch):
     import pkgutil
 
     from peftkern import triton_kernels
-    from peftkern.triton_kernels import _common, multi_lora
+    from peftkern.triton_kernels import _common, lora, multi_lora
 
     # Every kernel module imported first: one imported while the switch is off would build its kernels'
     # GPU config lists, and the interpreter would then time them.
@@ -32,8 +32,9 @@ def gpu_lists(monkeypatch):
         importlib.import_module(f"{triton_kernels.__name__}.{module.name}")
     monkeypatch.setattr(_common, "interpreting", lambda: False)
     monkeypatch.setattr(multi_lora, "interpreting", lambda: False)
+    monkeypatch.setattr(lora, "interpreting", lambda: False)
     return {"gemm": _common.gemm_configs(), "wide": _common.gemm_configs(wide=True),
-            "decode": multi_lora._decode_configs(), "dense": multi_lora._dense_configs()}
+            "decode": multi_lora._decode_configs(), "dense": multi_lora._dense_configs(), "dx": lora._dx_configs()}
 
 
 def _shape(config) -> tuple[int, int, int, int]:
@@ -48,7 +49,8 @@ def _kernels():
     both, precisions = (False, True), ("tf32x3", "tf32")
     return [
         (lora._lora_fwd_kernel, "wide", {"BASE_FP32": both, "PRECISION": precisions}),
-        (lora._lora_bwd_dx_kernel, "wide", {"BASE_FP32": both, "HAS_DROPOUT": both, "PRECISION": precisions}),
+        (lora._lora_bwd_dx_kernel, "dx",
+         {"BASE_FP32": both, "LORA_FP32": both, "HAS_DROPOUT": both, "PRECISION": precisions}),
         (multi_lora._multi_lora_fused_decode_kernel, "decode", {"BASE_FP32": both, "PRECISION": precisions}),
         (multi_lora._multi_lora_fused_segment_kernel, "dense",
          {"BASE_FP32": both, "EXPAND_FP32": both, "PRECISION": precisions}),
@@ -83,13 +85,14 @@ def test_fast_16bit_tiles_survive(gpu_lists):
     from peftkern.triton_kernels import bottleneck, lora
 
     plain = {"BASE_FP32": False, "PRECISION": "tf32x3"}
-    for kernel, switches in [(lora._lora_fwd_kernel, plain),
-                             (lora._lora_bwd_dx_kernel, {**plain, "HAS_DROPOUT": False})]:
-        shapes = {_shape(c) for c in _pruned(kernel, gpu_lists["wide"], switches)}
+    for kernel, switches, name in [(lora._lora_fwd_kernel, plain, "wide"),
+                                   (lora._lora_bwd_dx_kernel, {**plain, "LORA_FP32": False, "HAS_DROPOUT": False},
+                                    "dx")]:
+        shapes = {_shape(c) for c in _pruned(kernel, gpu_lists[name], switches)}
         assert {(128, 256, 64, 8), (128, 128, 64, 8)} <= shapes, kernel.base_fn.__name__
     # Dropout's mask beside the tile: 128 x 256 spilled; 128 x 128 with 8 warps does not.
-    dropout = {**plain, "HAS_DROPOUT": True}
-    shapes = {_shape(c) for c in _pruned(lora._lora_bwd_dx_kernel, gpu_lists["wide"], dropout)}
+    dropout = {**plain, "LORA_FP32": False, "HAS_DROPOUT": True}
+    shapes = {_shape(c) for c in _pruned(lora._lora_bwd_dx_kernel, gpu_lists["dx"], dropout)}
     assert (128, 128, 64, 8) in shapes and (128, 256, 64, 8) not in shapes
     shapes = {_shape(c) for c in _pruned(bottleneck._bottleneck_up_kernel, gpu_lists["gemm"],
                                          {"DOT_FP32": False, "PRECISION": "tf32x3"})}
@@ -116,3 +119,15 @@ def test_the_fallback_is_the_smallest_tile():
     assert fitting_configs([big, small], TileBudget(16)) == [small]
     assert fitting_configs([big, small], TileBudget(128)) == [big, small]
     assert fitting_configs([big, small], TileBudget(128, operands=64)) == [small]
+
+
+def test_dx_row_tiles_bound_the_db_workspace(gpu_lists):
+    """The dX kernel writes one fp32 partial of dB per row block, into a workspace sized for
+    ``_dx_min_rows()`` rows: no config may have fewer (it would write past the workspace), and the
+    forward's small-row tiles are the ones left out."""
+    from peftkern.triton_kernels import lora
+
+    rows = {c.kwargs["BLOCK_M"] for c in gpu_lists["dx"]}
+    assert min(rows) == lora._dx_min_rows() == 64
+    assert all(c.kwargs["BLOCK_M"] // c.num_warps <= 16 for c in gpu_lists["dx"])  # rank-r tiles per warp
+    assert {c.kwargs["BLOCK_M"] for c in gpu_lists["wide"]} - rows == {16, 32}

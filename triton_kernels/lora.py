@@ -3,11 +3,17 @@
 Forward, two launches:
   shrink   S = dropout(X) @ A.T                      [M, r] fp32, the only saved intermediate
   fused    Y = X @ W.T + b + scaling * S @ B.T       the rank-r expand rides in the base GEMM's epilogue
-Backward, four launches (and cuBLAS for dW, db when the frozen weight does require grad):
-  dy       partial dS = dY @ B and dB = dY.T @ S                from one read of dY
-  reduce   dS = scaling * sum(partial dS), dB = scaling * sum(partial dB)   in a fixed order: deterministic
-  dx       dX = dY @ W + (dS @ A) * mask / (1 - p)            the mask regenerated from the seed
+Backward, three launches (and cuBLAS for dW, db when the frozen weight does require grad), dY read once:
+  dx       dX = dY @ W + (dS @ A) * mask / (1 - p)            the mask regenerated from the seed; its loop
+           over N also accumulates the row block's dS = scaling * dY @ B in registers (the epilogue needs
+           it whole; the row block's first column tile stores it) and writes partial dB = dY.T @ S per
+           row block
+  reduce   dB = scaling * sum(partial dB)                     in a fixed order: deterministic
   da       dA = dS.T @ (X * mask / (1 - p))                   summed over all rows in registers
+When x needs no gradient (no dX), four, dY read once by a kernel of its own:
+  dy       partial dS = dY @ B and dB = dY.T @ S               per column split and row chunk
+  reduce   dS = scaling * sum(partial dS), dB = scaling * sum(partial dB)   in a fixed order: deterministic
+  da       as above
 No memset, sum, scale or cast runs around them: every partial is written once and reduced by a kernel, and
 the gradients leave the kernels in the adapters' dtype.
 The products with S or dS (``_common.lowrank_dot``; the fused and dx expands accumulate straight into the
@@ -202,15 +208,17 @@ def _lora_bwd_dy_kernel(
 
 @triton.jit
 def _lora_bwd_reduce_kernel(
-    DS_PART, DS, DB_PART, DB,
+    DS_PART, DS, DB_PART, DB, CHUNKS,
     M, N, R, n_splits, n_chunks, row_programs, ds_part_stride, db_part_stride,
     stride_dbn, stride_dbr,
     scaling,
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+    CHUNKS_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """The dy kernel's partial sums, in a fixed order (deterministic), scaled, in one launch:
-    programs [0, row_programs) write DS[rows] = scaling * sum_split DS_PART[split, rows] (fp32, contiguous),
-    the others DB[cols] = scaling * sum_chunk DB_PART[chunk, cols] in DB's dtype (dB, the adapter's gradient).
+    """The partial sums of the dy kernel (or of the dX kernel), in a fixed order (deterministic), scaled, in
+    one launch: programs [0, row_programs) write DS[rows] = scaling * sum_split DS_PART[split, rows] (fp32,
+    contiguous), the others DB[cols] = scaling * sum_chunk DB_PART[chunk, cols] in DB's dtype (dB, the
+    adapter's gradient). CHUNKS_ON_DEVICE: the chunk count is read from CHUNKS (the dX kernel wrote it: its
+    autotuned row block decides it), not ``n_chunks``.
     """
     pid = tl.program_id(0)
     ranks = tl.arange(0, BLOCK_R)
@@ -228,57 +236,127 @@ def _lora_bwd_reduce_kernel(
         mask = (cols < N)[:, None] & rank_ok[None, :]
         offsets = cols[:, None] * R + ranks[None, :]
         acc = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
+        if CHUNKS_ON_DEVICE:
+            n_chunks = tl.load(CHUNKS)
         for chunk in range(0, n_chunks):
             acc += tl.load(DB_PART + chunk * db_part_stride + offsets, mask=mask, other=0.0)
         tl.store(DB + cols[:, None] * stride_dbn + ranks[None, :] * stride_dbr,
                  (acc * scaling).to(DB.dtype.element_ty), mask=mask)
 
 
+def _dx_configs() -> list[triton.Config]:
+    """The dX kernel's configs: the forward's with at least ``_dx_min_rows()`` rows per tile and at most 16
+    per warp, and a shorter step for fp32 (split into TF32 halves, 64 x 64 x 64 spilled 136 B, x 32 none).
+
+    Each row block writes one fp32 partial of dB ([N, r]), so small row tiles would move more partial bytes
+    than the second read of dY they replace (16 rows at 8192 x 4096, r 16: 134 MB of partials against 67 MB
+    of dY). The rank-r tiles held across the loop (dS, S and, for fp32 adapters, their TF32 halves) grow
+    with the rows per warp: at 32 (128 x 64 with 4 warps) fp32 adapters spilled 472 B, fp32 with TF32 180 B
+    (ptxas -v, sm_90a, triton 3.6)."""
+    if interpreting():
+        return gemm_configs(wide=True)
+    configs = [c for c in gemm_configs(wide=True)
+               if c.kwargs["BLOCK_M"] >= _dx_min_rows() and c.kwargs["BLOCK_M"] // c.num_warps <= 16]
+    return configs + [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP": 8}, num_warps=4,
+                                    num_stages=4)]
+
+
+def _dx_min_rows() -> int:
+    return 16 if interpreting() else 64
+
+
+@triton.jit
+def _dy_rank_products(dy, ns, n_ok, B, s, ds, DB_PART, chunk, N, R, ranks, rank_ok, stride_bn, stride_br,
+                      owns_db, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """One N step of the dX loop's rank-r work on the dY tile it already holds: ds += dY @ B[ns], and, in the
+    row block's first column tile only (``owns_db``), DB_PART[chunk, ns] = dY.T @ S[rows] (written once)."""
+    b = tl.load(B + ns[:, None] * stride_bn + ranks[None, :] * stride_br,
+                mask=n_ok[:, None] & rank_ok[None, :], other=0.0)
+    ds = mma(dy, b, ds, LORA_FP32, PRECISION)
+    if owns_db:
+        db = mma(tl.trans(dy), s, tl.zeros((dy.shape[1], s.shape[1]), dtype=tl.float32), LORA_FP32, PRECISION)
+        tl.store(DB_PART + chunk.to(tl.int64) * N * R + ns[:, None] * R + ranks[None, :], db,
+                 mask=n_ok[:, None] & rank_ok[None, :])
+    return ds
+
+
 @autotune(
-    gemm_configs(wide=True),
+    _dx_configs(),
     ["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "BASE_FP32", "LORA_FP32", "PRECISION", "USE_TMA"],
-    budget=lambda args: register_budget(args["PRECISION"], fp32_loop=args["BASE_FP32"], busy=args["HAS_DROPOUT"]),
+    # Busy with dropout (the mask beside the tile) and with fp32 adapters (dS's products split into TF32
+    # halves every step: 128 x 256 spilled 3.7 KB there); with an fp32 loop as well, those products count
+    # as the fp32 epilogue did (64 x 64 x 64 spilled 136 B).
+    budget=lambda args: register_budget(args["PRECISION"], fp32_loop=args["BASE_FP32"],
+                                        fp32_epilogue=args["BASE_FP32"] and args["LORA_FP32"],
+                                        busy=args["HAS_DROPOUT"] or args["LORA_FP32"]),
 )
 @triton.jit
 def _lora_bwd_dx_kernel(
-    DY, W, DS, A, DX, SEED,
+    DY, W, B, S, A, DX, DS, DB_PART, CHUNKS, SEED,
     M, N, K, R, M_BUCKET,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-    p_drop, inv_keep,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
+    stride_dxm, stride_dxk,
+    scaling, p_drop, inv_keep,
     HAS_DROPOUT: tl.constexpr, BASE_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     USE_TMA: tl.constexpr = False,
 ):
-    """dX = dY @ W + (dS @ A) * mask / (1 - p); USE_TMA as in the forward (dY and W by TMA).
+    """dX = dY @ W + (dS @ A) * mask / (1 - p), and dS, dB's partials, from one read of dY.
 
-    Shares the forward's autotune configs: dX tiles are BLOCK_M x BLOCK_N over (M x K), and the reduction
-    over N runs in steps of BLOCK_K.
+    The loop over N (steps of BLOCK_K) that reads dY for the base GEMM also accumulates the row block's
+    dS = dY @ B in registers ([BLOCK_M, r] fp32; every column tile of the row block repeats it, an extra
+    MMA of r / BLOCK_N of the main one and no extra bytes), so the low-rank epilogue has the complete dS
+    after the loop. The row block's first column tile also writes DB_PART[row block] = dY.T @ S (fp32, one
+    store per N step, never read back here) and DS = scaling * dS for the da kernel; program 0 writes the
+    row-block count to CHUNKS, the reduce kernel's trip count (the autotuned BLOCK_M decides it; no host
+    sync). USE_TMA as in the forward (dY and W by TMA). Tiles are BLOCK_M x BLOCK_N over (M x K).
     """
     tile_m, tile_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP)
+    if tl.program_id(0) == 0:
+        tl.store(CHUNKS, tl.cdiv(M, BLOCK_M))
     rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < K
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
-    ds = tl.load(DS + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    a = tl.load(A + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
-                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    # The (masked) low-rank part first, as the base loop's initial accumulator: it, its TF32 pieces (fp32
-    # adapters) and the mask's random bits are dead before the loop, so one [BLOCK_M, BLOCK_N] fp32 tile is
-    # live at a time (computed after the loop, the two tiles and the mask spilled kilobytes per thread:
-    # ptxas -v, sm_90).
-    acc = lowrank_dot(ds, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
-    if HAS_DROPOUT:
-        acc = apply_keep(acc, dropout_keep_tile(tl.load(SEED), rows, tile_k * BLOCK_N, K, p_drop, BLOCK_N)) * inv_keep
+    owns_db = tile_k == 0
+    s = tl.load(S + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     # dY @ W: the reduction runs over N, W~[n, k] = W[n, k].
     if USE_TMA:
-        acc = gemm_k_loop_tma(DY, W, tile_m * BLOCK_M, tile_k * BLOCK_N, M, K, N, acc, stride_dym, stride_wn,
-                              BASE_FP32, PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_K)
+        dy_desc = tl.make_tensor_descriptor(DY, shape=[M, N], strides=[stride_dym, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_K, BLOCK_N])
+        for n0 in range(0, N, BLOCK_K):
+            ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            dy = dy_desc.load([tile_m * BLOCK_M, n0])
+            w = w_desc.load([n0, tile_k * BLOCK_N])
+            acc = mma(dy if BASE_FP32 else dy.to(w.dtype), w, acc, BASE_FP32, PRECISION)
+            ds = _dy_rank_products(dy, ns, ns < N, B, s, ds, DB_PART, tile_m, N, R, ranks, rank_ok,
+                                   stride_bn, stride_br, owns_db, LORA_FP32, PRECISION)
     else:
-        acc = gemm_k_loop(DY, W, rows, row_ok, cols, col_ok, N, acc, stride_dym, stride_dyn, stride_wk, stride_wn,
-                          BASE_FP32, PRECISION, BLOCK_K)
+        for n0 in range(0, N, BLOCK_K):
+            ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            n_ok = ns < N
+            dy = tl.load(DY + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                         mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(W + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
+                        mask=n_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(dy if BASE_FP32 else dy.to(w.dtype), w, acc, BASE_FP32, PRECISION)
+            ds = _dy_rank_products(dy, ns, n_ok, B, s, ds, DB_PART, tile_m, N, R, ranks, rank_ok,
+                                   stride_bn, stride_br, owns_db, LORA_FP32, PRECISION)
+    ds *= scaling
+    if owns_db:
+        tl.store(DS + rows[:, None] * R + ranks[None, :], ds, mask=row_ok[:, None] & rank_ok[None, :])
+    a = tl.load(A + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    if HAS_DROPOUT:
+        low = lowrank_dot(ds, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
+        acc += apply_keep(low, dropout_keep_tile(tl.load(SEED), rows, tile_k * BLOCK_N, K, p_drop, BLOCK_N)) * inv_keep
+    else:
+        acc = lowrank_dot(ds, a, acc, LORA_FP32, PRECISION)
     tl.store(DX + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -420,43 +498,55 @@ def lora_backward(
     lora_fp32 = dot_in_fp32(grad_y.dtype, lora_a.dtype, lora_b.dtype)
     block_m, block_n = _row_block(), _col_block()
 
-    # dS and dB from one read of dY: row chunks x column blocks, partial sums in fp32 workspaces written once
-    # each, then reduced in a fixed order (deterministic) and scaled by one launch.
-    dy_block_m = _dy_row_block(grad_y.dtype, precision)
-    n_chunks, rows_per_chunk = _chunks(M, dy_block_m, 16)
-    n_splits = triton.cdiv(N, block_n)
-    ds_part = torch.empty((n_splits, M, R), device=device, dtype=torch.float32)
-    db_part = torch.empty((n_chunks, N, R), device=device, dtype=torch.float32)
-    _lora_bwd_dy_kernel[(n_chunks, n_splits)](
-        grad_y, lora_b, s, ds_part, db_part,
-        M, N, R, rows_per_chunk,
-        grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
-        LORA_FP32=lora_fp32, PRECISION=precision,
-        BLOCK_M=dy_block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=_DY_WARPS,
-    )
     ds = torch.empty((M, R), device=device, dtype=torch.float32)
     grad_b = torch.empty((N, R), device=device, dtype=lora_b.dtype)
     block = _row_block()
-    row_programs = triton.cdiv(M, block)
-    _lora_bwd_reduce_kernel[(row_programs + triton.cdiv(N, block),)](
-        ds_part, ds, db_part, grad_b,
-        M, N, R, n_splits, n_chunks, row_programs, M * R, N * R,
-        grad_b.stride(0), grad_b.stride(1),
-        float(scaling),
-        BLOCK=block, BLOCK_R=block_r,
-    )
-
     if need_dx:
+        # One read of dY: the dX kernel's loop over N also accumulates dS (whole, per row block, in
+        # registers) and writes dB's partials, one [N, r] fp32 block per row block of its autotuned BLOCK_M
+        # (at least _dx_min_rows(), so the workspace is sized for that) and the count to `chunks`.
+        db_part = torch.empty((triton.cdiv(M, _dx_min_rows()), N, R), device=device, dtype=torch.float32)
+        chunks = torch.empty((1,), device=device, dtype=torch.int32)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
         _lora_bwd_dx_kernel[grid](
-            grad_y, weight, ds, lora_a, dx, seed_arg,
+            grad_y, weight, lora_b, s, lora_a, dx, ds, db_part, chunks, seed_arg,
             M, N, K, R, m_bucket(M),
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-            lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
-            p_drop, inv_keep,
+            lora_b.stride(0), lora_b.stride(1), lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
+            float(scaling), p_drop, inv_keep,
             HAS_DROPOUT=has_dropout, BASE_FP32=dot_in_fp32(grad_y.dtype, weight.dtype),
-            LORA_FP32=dot_in_fp32(grad_y.dtype, lora_a.dtype),
-            PRECISION=precision, BLOCK_R=block_r, USE_TMA=_use_tma(grad_y, weight),
+            LORA_FP32=lora_fp32, PRECISION=precision, BLOCK_R=block_r, USE_TMA=_use_tma(grad_y, weight),
+        )
+        # dB = sum over row blocks, in a fixed order (deterministic); dS is already whole and scaled.
+        _lora_bwd_reduce_kernel[(triton.cdiv(N, block),)](
+            ds, ds, db_part, grad_b, chunks,
+            M, N, R, 0, 0, 0, 0, N * R,
+            grad_b.stride(0), grad_b.stride(1),
+            float(scaling),
+            CHUNKS_ON_DEVICE=True, BLOCK=block, BLOCK_R=block_r,
+        )
+    else:
+        # dS and dB from one read of dY: row chunks x column blocks, partial sums in fp32 workspaces written
+        # once each, then reduced in a fixed order (deterministic) and scaled by one launch.
+        dy_block_m = _dy_row_block(grad_y.dtype, precision)
+        n_chunks, rows_per_chunk = _chunks(M, dy_block_m, 16)
+        n_splits = triton.cdiv(N, block_n)
+        ds_part = torch.empty((n_splits, M, R), device=device, dtype=torch.float32)
+        db_part = torch.empty((n_chunks, N, R), device=device, dtype=torch.float32)
+        _lora_bwd_dy_kernel[(n_chunks, n_splits)](
+            grad_y, lora_b, s, ds_part, db_part,
+            M, N, R, rows_per_chunk,
+            grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
+            LORA_FP32=lora_fp32, PRECISION=precision,
+            BLOCK_M=dy_block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=_DY_WARPS,
+        )
+        row_programs = triton.cdiv(M, block)
+        _lora_bwd_reduce_kernel[(row_programs + triton.cdiv(N, block),)](
+            ds_part, ds, db_part, grad_b, ds,
+            M, N, R, n_splits, n_chunks, row_programs, M * R, N * R,
+            grad_b.stride(0), grad_b.stride(1),
+            float(scaling),
+            CHUNKS_ON_DEVICE=False, BLOCK=block, BLOCK_R=block_r,
         )
 
     # dA in one pass over x: a program per column block sums over all rows in registers and writes dA in
