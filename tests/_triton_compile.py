@@ -155,13 +155,15 @@ def _backward(y):
 
 
 def _lora(act, ad):
-    # (rows, in, out, bias, dropout, transposed x): sizes divisible by 16 and odd ones, one row, a strided x.
-    for rows, k, n, bias, dropout, transposed in [(99, 96, 80, True, 0.1, False), (1, 33, 17, False, 0.0, False),
-                                                   (40, 48, 32, False, 0.1, True)]:
+    # (rows, in, out, bias, dropout, transposed x, rank): sizes divisible by 16 and odd ones, one row, a strided
+    # x; rank 64, over what the dX kernel's single read of dY takes (the dy kernel's path and dX from its dS).
+    for rows, k, n, bias, dropout, transposed, rank in [
+            (99, 96, 80, True, 0.1, False, 16), (1, 33, 17, False, 0.0, False, 16),
+            (40, 48, 32, False, 0.1, True, 16), (64, 64, 64, False, 0.1, False, 64)]:
         x = _param(k, rows, dtype=act).t() if transposed else _param(rows, k, dtype=act)
         weight = _param(n, k, dtype=act)
         b = _param(n, dtype=act) if bias else None
-        y = peftkern.lora_linear(x, weight, b, _param(16, k, dtype=ad), _param(n, 16, dtype=ad), 0.5, dropout,
+        y = peftkern.lora_linear(x, weight, b, _param(rank, k, dtype=ad), _param(n, rank, dtype=ad), 0.5, dropout,
                                  backend="triton")
         _backward(y)
     # The torch backend's keep-mask on CUDA tensors (the fused kernels above draw theirs inline).

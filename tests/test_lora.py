@@ -71,11 +71,13 @@ def test_fp32_adapters_with_16bit_activations(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_adapter_grads_with_and_without_dx_agree_and_repeat(backend, dropout_p):
+@pytest.mark.parametrize("rank", [4, 40], ids=["dy_read_once", "dy_kernel"])
+def test_adapter_grads_with_and_without_dx_agree_and_repeat(backend, dropout_p, rank):
     """dA and dB when x needs no gradient (Triton: the dy kernel reads dY) and when it does (Triton: the dX
-    kernel reads dY once for dX, dS and dB's partials) both match the reference, and a second run gives the
-    same bits (every partial summed in a fixed order, no atomics)."""
-    x, weight, bias, lora_a, lora_b = make_inputs(70, 33, 40, 4, torch.float32)
+    kernel reads dY once for dX, dS and dB's partials; above rank 32 in fp32, the dy kernel again and dX
+    from its dS) both match the reference, as does dX, and a second run gives the same bits (every partial
+    summed in a fixed order, no atomics)."""
+    x, weight, bias, lora_a, lora_b = make_inputs(70, 33, 40, rank, torch.float32)
     grad = torch.randn(70, 40)
     grads = {}
     for need_dx in (False, True, True):
@@ -84,13 +86,16 @@ def test_adapter_grads_with_and_without_dx_agree_and_repeat(backend, dropout_p):
         peftkern.lora_linear(xin, weight, bias, a, b, 0.7, dropout_p, seed=7, backend=backend).backward(grad)
         if need_dx in grads:
             assert torch.equal(a.grad, grads[need_dx][0]) and torch.equal(b.grad, grads[need_dx][1])
-        grads[need_dx] = (a.grad, b.grad)
-    a64, b64 = (t.detach().double().requires_grad_() for t in (lora_a, lora_b))
-    reference.lora_linear(x.double(), weight.double(), bias.double(), a64, b64, 0.7, dropout_p, seed=7).backward(
+            assert torch.equal(xin.grad, grads[need_dx][2])
+        grads[need_dx] = (a.grad, b.grad, xin.grad)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, lora_a, lora_b))
+    reference.lora_linear(x64, weight.double(), bias.double(), a64, b64, 0.7, dropout_p, seed=7).backward(
         grad.double())
-    for need_dx, (grad_a, grad_b) in grads.items():
+    for need_dx, (grad_a, grad_b, grad_x) in grads.items():
         assert_close(grad_a, a64.grad, f"dA (dX {need_dx})", torch.float32)
         assert_close(grad_b, b64.grad, f"dB (dX {need_dx})", torch.float32)
+        if need_dx:
+            assert_close(grad_x, x64.grad, "dX", torch.float32)
 
 
 @pytest.mark.gpu

@@ -300,7 +300,7 @@ def _lora_bwd_dx_kernel(
     HAS_DROPOUT: tl.constexpr, BASE_FP32: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    USE_TMA: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, DS_READY: tl.constexpr = False,
 ):
     """dX = dY @ W + (dS @ A) * mask / (1 - p), and dS, dB's partials, from one read of dY.
 
@@ -311,9 +311,11 @@ def _lora_bwd_dx_kernel(
     store per N step, never read back here) and DS = scaling * dS for the da kernel; program 0 writes the
     row-block count to CHUNKS, the reduce kernel's trip count (the autotuned BLOCK_M decides it; no host
     sync). USE_TMA as in the forward (dY and W by TMA). Tiles are BLOCK_M x BLOCK_N over (M x K).
+    DS_READY (ranks where the partials would outweigh that read, see ``_reads_dy_once``): dS, scaled, is
+    read from DS (the dy kernel's) and the loop is the base GEMM alone; B, S, DB_PART, CHUNKS are not used.
     """
     tile_m, tile_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP)
-    if tl.program_id(0) == 0:
+    if not DS_READY and tl.program_id(0) == 0:
         tl.store(CHUNKS, tl.cdiv(M, BLOCK_M))
     rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -322,9 +324,14 @@ def _lora_bwd_dx_kernel(
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
     owns_db = tile_k == 0
-    s = tl.load(S + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    rank_tile = row_ok[:, None] & rank_ok[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if DS_READY:
+        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        ds = tl.load(DS + rows[:, None] * R + ranks[None, :], mask=rank_tile, other=0.0)
+    else:
+        s = tl.load(S + rows[:, None] * R + ranks[None, :], mask=rank_tile, other=0.0)
+        ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     # dY @ W: the reduction runs over N, W~[n, k] = W[n, k].
     if USE_TMA:
         dy_desc = tl.make_tensor_descriptor(DY, shape=[M, N], strides=[stride_dym, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -334,8 +341,9 @@ def _lora_bwd_dx_kernel(
             dy = dy_desc.load([tile_m * BLOCK_M, n0])
             w = w_desc.load([n0, tile_k * BLOCK_N])
             acc = mma(dy if BASE_FP32 else dy.to(w.dtype), w, acc, BASE_FP32, PRECISION)
-            ds = _dy_rank_products(dy, ns, ns < N, B, s, ds, DB_PART, tile_m, N, R, ranks, rank_ok,
-                                   stride_bn, stride_br, owns_db, LORA_FP32, PRECISION)
+            if not DS_READY:
+                ds = _dy_rank_products(dy, ns, ns < N, B, s, ds, DB_PART, tile_m, N, R, ranks, rank_ok,
+                                       stride_bn, stride_br, owns_db, LORA_FP32, PRECISION)
     else:
         for n0 in range(0, N, BLOCK_K):
             ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -345,11 +353,13 @@ def _lora_bwd_dx_kernel(
             w = tl.load(W + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
                         mask=n_ok[:, None] & col_ok[None, :], other=0.0)
             acc = mma(dy if BASE_FP32 else dy.to(w.dtype), w, acc, BASE_FP32, PRECISION)
-            ds = _dy_rank_products(dy, ns, n_ok, B, s, ds, DB_PART, tile_m, N, R, ranks, rank_ok,
-                                   stride_bn, stride_br, owns_db, LORA_FP32, PRECISION)
-    ds *= scaling
-    if owns_db:
-        tl.store(DS + rows[:, None] * R + ranks[None, :], ds, mask=row_ok[:, None] & rank_ok[None, :])
+            if not DS_READY:
+                ds = _dy_rank_products(dy, ns, n_ok, B, s, ds, DB_PART, tile_m, N, R, ranks, rank_ok,
+                                       stride_bn, stride_br, owns_db, LORA_FP32, PRECISION)
+    if not DS_READY:
+        ds *= scaling
+        if owns_db:
+            tl.store(DS + rows[:, None] * R + ranks[None, :], ds, mask=rank_tile)
     a = tl.load(A + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                 mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
     if HAS_DROPOUT:
@@ -470,6 +480,16 @@ def _chunks(total: int, block: int, max_chunks: int) -> tuple[int, int]:
     return triton.cdiv(total, rows_per_chunk), rows_per_chunk
 
 
+def _reads_dy_once(rank: int, dy_element_size: int) -> bool:
+    """Whether the dX kernel also computes dS and dB's partials (dY read once, 3 launches) rather than the dy
+    kernel (dY read twice, 4 launches). Its partials are one [N, r] fp32 block per row block of at least 64
+    rows on a GPU, written and read back: at most 8 r / 64 bytes per element of dY, no more than the second
+    read of dY they replace while r <= 8 x dY's element size (16 for 16-bit dY, 32 for fp32). Above that,
+    the dy kernel's partials (at most 16 row chunks) cost less than reading dY again. The same rule under
+    the interpreter, so the CPU tests take the GPU's path."""
+    return rank <= 8 * dy_element_size
+
+
 def lora_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -501,33 +521,17 @@ def lora_backward(
     ds = torch.empty((M, R), device=device, dtype=torch.float32)
     grad_b = torch.empty((N, R), device=device, dtype=lora_b.dtype)
     block = _row_block()
-    if need_dx:
+    once = need_dx and _reads_dy_once(R, grad_y.element_size())
+    if once:
         # One read of dY: the dX kernel's loop over N also accumulates dS (whole, per row block, in
         # registers) and writes dB's partials, one [N, r] fp32 block per row block of its autotuned BLOCK_M
         # (at least _dx_min_rows(), so the workspace is sized for that) and the count to `chunks`.
         db_part = torch.empty((triton.cdiv(M, _dx_min_rows()), N, R), device=device, dtype=torch.float32)
         chunks = torch.empty((1,), device=device, dtype=torch.int32)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
-        _lora_bwd_dx_kernel[grid](
-            grad_y, weight, lora_b, s, lora_a, dx, ds, db_part, chunks, seed_arg,
-            M, N, K, R, m_bucket(M),
-            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-            lora_b.stride(0), lora_b.stride(1), lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
-            float(scaling), p_drop, inv_keep,
-            HAS_DROPOUT=has_dropout, BASE_FP32=dot_in_fp32(grad_y.dtype, weight.dtype),
-            LORA_FP32=lora_fp32, PRECISION=precision, BLOCK_R=block_r, USE_TMA=_use_tma(grad_y, weight),
-        )
-        # dB = sum over row blocks, in a fixed order (deterministic); dS is already whole and scaled.
-        _lora_bwd_reduce_kernel[(triton.cdiv(N, block),)](
-            ds, ds, db_part, grad_b, chunks,
-            M, N, R, 0, 0, 0, 0, N * R,
-            grad_b.stride(0), grad_b.stride(1),
-            float(scaling),
-            CHUNKS_ON_DEVICE=True, BLOCK=block, BLOCK_R=block_r,
-        )
     else:
-        # dS and dB from one read of dY: row chunks x column blocks, partial sums in fp32 workspaces written
-        # once each, then reduced in a fixed order (deterministic) and scaled by one launch.
+        # dS and dB from one read of dY by a kernel of their own: row chunks x column blocks, partial sums in
+        # fp32 workspaces written once each (at most 16 row chunks), then reduced in a fixed order
+        # (deterministic) and scaled by one launch; the dX kernel (if any) reads dY again for its GEMM.
         dy_block_m = _dy_row_block(grad_y.dtype, precision)
         n_chunks, rows_per_chunk = _chunks(M, dy_block_m, 16)
         n_splits = triton.cdiv(N, block_n)
@@ -547,6 +551,28 @@ def lora_backward(
             grad_b.stride(0), grad_b.stride(1),
             float(scaling),
             CHUNKS_ON_DEVICE=False, BLOCK=block, BLOCK_R=block_r,
+        )
+        chunks = ds  # never read with DS_READY
+    if need_dx:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+        _lora_bwd_dx_kernel[grid](
+            grad_y, weight, lora_b, s, lora_a, dx, ds, db_part, chunks, seed_arg,
+            M, N, K, R, m_bucket(M),
+            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+            lora_b.stride(0), lora_b.stride(1), lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
+            float(scaling), p_drop, inv_keep,
+            HAS_DROPOUT=has_dropout, BASE_FP32=dot_in_fp32(grad_y.dtype, weight.dtype),
+            LORA_FP32=lora_fp32, PRECISION=precision, BLOCK_R=block_r, USE_TMA=_use_tma(grad_y, weight),
+            DS_READY=not once,
+        )
+    if once:
+        # dB = sum over row blocks, in a fixed order (deterministic); dS is already whole and scaled.
+        _lora_bwd_reduce_kernel[(triton.cdiv(N, block),)](
+            ds, ds, db_part, grad_b, chunks,
+            M, N, R, 0, 0, 0, 0, N * R,
+            grad_b.stride(0), grad_b.stride(1),
+            float(scaling),
+            CHUNKS_ON_DEVICE=True, BLOCK=block, BLOCK_R=block_r,
         )
 
     # dA in one pass over x: a program per column block sums over all rows in registers and writes dA in
