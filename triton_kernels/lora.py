@@ -10,10 +10,11 @@ Backward, three launches (and cuBLAS for dW, db when the frozen weight does requ
            row block
   reduce   dB = scaling * sum(partial dB)                     in a fixed order: deterministic
   da       dA = dS.T @ (X * mask / (1 - p))                   summed over all rows in registers
-When x needs no gradient (no dX), four, dY read once by a kernel of its own:
-  dy       partial dS = dY @ B and dB = dY.T @ S               per column split and row chunk
+When x needs no gradient (three launches: no dx), or the rank is over ``_reads_dy_once``'s limit (four: dx
+reads dY again and takes dS whole), a kernel of their own computes dS and dB from one read of dY:
+  dy       partial dS = dY @ B and dB = dY.T @ S               per column split and row chunk (at most 16)
   reduce   dS = scaling * sum(partial dS), dB = scaling * sum(partial dB)   in a fixed order: deterministic
-  da       as above
+  dx, da   as above
 No memset, sum, scale or cast runs around them: every partial is written once and reduced by a kernel, and
 the gradients leave the kernels in the adapters' dtype.
 The products with S or dS (``_common.lowrank_dot``; the fused and dx expands accumulate straight into the
