@@ -18,13 +18,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 @pytest.fixture
 def gpu_lists(monkeypatch):
-    """(gemm_configs(wide=False), gemm_configs(wide=True), multi-LoRA decode, multi-LoRA prefill) as a GPU
-    gets them."""
+    """The config lists as a GPU gets them: gemm_configs (plain and wide), the multi-LoRA decode and prefill
+    lists, the LoRA dX list and the bottleneck row kernels'."""
     import importlib
     import pkgutil
 
     from peftkern import triton_kernels
-    from peftkern.triton_kernels import _common, lora, multi_lora
+    from peftkern.triton_kernels import _common, bottleneck, lora, multi_lora
 
     # Every kernel module imported first: one imported while the switch is off would build its kernels'
     # GPU config lists, and the interpreter would then time them.
@@ -33,8 +33,10 @@ def gpu_lists(monkeypatch):
     monkeypatch.setattr(_common, "interpreting", lambda: False)
     monkeypatch.setattr(multi_lora, "interpreting", lambda: False)
     monkeypatch.setattr(lora, "interpreting", lambda: False)
+    monkeypatch.setattr(bottleneck, "interpreting", lambda: False)
     return {"gemm": _common.gemm_configs(), "wide": _common.gemm_configs(wide=True),
-            "decode": multi_lora._decode_configs(), "dense": multi_lora._dense_configs(), "dx": lora._dx_configs()}
+            "decode": multi_lora._decode_configs(), "dense": multi_lora._dense_configs(), "dx": lora._dx_configs(),
+            "bottleneck": bottleneck._configs()}
 
 
 def _shape(config) -> tuple[int, int, int, int]:
@@ -54,7 +56,7 @@ def _kernels():
         (multi_lora._multi_lora_fused_decode_kernel, "decode", {"BASE_FP32": both, "PRECISION": precisions}),
         (multi_lora._multi_lora_fused_segment_kernel, "dense",
          {"BASE_FP32": both, "EXPAND_FP32": both, "PRECISION": precisions}),
-        *[(kernel, "gemm", {"DOT_FP32": both, "PRECISION": precisions})
+        *[(kernel, "bottleneck", {"DOT_FP32": both, "PRECISION": precisions})
           for kernel in (bottleneck._bottleneck_down_kernel, bottleneck._bottleneck_up_kernel,
                          bottleneck._bottleneck_bwd_dh_kernel, bottleneck._bottleneck_bwd_dx_kernel)],
     ]
@@ -94,7 +96,7 @@ def test_fast_16bit_tiles_survive(gpu_lists):
     dropout = {**plain, "LORA_FP32": False, "HAS_DROPOUT": True}
     shapes = {_shape(c) for c in _pruned(lora._lora_bwd_dx_kernel, gpu_lists["dx"], dropout)}
     assert (128, 128, 64, 8) in shapes and (128, 256, 64, 8) not in shapes
-    shapes = {_shape(c) for c in _pruned(bottleneck._bottleneck_up_kernel, gpu_lists["gemm"],
+    shapes = {_shape(c) for c in _pruned(bottleneck._bottleneck_up_kernel, gpu_lists["bottleneck"],
                                          {"DOT_FP32": False, "PRECISION": "tf32x3"})}
     assert (128, 128, 64, 8) in shapes and (128, 128, 64, 4) not in shapes
 

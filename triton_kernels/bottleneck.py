@@ -60,6 +60,22 @@ def _budget(args: dict) -> TileBudget:
     return register_budget(args["PRECISION"], fp32_loop=args["DOT_FP32"], busy=True)
 
 
+def _down_budget(args: dict) -> TileBudget:
+    """:func:`_budget`, and with the fp32 loop split into TF32 halves, K steps of at most 32 operand values per
+    thread: beside H, act(H) and the bias row, a 32 x 64 tile with 64-wide K steps (under 64 rows, sm_90's
+    mma.sync holds its operands in registers) spilled 12 B (ptxas -v, sm_90a); 64 x 64 x 32 spills none."""
+    return register_budget(args["PRECISION"], fp32_loop=args["DOT_FP32"], fp32_epilogue=args["DOT_FP32"], busy=True)
+
+
+def _configs() -> list[triton.Config]:
+    """The row kernels' autotune configs: the shared GEMM list and a 64 x 64 x 32 tile (the down kernel's only
+    one within its fp32 budget, see :func:`_down_budget`)."""
+    if interpreting():
+        return gemm_configs()
+    return gemm_configs() + [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP": 8}, num_warps=4,
+                                           num_stages=4)]
+
+
 # --------------------------------------------------------------------------------------------------------
 # activations (fp32 tiles)
 # --------------------------------------------------------------------------------------------------------
@@ -203,8 +219,8 @@ def _adapter_bias(BIAS, adapter, live, cols, col_ok, stride_bl, stride_bn):
 # --------------------------------------------------------------------------------------------------------
 
 
-@autotune(gemm_configs(), ["M_BUCKET", "NB", "K", "L", "HAS_BIAS", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"],
-          budget=_budget)
+@autotune(_configs(), ["M_BUCKET", "NB", "K", "L", "HAS_BIAS", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"],
+          budget=_down_budget)
 @triton.jit
 def _bottleneck_down_kernel(
     X, W, BIAS, ORDER, BOUNDS, H, A,
@@ -229,7 +245,7 @@ def _bottleneck_down_kernel(
     tl.store(A + offsets, activate(acc, ACT).to(A.dtype.element_ty), mask=mask)
 
 
-@autotune(gemm_configs(), ["M_BUCKET", "N", "NB", "L", "HAS_BIAS", "HAS_IDS", "DOT_FP32", "PRECISION"],
+@autotune(_configs(), ["M_BUCKET", "N", "NB", "L", "HAS_BIAS", "HAS_IDS", "DOT_FP32", "PRECISION"],
           budget=_budget)
 @triton.jit
 def _bottleneck_up_kernel(
@@ -260,7 +276,7 @@ def _bottleneck_up_kernel(
 # --------------------------------------------------------------------------------------------------------
 
 
-@autotune(gemm_configs(), ["M_BUCKET", "NB", "N", "L", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"],
+@autotune(_configs(), ["M_BUCKET", "NB", "N", "L", "HAS_IDS", "ACT", "DOT_FP32", "PRECISION"],
           budget=_budget)
 @triton.jit
 def _bottleneck_bwd_dh_kernel(
@@ -285,7 +301,7 @@ def _bottleneck_bwd_dh_kernel(
     tl.store(DH + offsets, (scaling * acc * activate_grad(h, ACT)).to(DH.dtype.element_ty), mask=mask)
 
 
-@autotune(gemm_configs(), ["M_BUCKET", "K", "NB", "L", "HAS_IDS", "ADD_DY", "DOT_FP32", "PRECISION"],
+@autotune(_configs(), ["M_BUCKET", "K", "NB", "L", "HAS_IDS", "ADD_DY", "DOT_FP32", "PRECISION"],
           budget=_budget)
 @triton.jit
 def _bottleneck_bwd_dx_kernel(

@@ -14,8 +14,8 @@ prefix_kv forward / backward, one launch each: the same gather / per-task sum ov
   C = (layer, key/value, head, head_dim) columns land in a [L, 2, B, H, n, head_dim] cache layout.
 
 Every per-task or per-token sum is a fixed-order reduction (long ones split into partials summed in a
-fixed order): deterministic, no atomics. Ids that
-are out of range (the ops reject them before launching) read nothing: their rows come out zero.
+fixed order): deterministic, no atomics. Ids that are out of range (the ops reject them before launching)
+read nothing: their rows come out zero.
 All offsets are int64.
 """
 
