@@ -1,9 +1,12 @@
-"""Tolerances (DESIGN.md), comparison helpers and the CUDA C++ backend's test plumbing shared by the tests."""
+"""Tolerances (DESIGN.md), comparison helpers, the CUDA C++ backend's test plumbing and peftkern._cpu's
+instruction-set switch, shared by the tests."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import pytest
@@ -135,3 +138,21 @@ def greedy_decode_loop(forward: Callable[..., object], input_ids: torch.Tensor, 
             tokens = torch.cat([tokens, next_token], dim=1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     return tokens
+
+
+@contextlib.contextmanager
+def cpu_simd(name: str) -> Iterator[ModuleType]:
+    """Inside: peftkern._cpu (yielded) runs every kernel in ``name`` ("avx512f", "avx2", "scalar"); after, in the
+    set it ran before. Skips the test where this CPU lacks ``name``; the scalar path runs on every machine."""
+    module = importlib.import_module("peftkern._cpu")
+    before = module.simd()
+    try:
+        module.use_simd(name)
+    except ValueError as error:
+        if name == "scalar":
+            raise
+        pytest.skip(f"this CPU cannot run {name}: {error}")
+    try:
+        yield module
+    finally:
+        module.use_simd(before)

@@ -7,6 +7,7 @@ import importlib
 
 import pytest
 import torch
+from _helpers import cpu_simd
 
 from peftkern import reference
 from peftkern.ops import _dropout
@@ -28,16 +29,7 @@ def test_cpu_extension_is_built():
 
 @pytest.mark.parametrize("simd", ["avx512f", "avx2", "scalar"])
 def test_cpu_mask_is_bit_exact_in_every_instruction_set(simd):
-    module = _cpu_module()
-    before = module.simd()
-    try:
-        module.use_simd(simd)
-    except ValueError as error:
-        if simd == "scalar":
-            raise
-        # The scalar path is tested on every machine; a CPU without this instruction set cannot run it.
-        pytest.skip(f"this CPU cannot run {simd}: {error}")
-    try:
+    with cpu_simd(simd):
         for seed in SEEDS:
             for shape in SHAPES:
                 for p in (0.1, 0.5, 0.999):
@@ -46,8 +38,6 @@ def test_cpu_mask_is_bit_exact_in_every_instruction_set(simd):
                         got = _dropout.keep_mask(torch.tensor([seed]), shape, p, dtype)
                         assert got.dtype == dtype and got.shape == shape
                         assert torch.equal(got, expected.to(dtype)), (simd, seed, shape, p, dtype)
-    finally:
-        module.use_simd(before)
 
 
 def test_cpu_mask_counters_past_2_to_32_and_p_zero():

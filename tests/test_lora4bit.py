@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
-from _helpers import DTYPES, assert_close, cast
+from _helpers import DTYPES, assert_close, cast, cpu_simd
 from _models import count_fused_calls, tiny_llama, token_batch
 
 import peftkern
@@ -428,19 +428,6 @@ def test_save_and_load_adapter_of_an_injected_4bit_model(tmp_path):
     assert torch.equal(loaded(x), expected)
 
 
-def _use_simd(simd):
-    """Switch peftkern._cpu to ``simd`` (skip where this CPU lacks it); returns the instruction set to restore."""
-    module = importlib.import_module("peftkern._cpu")
-    before = module.simd()
-    try:
-        module.use_simd(simd)
-    except ValueError as error:
-        if simd == "scalar":
-            raise
-        pytest.skip(f"this CPU cannot run {simd}: {error}")
-    return module, before
-
-
 # Odd sizes, rows shorter than a block (5 x 3, 33 x 17), vector tails, and more than one scale batch of blocks.
 DEQUANT_SHAPES = [(48, 80), (33, 17), (5, 3), (1, 1), (7, 130), (300, 200)]
 
@@ -452,9 +439,8 @@ def test_torch_backend_dequantizes_bit_exactly_as_the_reference(quant_type, simd
     double quant on and off, every weight dtype, each written straight to fp32, fp16 or bf16."""
     from peftkern.ops.lora4bit import _dequantize
 
-    module, before = _use_simd(simd)
     generator = torch.Generator().manual_seed(9)
-    try:
+    with cpu_simd(simd):
         for blocksize, shape, nested, dtype in itertools.product(BLOCKSIZES, DEQUANT_SHAPES, (False, True), DTYPES):
             weight = _weight4bit(*_quantize(torch.randn(shape, generator=generator).to(dtype), quant_type,
                                             blocksize, nested))
@@ -465,8 +451,6 @@ def test_torch_backend_dequantizes_bit_exactly_as_the_reference(quant_type, simd
                 expected = _reference_dense(weight, base_dtype)
                 assert fast.dtype == base_dtype and fast.shape == shape
                 assert torch.equal(fast, expected), (blocksize, shape, nested, dtype, base_dtype)
-    finally:
-        module.use_simd(before)
 
 
 @pytest.mark.parametrize("simd", ["avx512f", "avx2", "scalar"])
@@ -474,13 +458,12 @@ def test_cpu_dequantize_rounds_as_torch_over_the_whole_range(simd):
     """peftkern._cpu.dequantize_4bit on random bytes and absmax spread over 2**-40 .. 2**40: products that are
     float16 subnormals, round to float16 infinity, or round up a bf16 exponent, each rounded as torch rounds them
     (two threads, so the split of the blocks is covered too)."""
-    module, before = _use_simd(simd)
     generator = torch.Generator().manual_seed(4)
     numel, blocksize = (1 << 21) + 37, 32
     blocks = -(-numel // blocksize)
     packed = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8, generator=generator)
     absmax = torch.exp2(torch.rand(blocks, generator=generator) * 80 - 40)
-    try:
+    with cpu_simd(simd) as module:
         for quant_type, (dtype, kind) in itertools.product(
                 ("nf4", "fp4"), ((torch.float32, 0), (torch.float16, 1), (torch.bfloat16, 2))):
             code = reference.four_bit_code(quant_type)
@@ -491,8 +474,6 @@ def test_cpu_dequantize_rounds_as_torch_over_the_whole_range(simd):
             assert torch.equal(out, expected), (quant_type, dtype)
             if dtype == torch.float16:  # the cases named above are there
                 assert bool(out.isinf().any()) and bool(((out != 0) & (out.abs() < 2**-14)).any())
-    finally:
-        module.use_simd(before)
 
 
 def test_cpu_dequantize_kernel_is_what_the_torch_backend_runs(monkeypatch):
