@@ -271,29 +271,20 @@ def ensure_tma_scratch() -> None:
 
 
 @triton.jit
-def gemm_k_loop_tma(X, W, row0, col0, n_rows, n_cols, K, acc, stride_xm, stride_w,
-                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, W_BY_COLS: tl.constexpr,
+def gemm_k_loop_tma(X, W, row0, col0, n_rows, n_cols, K, acc, stride_xm, stride_wn,
+                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """:func:`gemm_k_loop` for the output tile at (row0, col0) with X and W read by TMA (sm_90): X [n_rows, K]
-    and W row-major, 16-byte aligned (:func:`tma_ready`). W_BY_COLS: W is [n_cols, K] (W~[k, c] = W[c, k],
-    nn.Linear's forward), else [K, n_cols] (W~ = W, dX = dY @ W). Rows, columns and k past the ends load as
-    zeros (the tensor map's bounds), so no masks.
+    """:func:`gemm_k_loop` for the output tile at (row0, col0) with X [n_rows, K] and W [n_cols, K] (nn.Linear's
+    forward, W~[k, c] = W[c, k]) read by TMA (sm_90): both row-major, 16-byte aligned (:func:`tma_ready`). Rows,
+    columns and k past the ends load as zeros (the tensor map's bounds), so no masks.
 
     The descriptors are built on the device from the kernel's own BLOCK_* constexprs, so every autotune
     config gets its block shape without a host-side descriptor per config (no Config.pre_hook)."""
     x_desc = tl.make_tensor_descriptor(X, shape=[n_rows, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
-    if W_BY_COLS:
-        w_desc = tl.make_tensor_descriptor(W, shape=[n_cols, K], strides=[stride_w, 1],
-                                           block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        w_desc = tl.make_tensor_descriptor(W, shape=[K, n_cols], strides=[stride_w, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
+    w_desc = tl.make_tensor_descriptor(W, shape=[n_cols, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     for k0 in range(0, K, BLOCK_K):
         x = x_desc.load([row0, k0])
-        if W_BY_COLS:
-            w_t = tl.trans(w_desc.load([col0, k0]))
-        else:
-            w_t = w_desc.load([k0, col0])
+        w_t = tl.trans(w_desc.load([col0, k0]))
         if not DOT_FP32:
             x = x.to(w_t.dtype)
         acc = mma(x, w_t, acc, DOT_FP32, PRECISION)

@@ -149,7 +149,7 @@ def _lora_fwd_kernel(
     acc = lowrank_dot(s * scaling, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_FP32, PRECISION)
     if USE_TMA:
         acc = gemm_k_loop_tma(X, W, tile_m * BLOCK_M, tile_n * BLOCK_N, M, N, K, acc, stride_xm, stride_wn,
-                              BASE_FP32, PRECISION, True, BLOCK_M, BLOCK_N, BLOCK_K)
+                              BASE_FP32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         acc = gemm_k_loop(X, W, rows, row_ok, cols, col_ok, K, acc,
                           stride_xm, stride_xk, stride_wn, stride_wk, BASE_FP32, PRECISION, BLOCK_K)

@@ -42,7 +42,8 @@ def _triton_available() -> bool:
 _ELEMENTS_PER_THREAD = 1 << 22
 
 
-def _mask_threads(numel: int) -> int:
+def cpu_threads(numel: int) -> int:
+    """Threads for a peftkern._cpu kernel over ``numel`` elements (the keep-mask, the 4-bit dequantize)."""
     return max(1, min(torch.get_num_threads(), numel // _ELEMENTS_PER_THREAD))
 
 
@@ -71,7 +72,7 @@ def keep_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, dtype: torch
         keep = torch.empty(shape, dtype=dtype)
         _cpu_kernels().dropout_keep_mask(
             int(seed.reshape(())) & (2**64 - 1), 0, shape[0], shape[1], float(p), keep.data_ptr(),
-            keep.element_size(), _ONE_BITS[dtype], _mask_threads(shape[0] * shape[1]),
+            keep.element_size(), _ONE_BITS[dtype], cpu_threads(shape[0] * shape[1]),
         )
         return keep
     if device.type == "cuda" and _triton_available():

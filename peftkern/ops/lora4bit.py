@@ -31,7 +31,7 @@ from ._checks import (
     intermediate_dtype,
     plain_eager,
 )
-from ._dropout import _cpu_kernels
+from ._dropout import _cpu_kernels, cpu_threads
 from .lora import _check_adapters, _torch_backward, _torch_forward, dropout_seed
 
 __all__ = ["Weight4bit", "lora_linear_4bit"]
@@ -113,9 +113,6 @@ def _cpu_code(quant_type: str) -> torch.Tensor:
 
 # The output dtypes of peftkern._cpu.dequantize_4bit and their codes.
 _CPU_OUT_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# As for the dropout mask (ops/_dropout.py): torch's OpenMP workers still spin right after a matmul, so a
-# thread per 4M elements (a few ms of work each), up to torch's thread count.
-_ELEMENTS_PER_THREAD = 1 << 22
 
 
 def _dequantize_cpu(data, numel, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
@@ -126,11 +123,10 @@ def _dequantize_cpu(data, numel, absmax, nested_absmax, nested_code, offset, qua
     absmax = absmax.contiguous()
     if nested:
         nested_absmax, nested_code = nested_absmax.contiguous(), nested_code.contiguous()
-    threads = max(1, min(torch.get_num_threads(), numel // _ELEMENTS_PER_THREAD))
     _cpu_kernels().dequantize_4bit(
         data.data_ptr(), numel, _cpu_code(quant_type).data_ptr(), blocksize, absmax.data_ptr(),
         nested_code.data_ptr() if nested else 0, nested_absmax.data_ptr() if nested else 0, nested_blocksize,
-        float(offset) if nested else 0.0, dense.data_ptr(), _CPU_OUT_KINDS[dtype], threads,
+        float(offset) if nested else 0.0, dense.data_ptr(), _CPU_OUT_KINDS[dtype], cpu_threads(numel),
     )
     return dense
 
